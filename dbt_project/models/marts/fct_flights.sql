@@ -1,0 +1,25 @@
+{{ config(materialized='incremental', incremental_strategy='append',
+          pre_hook=replace_window('flight_date'), tags=['daily']) }}
+{# Flights enriched with the origin's weather at the scheduled departure hour (UTC), the
+   airline, the destination airport and the aircraft. #}
+select
+    f.*,
+    a.airline_name,
+    d.airport_name                                 as dest_name,
+    d.lat                                          as dest_lat,
+    d.lon                                          as dest_lon,
+    d.utc_offset_hours                             as dest_utc_offset_hours,
+    p.year_built                                   as plane_year_built,
+    year(f.flight_date) - p.year_built             as plane_age_years,
+    p.seats                                        as plane_seats,
+    p.engines                                      as plane_engines,
+    w.observed_hour_utc is not null                as has_weather,
+    w.temp_f, w.dewpoint_f, w.humidity_pct, w.wind_dir_deg, w.wind_speed_mph, w.wind_gust_mph,
+    w.precip_in, w.pressure_mbar, w.visibility_miles
+from {{ ref('stg_flights') }} f
+left join {{ ref('stg_weather') }} w
+    on w.origin = f.origin and w.observed_hour_utc = f.sched_dep_hour_utc
+left join {{ ref('stg_airlines') }} a on a.carrier = f.carrier
+left join {{ ref('stg_airports') }} d on d.faa = f.dest
+left join {{ ref('stg_planes') }} p on p.tailnum = f.tailnum
+where {{ in_window('f.flight_date') }}

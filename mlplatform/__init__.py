@@ -1,0 +1,1 @@
+"""mlplatform: a data and ML platform as one Dagster asset graph."""

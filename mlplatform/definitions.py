@@ -1,0 +1,48 @@
+"""The code location: every asset, check, resource and job of the platform, assembled once.
+
+Loaded by ``dagster dev -w workspace.yaml`` and by ``mlplatform run``. Settings come from the
+environment (``mlplatform.settings``); defaults live under ``MLPLATFORM_HOME``.
+"""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
+from dagster_dbt import DbtCliResource
+
+from mlplatform.ingest.assets import raw_assets
+from mlplatform.partitions import daily_partitions
+from mlplatform.resources import landing_resource, warehouse_resource
+from mlplatform.settings import apply_defaults
+from mlplatform.transform.assets import build_dbt_assets, dbt_project
+
+settings = apply_defaults()
+project = dbt_project(settings)
+dbt_asset_defs = build_dbt_assets(project)
+
+daily_selection = AssetSelection.assets(*[a for a in raw_assets if a.partitions_def]) | AssetSelection.assets(
+    *[a for a in dbt_asset_defs if a.partitions_def]
+)
+reference_selection = AssetSelection.all() - daily_selection
+
+reference_job = define_asset_job(
+    "reference_job", selection=reference_selection, description="Load reference snapshots and their dbt models."
+)
+daily_job = define_asset_job(
+    "daily_job",
+    selection=daily_selection,
+    partitions_def=daily_partitions,
+    description="Ingest days, run dbt and build features for a partition or a range (one run).",
+)
+
+defs = Definitions(
+    assets=[*raw_assets, *dbt_asset_defs],
+    jobs=[reference_job, daily_job],
+    resources={
+        "warehouse": warehouse_resource(),
+        "landing": landing_resource(),
+        "dbt": DbtCliResource(project_dir=project),
+    },
+    # One process per run: an in-process step costs milliseconds, a subprocess a second and a
+    # half, and DuckDB allows one writer at a time anyway.
+    executor=in_process_executor,
+)

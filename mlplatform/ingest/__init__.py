@@ -1,0 +1,1 @@
+"""Ingest: the landing zone's files into raw DuckDB tables, behind contracts and quarantine."""

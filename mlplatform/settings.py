@@ -1,0 +1,79 @@
+"""Where everything lives. One root, ``MLPLATFORM_HOME``; every path under it overridable.
+
+Environment variables (all optional):
+
+=========================  ==========================================  ===========================
+variable                   meaning                                     default
+=========================  ==========================================  ===========================
+MLPLATFORM_HOME            root of all runtime state                   ``<repo>/.mlplatform``
+MLPLATFORM_WAREHOUSE       DuckDB warehouse file                       ``$HOME/warehouse.duckdb``
+MLPLATFORM_LANDING         landing zone (the upstream's daily files)   ``$HOME/landing``
+MLPLATFORM_MLFLOW_URI      MLflow tracking URI                         ``sqlite:///$HOME/mlflow/mlflow.db``
+MLPLATFORM_MLFLOW_ARTIFACTS MLflow artifact root                       ``$HOME/mlflow/artifacts``
+DAGSTER_HOME               Dagster instance directory                  ``$HOME/dagster``
+=========================  ==========================================  ===========================
+
+``apply_defaults()`` fills the unset ones into ``os.environ`` so that Dagster resources can be
+configured with ``dagster.EnvVar`` and the dbt profile with ``env_var()`` and see one truth.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    warehouse: Path
+    landing: Path
+    mlflow_uri: str
+    mlflow_artifacts: Path
+    dagster_home: Path
+
+    @classmethod
+    def from_env(cls, env: os._Environ | dict | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        home = Path(env.get("MLPLATFORM_HOME") or REPO_ROOT / ".mlplatform").resolve()
+        mlflow_dir = home / "mlflow"
+        return cls(
+            home=home,
+            warehouse=Path(env.get("MLPLATFORM_WAREHOUSE") or home / "warehouse.duckdb"),
+            landing=Path(env.get("MLPLATFORM_LANDING") or home / "landing"),
+            mlflow_uri=env.get("MLPLATFORM_MLFLOW_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+            mlflow_artifacts=Path(env.get("MLPLATFORM_MLFLOW_ARTIFACTS") or mlflow_dir / "artifacts"),
+            dagster_home=Path(env.get("DAGSTER_HOME") or home / "dagster"),
+        )
+
+    def as_env(self) -> dict[str, str]:
+        return {
+            "MLPLATFORM_HOME": str(self.home),
+            "MLPLATFORM_WAREHOUSE": str(self.warehouse),
+            "MLPLATFORM_LANDING": str(self.landing),
+            "MLPLATFORM_MLFLOW_URI": self.mlflow_uri,
+            "MLPLATFORM_MLFLOW_ARTIFACTS": str(self.mlflow_artifacts),
+            "DAGSTER_HOME": str(self.dagster_home),
+        }
+
+
+def apply_defaults() -> Settings:
+    """Resolve settings from the environment and write the resolved values back into it.
+
+    Also points dbt's logs and artifacts under the home and puts this interpreter's scripts
+    directory on PATH, so that the ``dbt`` installed beside it is the one dagster-dbt runs."""
+    settings = Settings.from_env()
+    for key, value in settings.as_env().items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("DBT_LOG_PATH", str(settings.home / "dbt" / "logs"))
+    os.environ.setdefault("DBT_TARGET_PATH", str(settings.home / "dbt" / "target"))
+    os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    return settings

@@ -1,0 +1,1 @@
+"""Transform: dbt (dbt-duckdb) from raw to staging, marts and point-in-time feature tables."""

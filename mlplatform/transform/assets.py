@@ -1,0 +1,131 @@
+"""dbt models as Dagster assets (dagster-dbt).
+
+Two groups of dbt nodes: ``tag:reference`` (unpartitioned dimension tables) and ``tag:daily``
+(incremental by day). A daily run passes its window to dbt as ``--vars`` so that any range of
+days is one dbt invocation (``BackfillPolicy.single_run()``). dbt tests arrive as asset checks.
+Row counts and column schemas are read from the warehouse after dbt exits (dbt holds DuckDB's
+single-writer lock while it runs).
+"""
+
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from dagster import AssetExecutionContext, Output, TimeWindowPartitionMapping
+from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
+from dagster_duckdb import DuckDBResource
+
+from mlplatform.partitions import daily_partitions, single_run, window_of
+from mlplatform.settings import DBT_PROJECT_DIR, Settings
+from mlplatform.warehouse import table_metadata
+
+FEATURE_LOOKBACK_DAYS = 28  # dbt var feature_lookback_days
+
+
+def dbt_project(settings: Settings | None = None) -> DbtProject:
+    settings = settings or Settings.from_env()
+    return DbtProject(project_dir=DBT_PROJECT_DIR, target_path=settings.home / "dbt" / "target")
+
+
+def ensure_manifest(project: DbtProject) -> Path:
+    """Parse the dbt project when its manifest is missing or older than any project file.
+    Under ``dagster dev`` dagster-dbt re-parses on every load instead."""
+    if os.getenv("DAGSTER_IS_DEV_CLI"):
+        project.prepare_if_dev()
+        return project.manifest_path
+    manifest = project.manifest_path
+    newest = max(
+        p.stat().st_mtime
+        for p in DBT_PROJECT_DIR.rglob("*")
+        if p.suffix in {".sql", ".yml", ".yaml"} and "target" not in p.parts
+    )
+    if not manifest.exists() or manifest.stat().st_mtime < newest:
+        project.preparer.prepare(project)
+    return manifest
+
+
+class Translator(DagsterDbtTranslator):
+    """Keys are model names; sources map to the ingest assets (``meta.dagster.asset_key``);
+    groups and owners come from ``dbt_project.yml``. The features model reads the
+    ``FEATURE_LOOKBACK_DAYS`` days of daily stats before each day, which the partition mapping
+    tells Dagster."""
+
+    def get_partition_mapping(
+        self, dbt_resource_props: Mapping[str, Any], dbt_parent_resource_props: Mapping[str, Any]
+    ):
+        if (
+            dbt_resource_props.get("name") == "flight_features"
+            and dbt_parent_resource_props.get("name") == "agg_daily_route_stats"
+        ):
+            return TimeWindowPartitionMapping(
+                start_offset=-FEATURE_LOOKBACK_DAYS, end_offset=0, allow_nonexistent_upstream_partitions=True
+            )
+        return super().get_partition_mapping(dbt_resource_props, dbt_parent_resource_props)
+
+    def get_tags(self, dbt_resource_props: Mapping[str, Any]) -> Mapping[str, str]:
+        layer = dbt_resource_props.get("fqn", ["", "model"])[1] if dbt_resource_props.get("fqn") else "dbt"
+        return {**super().get_tags(dbt_resource_props), "layer": layer}
+
+
+DATE_COLUMNS = ("flight_date", "weather_date")  # the partition column of the daily models
+
+
+def _with_table_metadata(events, manifest: Mapping, warehouse: DuckDBResource, window=None):
+    """Attach row counts (of the run's window, for daily models) and column schemas."""
+    events = list(events)  # dbt has exited and released the warehouse
+    nodes = manifest["nodes"]
+    with warehouse.get_connection() as conn:
+        for event in events:
+            unique_id = event.metadata.get("unique_id") if isinstance(event, Output) else None
+            node = nodes.get(getattr(unique_id, "value", unique_id)) if unique_id else None
+            if node is None or node.get("resource_type") != "model":
+                yield event
+                continue
+            schema, name = node["schema"], node["alias"] or node["name"]
+            metadata = table_metadata(conn, schema, name, 0)
+            columns = {c.name for c in metadata["dagster/column_schema"].columns}
+            date_column = next((c for c in DATE_COLUMNS if c in columns), None)
+            where, params = ("true", [])
+            if window and date_column:
+                where, params = f"{date_column} BETWEEN ? AND ?", list(window)
+            rows = conn.execute(f'SELECT count(*) FROM "{schema}"."{name}" WHERE {where}', params).fetchone()[0]
+            metadata["dagster/row_count"] = rows
+            yield event.with_metadata({**event.metadata, **metadata})
+
+
+def build_dbt_assets(project: DbtProject):
+    manifest_path = ensure_manifest(project)
+    manifest = json.loads(manifest_path.read_text())
+    translator = Translator()
+
+    @dbt_assets(
+        manifest=manifest,
+        project=project,
+        select="tag:reference",
+        name="dbt_reference",
+        dagster_dbt_translator=translator,
+        pool="warehouse_writer",
+    )
+    def dbt_reference(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: DuckDBResource):
+        invocation = dbt.cli(["build"], context=context)
+        yield from _with_table_metadata(invocation.stream(), manifest, warehouse)
+
+    @dbt_assets(
+        manifest=manifest,
+        project=project,
+        select="tag:daily",
+        name="dbt_daily",
+        partitions_def=daily_partitions,
+        backfill_policy=single_run,
+        dagster_dbt_translator=translator,
+        pool="warehouse_writer",
+    )
+    def dbt_daily(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: DuckDBResource):
+        start, end = window_of(context)
+        dbt_vars = {"min_date": start.isoformat(), "max_date": end.isoformat()}
+        invocation = dbt.cli(["build", "--vars", json.dumps(dbt_vars)], context=context)
+        yield from _with_table_metadata(invocation.stream(), manifest, warehouse, (start, end))
+
+    return [dbt_reference, dbt_daily]
