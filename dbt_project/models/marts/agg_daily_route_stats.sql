@@ -1,5 +1,5 @@
 {{ config(materialized='incremental', incremental_strategy='append',
-          pre_hook=replace_window('flight_date'), tags=['daily']) }}
+          pre_hook="{{ replace_window('flight_date') }}", tags=['daily']) }}
 {# Per day, carrier and route: flights, arrivals, delayed arrivals. The input of the rolling
    features; n_arrived excludes cancelled and diverted flights. #}
 select

@@ -1,5 +1,5 @@
 {{ config(materialized='incremental', incremental_strategy='append',
-          pre_hook=replace_window('flight_date'), tags=['daily']) }}
+          pre_hook="{{ replace_window('flight_date') }}", tags=['daily']) }}
 {# Flights enriched with the origin's weather at the scheduled departure hour (UTC), the
    airline, the destination airport and the aircraft. #}
 select

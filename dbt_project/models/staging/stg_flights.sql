@@ -1,5 +1,5 @@
 {{ config(materialized='incremental', incremental_strategy='append',
-          pre_hook=replace_window('flight_date'), tags=['daily']) }}
+          pre_hook="{{ replace_window('flight_date') }}", tags=['daily']) }}
 {#
   Typed, renamed, deduplicated flights.
   flight_id = '<local date>_<carrier><flight number>_<origin>_<scheduled departure HHMM>',

@@ -1,5 +1,5 @@
 {{ config(materialized='incremental', incremental_strategy='append',
-          pre_hook=replace_window('weather_date'), tags=['daily']) }}
+          pre_hook="{{ replace_window('weather_date') }}", tags=['daily']) }}
 {#
   Hourly weather, keyed by (origin, observed_hour_utc). The local hour 01:00 of 2013-11-03
   occurs twice (DST fall-back); both readings are distinct UTC hours and both are kept.

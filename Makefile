@@ -1,0 +1,63 @@
+# mlplatform: `make ui` to start, `make test` to test. Everything installs from the lock file.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+UV_VERSION := 0.13.8
+
+export MLPLATFORM_HOME ?= $(CURDIR)/.mlplatform
+export DAGSTER_HOME    ?= $(MLPLATFORM_HOME)/dagster
+HOST  ?= 127.0.0.1
+PORT  ?= 3000
+START ?= 2013-01-01
+END   ?= 2013-12-31
+
+# The install is redone when the lock or the project metadata change.
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
+
+.PHONY: help setup install home ui test run bench lock clean-home
+
+help:
+	@echo "make ui      set up (idempotent) and start the Dagster UI on http://$(HOST):$(PORT)"
+	@echo "make test    set up and run the test suite"
+	@echo "make run START=YYYY-MM-DD END=YYYY-MM-DD   headless run of the whole graph for a range"
+	@echo "make bench   run the benchmarks, write benchmarks/results.{md,json}"
+	@echo "make lock    re-resolve requirements.lock from pyproject.toml"
+	@echo "state lives in MLPLATFORM_HOME=$(MLPLATFORM_HOME)"
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# MLPLATFORM_HOME with dagster.yaml, and the dbt manifest parsed.
+home: install
+	$(BIN)/mlplatform init
+
+setup: home
+
+ui: setup
+	$(BIN)/mlplatform replay --if-empty
+	$(BIN)/dagster dev -w workspace.yaml --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+run: setup
+	$(BIN)/mlplatform run --start $(START) --end $(END) --replay
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 --quiet -o requirements.lock
+
+clean-home:
+	rm -rf "$(MLPLATFORM_HOME)"
