@@ -11,8 +11,11 @@ from dagster_dbt import DbtCliResource
 
 from mlplatform.ingest.assets import raw_assets
 from mlplatform.partitions import daily_partitions
+from mlplatform.predictions.assets import flight_delay_predictions
 from mlplatform.resources import landing_resource, warehouse_resource
 from mlplatform.settings import apply_defaults
+from mlplatform.training.assets import training_assets
+from mlplatform.training.tracking import mlflow_resource
 from mlplatform.transform.assets import build_dbt_assets, dbt_project
 
 settings = apply_defaults()
@@ -22,7 +25,9 @@ dbt_asset_defs = build_dbt_assets(project)
 daily_selection = AssetSelection.assets(*[a for a in raw_assets if a.partitions_def]) | AssetSelection.assets(
     *[a for a in dbt_asset_defs if a.partitions_def]
 )
-reference_selection = AssetSelection.all() - daily_selection
+training_selection = AssetSelection.assets(*training_assets)
+predictions_selection = AssetSelection.assets(flight_delay_predictions)
+reference_selection = AssetSelection.all() - daily_selection - training_selection - predictions_selection
 
 reference_job = define_asset_job(
     "reference_job", selection=reference_selection, description="Load reference snapshots and their dbt models."
@@ -34,13 +39,26 @@ daily_job = define_asset_job(
     description="Ingest days, run dbt and build features for a partition or a range (one run).",
 )
 
+training_job = define_asset_job(
+    "training_job",
+    selection=training_selection,
+    description="Train a challenger, evaluate it against the champion, promote it if the gate passes.",
+)
+predictions_job = define_asset_job(
+    "predictions_job",
+    selection=predictions_selection,
+    partitions_def=daily_partitions,
+    description="Score a day or a range of days with the champion.",
+)
+
 defs = Definitions(
-    assets=[*raw_assets, *dbt_asset_defs],
-    jobs=[reference_job, daily_job],
+    assets=[*raw_assets, *dbt_asset_defs, *training_assets, flight_delay_predictions],
+    jobs=[reference_job, daily_job, training_job, predictions_job],
     resources={
         "warehouse": warehouse_resource(),
         "landing": landing_resource(),
         "dbt": DbtCliResource(project_dir=project),
+        "mlflow": mlflow_resource(),
     },
     # One process per run: an in-process step costs milliseconds, a subprocess a second and a
     # half, and DuckDB allows one writer at a time anyway.

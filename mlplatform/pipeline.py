@@ -16,7 +16,7 @@ from dagster import DagsterEventType, DagsterInstance, EventRecordsFilter
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 
-MAIN_JOBS = ("reference_job", "daily_job")
+MAIN_JOBS = ("reference_job", "daily_job", "training_job", "predictions_job")
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 

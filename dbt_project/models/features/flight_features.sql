@@ -9,6 +9,9 @@
   `feature_lookback_days` days before it, which must have been built already (Dagster's
   partition mapping says so).
 
+  Weather is the origin's observation at the scheduled hour and over the 3 hours up to it
+  (precip_3h_in, min_visibility_3h_miles): nothing observed after the scheduled departure.
+
   Label: is_delayed (arrival delay > 15 minutes); NULL for cancelled and diverted flights.
 #}
 {% set lookback = var('feature_lookback_days') %}
@@ -16,7 +19,7 @@ with stats as (
     select * from {{ ref('agg_daily_route_stats') }}
     where {{ in_window('flight_date', lookback) }}
 ),
-{% for grain, columns in [('carrier', 'carrier'), ('origin', 'origin'), ('route', 'origin, dest')] %}
+{% for grain, columns in [('carrier', 'carrier'), ('origin', 'origin'), ('route', 'origin, dest'), ('origin_hour', 'origin, sched_dep_hour')] %}
 {{ grain }}_daily as (
     select flight_date, {{ columns }},
            sum(n_flights) as n_flights, sum(n_arrived) as n_arrived, sum(n_delayed) as n_delayed
@@ -33,6 +36,9 @@ with stats as (
 {% endfor %}
 flights as (
     select * from {{ ref('fct_flights') }} where {{ in_window('flight_date') }}
+),
+holidays as (
+    select holiday_date from {{ ref('us_federal_holidays') }}
 )
 select
     f.flight_id,
@@ -51,18 +57,23 @@ select
     f.sched_dep_time,
     f.sched_arr_time,
     f.distance_miles,
+    (select min(abs(date_diff('day', f.flight_date, h.holiday_date))) from holidays h) as days_to_holiday,
+    -- the day's schedule (published in advance)
     count(*) over (partition by f.flight_date, f.origin, f.sched_dep_hour) as origin_departures_same_hour,
+    count(*) over (partition by f.flight_date, f.origin)                   as origin_departures_day,
+    count(*) over (partition by f.flight_date, f.carrier)                  as carrier_departures_day,
     -- aircraft
     f.plane_age_years,
     f.plane_seats,
     -- weather at the origin at the scheduled hour (NULL when not delivered)
     f.has_weather,
     f.temp_f, f.dewpoint_f, f.humidity_pct, f.wind_dir_deg, f.wind_speed_mph, f.wind_gust_mph,
-    f.precip_in, f.pressure_mbar, f.visibility_miles,
+    f.precip_in, f.pressure_mbar, f.visibility_miles, f.precip_3h_in, f.min_visibility_3h_miles,
     -- point-in-time rolling aggregates (earlier days only)
     c.carrier_delay_rate_1d, c.carrier_delay_rate_7d, c.carrier_delay_rate_28d, c.carrier_flights_28d,
     o.origin_delay_rate_1d, o.origin_delay_rate_7d, o.origin_delay_rate_28d, o.origin_flights_28d,
     r.route_delay_rate_1d, r.route_delay_rate_7d, r.route_delay_rate_28d, r.route_flights_28d,
+    oh.origin_hour_delay_rate_28d,
     -- label
     f.arrival_status,
     f.arr_delay_minutes,
@@ -71,3 +82,5 @@ from flights f
 left join carrier_rolling c on c.flight_date = f.flight_date and c.carrier = f.carrier
 left join origin_rolling o on o.flight_date = f.flight_date and o.origin = f.origin
 left join route_rolling r on r.flight_date = f.flight_date and r.origin = f.origin and r.dest = f.dest
+left join origin_hour_rolling oh
+    on oh.flight_date = f.flight_date and oh.origin = f.origin and oh.sched_dep_hour = f.sched_dep_hour

@@ -1,12 +1,13 @@
 {{ config(materialized='incremental', incremental_strategy='append',
           pre_hook="{{ replace_window('flight_date') }}", tags=['daily']) }}
-{# Per day, carrier and route: flights, arrivals, delayed arrivals. The input of the rolling
+{# Per day, carrier, route and scheduled departure hour: flights, arrivals, delayed arrivals. The input of the rolling
    features; n_arrived excludes cancelled and diverted flights. #}
 select
     flight_date,
     carrier,
     origin,
     dest,
+    sched_dep_hour,
     count(*)                                   as n_flights,
     count(arr_delay_minutes)                   as n_arrived,
     count(*) filter (where is_delayed)         as n_delayed,

@@ -1,7 +1,19 @@
 {{ config(materialized='incremental', incremental_strategy='append',
           pre_hook="{{ replace_window('flight_date') }}", tags=['daily']) }}
-{# Flights enriched with the origin's weather at the scheduled departure hour (UTC), the
-   airline, the destination airport and the aircraft. #}
+{# Flights enriched with the origin's weather at the scheduled departure hour (UTC) and over
+   the 3 hours up to it, the airline, the destination airport and the aircraft. #}
+with weather as (
+    select
+        *,
+        sum(precip_in) over trailing_3h        as precip_3h_in,
+        min(visibility_miles) over trailing_3h as min_visibility_3h_miles
+    from {{ ref('stg_weather') }}
+    where {{ in_window('weather_date', 1) }}
+    window trailing_3h as (
+        partition by origin order by observed_hour_utc
+        range between interval 3 hour preceding and current row
+    )
+)
 select
     f.*,
     a.airline_name,
@@ -15,9 +27,9 @@ select
     p.engines                                      as plane_engines,
     w.observed_hour_utc is not null                as has_weather,
     w.temp_f, w.dewpoint_f, w.humidity_pct, w.wind_dir_deg, w.wind_speed_mph, w.wind_gust_mph,
-    w.precip_in, w.pressure_mbar, w.visibility_miles
+    w.precip_in, w.pressure_mbar, w.visibility_miles, w.precip_3h_in, w.min_visibility_3h_miles
 from {{ ref('stg_flights') }} f
-left join {{ ref('stg_weather') }} w
+left join weather w
     on w.origin = f.origin and w.observed_hour_utc = f.sched_dep_hour_utc
 left join {{ ref('stg_airlines') }} a on a.carrier = f.carrier
 left join {{ ref('stg_airports') }} d on d.faa = f.dest

@@ -1,0 +1,1 @@
+"""Batch predictions of the champion model, one daily partition at a time."""

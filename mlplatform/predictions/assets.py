@@ -1,0 +1,78 @@
+"""``predictions.flight_delay``: the champion's delay probability for every flight of a day.
+
+A range of days is one run; each run replaces its days in one transaction.
+"""
+
+import datetime as dt
+
+from dagster import AssetExecutionContext, AssetKey, Failure, MaterializeResult, MetadataValue, asset
+from dagster_duckdb import DuckDBResource
+
+from mlplatform.partitions import daily_partitions, single_run, window_of
+from mlplatform.training import model as m
+from mlplatform.training.assets import champion_model
+from mlplatform.training.tracking import CHAMPION, MlflowTracking
+from mlplatform.warehouse import table_metadata
+
+PREDICTIONS_DDL = """
+CREATE SCHEMA IF NOT EXISTS predictions;
+CREATE TABLE IF NOT EXISTS predictions.flight_delay (
+    flight_id         VARCHAR NOT NULL,
+    flight_date       DATE NOT NULL,
+    delay_probability DOUBLE NOT NULL,
+    model_version     VARCHAR NOT NULL,
+    scored_at         TIMESTAMP NOT NULL
+);
+"""
+
+
+def write_predictions(conn, frame, probability, version: str, start: dt.date, end: dt.date) -> int:
+    """Replace the days start..end of predictions.flight_delay in one transaction."""
+    scored_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    out = frame[["flight_id", "flight_date"]].assign(
+        delay_probability=probability, model_version=str(version), scored_at=scored_at
+    )
+    conn.execute(PREDICTIONS_DDL)
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        conn.execute("DELETE FROM predictions.flight_delay WHERE flight_date BETWEEN ? AND ?", [start, end])
+        conn.register("scored", out)
+        conn.execute("INSERT INTO predictions.flight_delay SELECT flight_id, flight_date, delay_probability, "
+                     "model_version, scored_at FROM scored")
+        conn.unregister("scored")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(out)
+
+
+@asset(
+    key=AssetKey(["predictions", "flight_delay"]),
+    group_name="predictions",
+    deps=[AssetKey(["features", "flight_features"]), champion_model],
+    partitions_def=daily_partitions,
+    backfill_policy=single_run,
+    kinds={"scikit-learn", "duckdb"},
+    owners=["team:ml-platform"],
+    description="Delay probability of every flight of the day (cancelled ones included) by the champion model.",
+    pool="warehouse_writer",
+)
+def flight_delay_predictions(
+    context: AssetExecutionContext, warehouse: DuckDBResource, mlflow: MlflowTracking
+) -> MaterializeResult:
+    start, end = window_of(context)
+    champion = mlflow.version_by_alias(CHAMPION)
+    if champion is None:
+        raise Failure("no champion model yet: materialize the training group first")
+    estimator = mlflow.load_model(champion.version)
+    with warehouse.get_connection() as conn:
+        frame = m.load_frame(conn, start, end, labelled=False)
+        probability = estimator.predict_proba(m.model_input(frame))[:, 1] if len(frame) else []
+        rows = write_predictions(conn, frame, probability, champion.version, start, end)
+        metadata = table_metadata(conn, "predictions", "flight_delay", rows)
+    return MaterializeResult(metadata={
+        **metadata,
+        "model_version": champion.version,
+        "mean_delay_probability": MetadataValue.float(float(probability.mean()) if rows else float("nan")),
+    })

@@ -1,0 +1,1 @@
+"""Training: the flight-delay model, tracked and registered in MLflow, promoted through a gate."""

@@ -1,0 +1,175 @@
+"""The flight-delay model: features, estimator, time-ordered split and metrics. Plain functions.
+
+The estimator is a scikit-learn pipeline taking a DataFrame of ``FEATURES`` (categoricals as
+text) and returning ``predict_proba``: the same object is logged to MLflow, served and used for
+batch scoring, so there is no second copy of the preprocessing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+CATEGORICAL = ["carrier", "origin", "dest"]
+NUMERIC = [
+    "day_of_week", "sched_dep_hour", "sched_dep_time", "sched_arr_time", "distance_miles",
+    "days_to_holiday", "origin_departures_same_hour", "origin_departures_day", "carrier_departures_day",
+    "plane_age_years", "plane_seats",
+    "temp_f", "dewpoint_f", "humidity_pct", "wind_dir_deg", "wind_speed_mph", "wind_gust_mph",
+    "precip_in", "pressure_mbar", "visibility_miles", "precip_3h_in", "min_visibility_3h_miles",
+    "carrier_delay_rate_1d", "carrier_delay_rate_7d", "carrier_delay_rate_28d", "carrier_flights_28d",
+    "origin_delay_rate_1d", "origin_delay_rate_7d", "origin_delay_rate_28d", "origin_flights_28d",
+    "route_delay_rate_1d", "route_delay_rate_7d", "route_delay_rate_28d", "route_flights_28d",
+    "origin_hour_delay_rate_28d",
+]
+FEATURES = CATEGORICAL + NUMERIC
+LABEL = "is_delayed"
+FEATURE_TABLE = "features.flight_features"
+
+# MLflow saves scikit-learn models with skops, which loads only types it is told to trust.
+# These are the estimator's own internals (we train every model we load).
+SKOPS_TRUSTED_TYPES = [
+    "functools.partial",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.utils.validation.check_array",
+]
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    learning_rate: float = 0.1
+    max_iter: int = 150
+    max_leaf_nodes: int = 31
+    min_samples_leaf: int = 20
+    l2_regularization: float = 0.0
+    random_state: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_frame(conn, start: dt.date, end: dt.date, labelled: bool = True) -> pd.DataFrame:
+    """Rows of the feature table for flights dated start..end; only labelled ones by default
+    (cancelled and diverted flights have no label)."""
+    where = "flight_date BETWEEN ? AND ?" + (f" AND {LABEL} IS NOT NULL" if labelled else "")
+    columns = ", ".join(["flight_id", "flight_date", *FEATURES, LABEL])
+    return conn.execute(
+        f"SELECT {columns} FROM {FEATURE_TABLE} WHERE {where} ORDER BY flight_date, flight_id", [start, end]
+    ).df()
+
+
+def model_input(frame: pd.DataFrame) -> pd.DataFrame:
+    """The estimator's input: FEATURES, categoricals as text and numbers as floats (a stable
+    schema for the MLflow signature, whatever nulls a day happens to have)."""
+    out = frame[FEATURES].copy()
+    for column in CATEGORICAL:
+        out[column] = out[column].astype(object).where(out[column].notna(), None)
+    for column in NUMERIC:
+        out[column] = pd.to_numeric(out[column], errors="coerce").astype("float64")
+    return out
+
+
+def build_estimator(params: Hyperparameters):
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OrdinalEncoder
+
+    encode = ColumnTransformer(
+        [(
+            "categories",
+            OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan, encoded_missing_value=np.nan),
+            CATEGORICAL,
+        )],
+        remainder="passthrough",
+        verbose_feature_names_out=False,
+    )
+    classifier = HistGradientBoostingClassifier(
+        categorical_features=list(range(len(CATEGORICAL))), early_stopping=False, **params.as_dict()
+    )
+    return Pipeline([("encode", encode), ("classify", classifier)])
+
+
+def time_split(frame: pd.DataFrame, validation_days: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The last ``validation_days`` days are validation, everything before is training: never a
+    shuffle across dates."""
+    last = pd.Timestamp(frame["flight_date"].max())
+    cut = last - pd.Timedelta(days=validation_days - 1)
+    dates = pd.to_datetime(frame["flight_date"])
+    return frame[dates < cut], frame[dates >= cut]
+
+
+def metrics(y_true, probability, threshold: float = 0.5, bins: int = 10) -> dict[str, float]:
+    """ROC AUC, log loss, Brier score, expected calibration error, precision/recall at the
+    decision threshold."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss, log_loss, precision_score, recall_score, roc_auc_score
+
+    y_true = np.asarray(y_true).astype(int)
+    probability = np.clip(np.asarray(probability, dtype=float), 1e-6, 1 - 1e-6)
+    predicted = probability >= threshold
+    frac_pos, mean_pred = calibration_curve(y_true, probability, n_bins=bins, strategy="quantile")
+    counts = np.histogram(probability, bins=np.quantile(probability, np.linspace(0, 1, bins + 1)))[0]
+    weights = counts[: len(frac_pos)] / max(counts[: len(frac_pos)].sum(), 1)
+    return {
+        "roc_auc": float(roc_auc_score(y_true, probability)) if len(set(y_true)) > 1 else float("nan"),
+        "log_loss": float(log_loss(y_true, probability, labels=[0, 1])),
+        "brier": float(brier_score_loss(y_true, probability)),
+        "ece": float(np.sum(weights * np.abs(frac_pos - mean_pred))),
+        "precision": float(precision_score(y_true, predicted, zero_division=0)),
+        "recall": float(recall_score(y_true, predicted, zero_division=0)),
+        "positive_rate": float(y_true.mean()),
+        "rows": float(len(y_true)),
+    }
+
+
+def segment_auc(frame: pd.DataFrame, probability, by: str = "carrier", min_rows: int = 500) -> dict[str, float]:
+    """ROC AUC per segment with at least ``min_rows`` rows and both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    scored = pd.DataFrame({by: frame[by].to_numpy(), "y": frame[LABEL].astype(int).to_numpy(), "p": probability})
+    out = {}
+    for segment, rows in scored.groupby(by):
+        if len(rows) >= min_rows and rows["y"].nunique() == 2:
+            out[str(segment)] = float(roc_auc_score(rows["y"], rows["p"]))
+    return out
+
+
+def content_hash(frame: pd.DataFrame) -> str:
+    """A hash of the rows a model was trained on (ids, features and label, in order)."""
+    hashed = pd.util.hash_pandas_object(frame[["flight_id", *FEATURES, LABEL]], index=False)
+    return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()[:16]
+
+
+def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, threshold: float = 0.5):
+    """Validate, then refit: fit on all but the last ``validation_days`` days and measure on
+    those, then fit the returned estimator on every day of ``frame`` (the most recent days are
+    the most informative about the days to come). Returns the estimator, the validation
+    metrics and the validation frame."""
+    train, valid = time_split(frame, validation_days)
+    if train.empty or valid.empty or train[LABEL].nunique() < 2:
+        raise ValueError(
+            f"not enough labelled data to train: {len(train)} training and {len(valid)} validation rows"
+        )
+    estimator = build_estimator(params)
+    estimator.fit(model_input(train), train[LABEL].astype(int))
+    probability = estimator.predict_proba(model_input(valid))[:, 1]
+    validation = metrics(valid[LABEL], probability, threshold)
+    estimator = build_estimator(params).fit(model_input(frame), frame[LABEL].astype(int))
+    return estimator, validation, valid
+
+
+def feature_importance(estimator, frame: pd.DataFrame, rows: int = 5000, seed: int = 0) -> pd.Series:
+    """Permutation importance (drop in ROC AUC) on a sample of ``frame``."""
+    from sklearn.inspection import permutation_importance
+
+    sample = frame.sample(min(rows, len(frame)), random_state=seed)
+    result = permutation_importance(
+        estimator, model_input(sample), sample[LABEL].astype(int), scoring="roc_auc", n_repeats=3,
+        random_state=seed, n_jobs=1,
+    )
+    return pd.Series(result.importances_mean, index=FEATURES).sort_values(ascending=False)

@@ -1,0 +1,107 @@
+"""MLflow behind a small Dagster resource: tracking and the model registry.
+
+Local by default (SQLite store and artifacts under MLPLATFORM_HOME); point
+``MLPLATFORM_MLFLOW_URI`` at a tracking server to use one. Every call names the tracking URI
+explicitly, so nothing depends on MLflow's process-global state being set elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+from dagster import ConfigurableResource, EnvVar
+from pydantic import Field
+
+from mlplatform.settings import REPO_ROOT
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+class MlflowTracking(ConfigurableResource):
+    tracking_uri: str = Field(description="MLflow tracking URI (sqlite:///..., http://...).")
+    artifact_root: str = Field(description="Artifact location for new experiments (a path or URI).")
+    experiment: str = Field("flight_delay", description="Experiment that training runs go to.")
+    registered_model: str = Field("flight_delay", description="Registered model name.")
+    ui_url: str = Field("", description="Base URL of an MLflow UI for links in asset metadata.")
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def experiment_id(self) -> str:
+        client = self.client()
+        found = client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        location = self.artifact_root
+        if "://" not in location:
+            Path(location).mkdir(parents=True, exist_ok=True)
+            location = Path(location).resolve().as_uri()
+        return client.create_experiment(self.experiment, artifact_location=location)
+
+    @contextlib.contextmanager
+    def start_run(self, run_name: str, tags: dict[str, str]):
+        """An MLflow run in our experiment, with the fluent API pointed at our store."""
+        import mlflow
+
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        experiment_id = self.experiment_id()
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+            yield run
+
+    def run_url(self, run_id: str) -> str | None:
+        if not self.ui_url:
+            return None
+        experiment = self.client().get_run(run_id).info.experiment_id
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+    def version_by_alias(self, alias: str):
+        """The model version an alias points at, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client().get_model_version_by_alias(self.registered_model, alias)
+        except MlflowException:
+            return None
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client().set_registered_model_alias(self.registered_model, alias, str(version))
+
+    def load_model(self, version: str):
+        import mlflow
+        from mlflow import sklearn as mlflow_sklearn
+
+        mlflow.set_registry_uri(self.tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow_sklearn.load_model(f"models:/{self.registered_model}/{version}")
+
+
+def mlflow_resource() -> MlflowTracking:
+    return MlflowTracking(
+        tracking_uri=EnvVar("MLPLATFORM_MLFLOW_URI"),
+        artifact_root=EnvVar("MLPLATFORM_MLFLOW_ARTIFACTS"),
+        ui_url=os.getenv("MLPLATFORM_MLFLOW_UI_URL", ""),
+    )
+
+
+def git_state() -> tuple[str, bool]:
+    """(commit, dirty) of the repository the code runs from; ('unknown', False) outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True,
+            text=True, check=True, timeout=10,
+        ).stdout.strip()
+        return commit, bool(status)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
