@@ -10,27 +10,13 @@ import sys
 import duckdb
 import pandas as pd
 import pytest
-from dagster import AssetKey, DagsterEventType, DagsterInstance
+from dagster import AssetKey, DagsterEventType
 
-from mlplatform.pipeline import RANGE_END_TAG, RANGE_START_TAG
-from mlplatform_tests.conftest import D, source_rows
+from mlplatform_tests.conftest import D, run_job, source_rows
 
 pytestmark = pytest.mark.slow
 
 FEATURES = AssetKey(["features", "flight_features"])
-
-
-@pytest.fixture
-def instance(home):
-    with DagsterInstance.ephemeral() as instance:
-        yield instance
-
-
-def run_job(instance, name, start=None, end=None):
-    from mlplatform.definitions import defs
-
-    tags = {RANGE_START_TAG: str(start), RANGE_END_TAG: str(end or start)} if start else {}
-    return defs.resolve_job_def(name).execute_in_process(instance=instance, tags=tags, raise_on_error=False)
 
 
 def query(home, sql, params=None):
