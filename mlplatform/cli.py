@@ -75,7 +75,7 @@ def cmd_run(args) -> int:
     settings = init_home(apply_defaults())
     if args.replay:
         cmd_replay(argparse.Namespace(start=args.start, end=args.end, if_empty=False, keep_existing=True))
-    ok = run_range(args.start, args.end, out=sys.stdout)
+    ok = run_range(args.start, args.end, out=sys.stdout, full_refresh=args.full_refresh)
     print(f"warehouse: {settings.warehouse}")
     return 0 if ok else 1
 
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--end", type=_date, required=True)
     p.add_argument(
         "--replay", action="store_true", help="first replay the range's files that are missing from the landing zone"
+    )
+    p.add_argument(
+        "--full-refresh", action="store_true", help="rebuild the dbt tables from scratch (after a model's columns change)"
     )
     p.set_defaults(fn=cmd_run)
     args = parser.parse_args(argv)

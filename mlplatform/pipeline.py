@@ -20,7 +20,29 @@ MAIN_JOBS = ("reference_job", "daily_job", "training_job", "predictions_job")
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
-def run_range(start: dt.date, end: dt.date, out: TextIO = sys.stdout, instance: DagsterInstance | None = None) -> bool:
+def gate_rejection(result) -> str | None:
+    """The promotion gate's reason when that (and nothing else) is why a training run failed."""
+    failed = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    if [e.step_key for e in failed] != ["model_evaluation"]:
+        return None
+    for event in result.all_events:
+        if event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+            evaluation = event.event_specific_data
+            if evaluation.check_name == "promotion_gate" and not evaluation.passed:
+                return evaluation.description
+    return None
+
+
+def run_range(
+    start: dt.date,
+    end: dt.date,
+    out: TextIO = sys.stdout,
+    instance: DagsterInstance | None = None,
+    full_refresh: bool = False,
+) -> bool:
+    """Run the main jobs for start..end. A challenger the gate rejects is a normal outcome;
+    predictions need a champion (this run's or an earlier one). True when nothing failed.
+    ``full_refresh`` rebuilds the dbt tables from scratch (give it the whole range of days)."""
     from mlplatform.definitions import defs
 
     instance = instance or DagsterInstance.get()
@@ -30,15 +52,38 @@ def run_range(start: dt.date, end: dt.date, out: TextIO = sys.stdout, instance: 
         tags = {}
         if job.partitions_def is not None:
             tags = {RANGE_START_TAG: start.isoformat(), RANGE_END_TAG: end.isoformat()}
-        result = job.execute_in_process(
-            instance=instance, tags=tags, raise_on_error=False, run_config=QUIET
-        )
-        print(f"\n{job_name} {start}..{end}: {'SUCCESS' if result.success else 'FAILURE'} (run {result.run_id})", file=out)
+        if job_name == "predictions_job" and not _has_champion():
+            print(f"\n{job_name}: skipped, there is no champion model yet", file=out)
+            continue
+        run_config = dict(QUIET)
+        if full_refresh and job_name in ("reference_job", "daily_job"):
+            op = "dbt_reference" if job_name == "reference_job" else "dbt_daily"
+            run_config["ops"] = {op: {"config": {"full_refresh": True}}}
+        result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False, run_config=run_config)
+        rejected = gate_rejection(result) if not result.success else None
+        status = "SUCCESS" if result.success else ("CHALLENGER REJECTED" if rejected else "FAILURE")
+        print(f"\n{job_name} {start}..{end}: {status} (run {result.run_id})", file=out)
+        if rejected:
+            print(f"  promotion gate: {rejected}", file=out)
         print(summarize(instance, result.run_id), file=out)
-        if not result.success:
+        if not result.success and not rejected:
             ok = False
-            break
+            for event in result.all_events:
+                if event.event_type == DagsterEventType.STEP_FAILURE:
+                    error = event.event_specific_data.error
+                    print(f"  {event.step_key} failed: {error.message.strip() if error else ''}", file=out)
+            if job_name in ("reference_job", "daily_job"):
+                break
     return ok
+
+
+def _has_champion() -> bool:
+    from mlplatform.settings import Settings
+    from mlplatform.training.tracking import CHAMPION, MlflowTracking
+
+    settings = Settings.from_env()
+    tracking = MlflowTracking(tracking_uri=settings.mlflow_uri, artifact_root=str(settings.mlflow_artifacts))
+    return tracking.version_by_alias(CHAMPION) is not None
 
 
 def summarize(instance: DagsterInstance, run_id: str) -> str:

@@ -102,7 +102,9 @@ def build_raw_asset(contract: Contract) -> AssetsDefinition:
         backfill_policy=single_run if contract.partitioned else None,
         kinds={"duckdb", "python"},
         owners=OWNERS,
-        tags={"layer": "raw"},
+        # "daily" marks every daily-partitioned asset (dbt's daily models carry it too), so that
+        # `--select tag:daily` picks the part of the graph a partition range applies to.
+        tags={"layer": "raw", **({"daily": ""} if contract.partitioned else {})},
         check_specs=[
             AssetCheckSpec(name, asset=key, blocking=blocking, description=description)
             for name, blocking, description, _ in specs

@@ -55,6 +55,7 @@ def write_predictions(conn, frame, probability, version: str, start: dt.date, en
     backfill_policy=single_run,
     kinds={"scikit-learn", "duckdb"},
     owners=["team:ml-platform"],
+    tags={"daily": ""},
     description="Delay probability of every flight of the day (cancelled ones included) by the champion model.",
     pool="warehouse_writer",
 )

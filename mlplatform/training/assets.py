@@ -40,7 +40,9 @@ class TrainingConfig(Config):
     eval_days: int = Field(92, description="Length of the evaluation window: the last labelled days.")
     eval_end: str | None = Field(None, description="Last day of the evaluation window (default: last labelled day).")
     train_start: str | None = Field(None, description="First training day (default: the first day there is).")
-    validation_days: int = Field(28, description="Last days of the training window used for validation.")
+    validation_days: int = Field(
+        28, description="Last days of the training window used for validation (at most a quarter of it)."
+    )
     threshold: float = Field(0.5, description="Decision threshold for precision/recall.")
     learning_rate: float = 0.1
     max_iter: int = 150
@@ -96,7 +98,8 @@ def flight_delay_model(
         (train_start, train_end), (eval_start, eval_end) = windows(conn, config)
         frame = m.load_frame(conn, train_start, train_end)
     params = config.hyperparameters()
-    estimator, validation, valid = m.fit(frame, params, config.validation_days, config.threshold)
+    validation_days = min(config.validation_days, max(1, ((train_end - train_start).days + 1) // 4))
+    estimator, validation, valid = m.fit(frame, params, validation_days, config.threshold)
     importance = m.feature_importance(estimator, valid)
     data_version = m.content_hash(frame)
     commit, dirty = git_state()
@@ -111,7 +114,7 @@ def flight_delay_model(
     with mlflow.start_run(run_name=f"train {train_start}..{train_end}", tags=tags) as run:
         mlflow_api.log_params({
             **params.as_dict(), "train_start": str(train_start), "train_end": str(train_end),
-            "eval_start": str(eval_start), "eval_end": str(eval_end), "validation_days": config.validation_days,
+            "eval_start": str(eval_start), "eval_end": str(eval_end), "validation_days": validation_days,
             "threshold": config.threshold, "train_rows": len(frame), "n_features": len(m.FEATURES),
         })
         mlflow_api.log_metrics({f"val_{k}": v for k, v in validation.items()})

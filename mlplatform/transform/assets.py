@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from dagster import AssetExecutionContext, Output, TimeWindowPartitionMapping
+from dagster import AssetExecutionContext, Config, Output, TimeWindowPartitionMapping
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 from dagster_duckdb import DuckDBResource
 
@@ -80,7 +80,7 @@ def _with_table_metadata(events, manifest: Mapping, warehouse: DuckDBResource, w
         for event in events:
             unique_id = event.metadata.get("unique_id") if isinstance(event, Output) else None
             node = nodes.get(getattr(unique_id, "value", unique_id)) if unique_id else None
-            if node is None or node.get("resource_type") != "model":
+            if node is None or node.get("resource_type") not in ("model", "seed"):
                 yield event
                 continue
             schema, name = node["schema"], node["alias"] or node["name"]
@@ -93,6 +93,10 @@ def _with_table_metadata(events, manifest: Mapping, warehouse: DuckDBResource, w
             rows = conn.execute(f'SELECT count(*) FROM "{schema}"."{name}" WHERE {where}', params).fetchone()[0]
             metadata["dagster/row_count"] = rows
             yield event.with_metadata({**event.metadata, **metadata})
+
+
+class DbtConfig(Config):
+    full_refresh: bool = False  # rebuild the tables from scratch: use with the whole range of days
 
 
 def build_dbt_assets(project: DbtProject):
@@ -108,8 +112,10 @@ def build_dbt_assets(project: DbtProject):
         dagster_dbt_translator=translator,
         pool="warehouse_writer",
     )
-    def dbt_reference(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: DuckDBResource):
-        invocation = dbt.cli(["build"], context=context)
+    def dbt_reference(
+        context: AssetExecutionContext, config: DbtConfig, dbt: DbtCliResource, warehouse: DuckDBResource
+    ):
+        invocation = dbt.cli(["build", *(["--full-refresh"] if config.full_refresh else [])], context=context)
         yield from _with_table_metadata(invocation.stream(), manifest, warehouse)
 
     @dbt_assets(
@@ -122,10 +128,11 @@ def build_dbt_assets(project: DbtProject):
         dagster_dbt_translator=translator,
         pool="warehouse_writer",
     )
-    def dbt_daily(context: AssetExecutionContext, dbt: DbtCliResource, warehouse: DuckDBResource):
+    def dbt_daily(context: AssetExecutionContext, config: DbtConfig, dbt: DbtCliResource, warehouse: DuckDBResource):
         start, end = window_of(context)
         dbt_vars = {"min_date": start.isoformat(), "max_date": end.isoformat()}
-        invocation = dbt.cli(["build", "--vars", json.dumps(dbt_vars)], context=context)
+        args = ["build", "--vars", json.dumps(dbt_vars), *(["--full-refresh"] if config.full_refresh else [])]
+        invocation = dbt.cli(args, context=context)
         yield from _with_table_metadata(invocation.stream(), manifest, warehouse, (start, end))
 
     return [dbt_reference, dbt_daily]
