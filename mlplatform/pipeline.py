@@ -16,7 +16,7 @@ from dagster import DagsterEventType, DagsterInstance, EventRecordsFilter
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 
-MAIN_JOBS = ("reference_job", "daily_job", "training_job", "predictions_job")
+MAIN_JOBS = ("reference_job", "daily_job", "training_job", "predictions_job", "monitoring_job")
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -52,7 +52,7 @@ def run_range(
         tags = {}
         if job.partitions_def is not None:
             tags = {RANGE_START_TAG: start.isoformat(), RANGE_END_TAG: end.isoformat()}
-        if job_name == "predictions_job" and not _has_champion():
+        if job_name in ("predictions_job", "monitoring_job") and not _has_champion():
             print(f"\n{job_name}: skipped, there is no champion model yet", file=out)
             continue
         run_config = dict(QUIET)

@@ -26,3 +26,19 @@ def warehouse_resource() -> DuckDBResource:
 
 def landing_resource() -> LandingZone:
     return LandingZone(path=EnvVar("MLPLATFORM_LANDING"))
+
+
+class ProfileStore(ConfigurableResource):
+    """Where whylogs profiles are kept: one per day, one reference per champion version."""
+
+    path: str = Field(description="Root directory of the profiles.")
+
+    def day(self, day) -> Path:
+        return Path(self.path) / "daily" / f"{day}.bin"
+
+    def reference(self, model: str, version: str) -> Path:
+        return Path(self.path) / "reference" / f"{model}-v{version}.bin"
+
+
+def profile_store_resource() -> ProfileStore:
+    return ProfileStore(path=EnvVar("MLPLATFORM_PROFILES"))

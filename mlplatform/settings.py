@@ -10,6 +10,7 @@ MLPLATFORM_WAREHOUSE       DuckDB warehouse file                       ``$HOME/w
 MLPLATFORM_LANDING         landing zone (the upstream's daily files)   ``$HOME/landing``
 MLPLATFORM_MLFLOW_URI      MLflow tracking URI                         ``sqlite:///$HOME/mlflow/mlflow.db``
 MLPLATFORM_MLFLOW_ARTIFACTS MLflow artifact root                       ``$HOME/mlflow/artifacts``
+MLPLATFORM_PROFILES        whylogs profiles (daily and reference)      ``$HOME/profiles``
 DAGSTER_HOME               Dagster instance directory                  ``$HOME/dagster``
 =========================  ==========================================  ===========================
 
@@ -35,6 +36,7 @@ class Settings:
     landing: Path
     mlflow_uri: str
     mlflow_artifacts: Path
+    profiles: Path
     dagster_home: Path
 
     @classmethod
@@ -48,6 +50,7 @@ class Settings:
             landing=Path(env.get("MLPLATFORM_LANDING") or home / "landing"),
             mlflow_uri=env.get("MLPLATFORM_MLFLOW_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
             mlflow_artifacts=Path(env.get("MLPLATFORM_MLFLOW_ARTIFACTS") or mlflow_dir / "artifacts"),
+            profiles=Path(env.get("MLPLATFORM_PROFILES") or home / "profiles"),
             dagster_home=Path(env.get("DAGSTER_HOME") or home / "dagster"),
         )
 
@@ -58,6 +61,7 @@ class Settings:
             "MLPLATFORM_LANDING": str(self.landing),
             "MLPLATFORM_MLFLOW_URI": self.mlflow_uri,
             "MLPLATFORM_MLFLOW_ARTIFACTS": str(self.mlflow_artifacts),
+            "MLPLATFORM_PROFILES": str(self.profiles),
             "DAGSTER_HOME": str(self.dagster_home),
         }
 

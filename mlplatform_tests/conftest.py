@@ -39,7 +39,7 @@ def home(tmp_path, monkeypatch, replayed) -> Settings:
     """MLPLATFORM_HOME in a temporary directory, with a copy of the replayed landing zone."""
     home = tmp_path / "home"
     for var in ("MLPLATFORM_WAREHOUSE", "MLPLATFORM_LANDING", "MLPLATFORM_MLFLOW_URI",
-                "MLPLATFORM_MLFLOW_ARTIFACTS", "DAGSTER_HOME"):
+                "MLPLATFORM_MLFLOW_ARTIFACTS", "MLPLATFORM_PROFILES", "DAGSTER_HOME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLPLATFORM_HOME", str(home))
     settings = Settings.from_env()

@@ -5,9 +5,10 @@ A range of days is one run; each run replaces its days in one transaction.
 
 import datetime as dt
 
-from dagster import AssetExecutionContext, AssetKey, Failure, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, AssetSelection, Failure, MaterializeResult, MetadataValue, asset
 from dagster_duckdb import DuckDBResource
 
+from mlplatform.automation import on_new_data
 from mlplatform.partitions import daily_partitions, single_run, window_of
 from mlplatform.training import model as m
 from mlplatform.training.assets import champion_model
@@ -56,6 +57,8 @@ def write_predictions(conn, frame, probability, version: str, start: dt.date, en
     kinds={"scikit-learn", "duckdb"},
     owners=["team:ml-platform"],
     tags={"daily": ""},
+    # new days are scored as their features arrive; a new champion does not re-score history
+    automation_condition=on_new_data(ignore=AssetSelection.assets(champion_model)),
     description="Delay probability of every flight of the day (cancelled ones included) by the champion model.",
     pool="warehouse_writer",
 )

@@ -10,6 +10,7 @@ single-writer lock while it runs).
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,6 +18,7 @@ from dagster import AssetExecutionContext, Config, Output, TimeWindowPartitionMa
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 from dagster_duckdb import DuckDBResource
 
+from mlplatform.automation import on_new_data
 from mlplatform.partitions import daily_partitions, single_run, window_of
 from mlplatform.settings import DBT_PROJECT_DIR, Settings
 from mlplatform.warehouse import table_metadata
@@ -27,6 +29,12 @@ FEATURE_LOOKBACK_DAYS = 28  # dbt var feature_lookback_days
 def dbt_project(settings: Settings | None = None) -> DbtProject:
     settings = settings or Settings.from_env()
     return DbtProject(project_dir=DBT_PROJECT_DIR, target_path=settings.home / "dbt" / "target")
+
+
+def dbt_executable() -> str:
+    """The dbt installed beside this interpreter (the venv's), whatever PATH says."""
+    beside = Path(sys.executable).parent / "dbt"
+    return str(beside) if beside.exists() else "dbt"
 
 
 def ensure_manifest(project: DbtProject) -> Path:
@@ -63,6 +71,10 @@ class Translator(DagsterDbtTranslator):
                 start_offset=-FEATURE_LOOKBACK_DAYS, end_offset=0, allow_nonexistent_upstream_partitions=True
             )
         return super().get_partition_mapping(dbt_resource_props, dbt_parent_resource_props)
+
+    def get_automation_condition(self, dbt_resource_props: Mapping[str, Any]):
+        """Every model follows its inputs: a new raw partition flows through dbt by itself."""
+        return on_new_data()
 
     def get_tags(self, dbt_resource_props: Mapping[str, Any]) -> Mapping[str, str]:
         layer = dbt_resource_props.get("fqn", ["", "model"])[1] if dbt_resource_props.get("fqn") else "dbt"

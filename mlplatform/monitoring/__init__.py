@@ -1,0 +1,1 @@
+"""Monitoring: whylogs profiles, drift against the champion's training window, realised performance, sensors."""

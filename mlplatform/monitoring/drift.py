@@ -1,0 +1,115 @@
+"""Drift of a day's profile against a reference profile, per feature. Plain functions.
+
+Measures are effect sizes on binned distributions, so they do not flag everything on large
+samples the way a test's p-value does:
+
+* PSI (population stability index) = symmetric KL divergence of the binned distributions,
+  computed with ``scipy.special.rel_entr``. Bins: the reference's deciles (numeric) or its
+  frequent values plus "other" (categorical). A feature drifts when PSI > ``psi_threshold``
+  (0.25 by default; 0.1-0.25 is usually read as moderate).
+* Jensen-Shannon distance (base 2, in [0, 1]) from ``scipy.spatial.distance.jensenshannon``,
+  reported beside PSI with its own threshold.
+* KS statistic: the largest gap between the two CDFs at the reference's percentiles, from the
+  KLL sketches (numeric only, reported, not used to flag).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.spatial.distance import jensenshannon
+from scipy.special import rel_entr
+
+from mlplatform.monitoring import profiles
+
+EPSILON = 1e-4  # floor for empty bins, so PSI stays finite
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    psi: float = 0.25
+    js: float = 0.2
+    drifted_share: float = 0.3   # the day's check fails when more features drift than this
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    p = np.clip(np.asarray(expected, float), EPSILON, None)
+    q = np.clip(np.asarray(actual, float), EPSILON, None)
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum(rel_entr(q, p) + rel_entr(p, q)))
+
+
+def js_distance(expected: np.ndarray, actual: np.ndarray) -> float:
+    return float(jensenshannon(np.asarray(expected, float), np.asarray(actual, float), base=2))
+
+
+def numeric_bins(reference, current, column: str, bins: int = 10) -> tuple[np.ndarray, np.ndarray] | None:
+    cuts = np.unique(profiles.quantiles(reference, column, np.linspace(0, 1, bins + 1)[1:-1]))
+    if cuts.size == 0:
+        return None
+    expected, actual = profiles.pmf(reference, column, cuts), profiles.pmf(current, column, cuts)
+    if np.isnan(actual).any():
+        return None
+    return expected, actual
+
+
+def categorical_bins(reference, current, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+    ref, cur = profiles.frequencies(reference, column), profiles.frequencies(current, column)
+    if not ref or not cur:
+        return None
+    ref_n, cur_n = profiles.row_count(reference, column), profiles.row_count(current, column)
+    values = sorted(ref)
+    expected = np.array([ref[v] for v in values] + [max(ref_n - sum(ref.values()), 0)], float)
+    actual = np.array([cur.get(v, 0.0) for v in values] + [max(cur_n - sum(cur.get(v, 0.0) for v in values), 0)], float)
+    return expected / expected.sum(), actual / max(actual.sum(), 1.0)
+
+
+def ks_statistic(reference, current, column: str) -> float | None:
+    cuts = np.unique(profiles.quantiles(reference, column, np.linspace(0.01, 0.99, 99)))
+    if cuts.size == 0:
+        return None
+    ref_cdf = np.cumsum(profiles.pmf(reference, column, cuts))[:-1]
+    cur = profiles.pmf(current, column, cuts)
+    if np.isnan(cur).any():
+        return None
+    return float(np.max(np.abs(ref_cdf - np.cumsum(cur)[:-1])))
+
+
+def compare(reference, current, numeric: list[str], categorical: list[str], thresholds: Thresholds) -> pd.DataFrame:
+    """One row per feature and measure: feature, metric, value, threshold, drifted."""
+    rows = []
+    for column in [*numeric, *categorical]:
+        binned = numeric_bins(reference, current, column) if column in numeric else categorical_bins(
+            reference, current, column
+        )
+        if binned is None:
+            continue
+        expected, actual = binned
+        rows.append((column, "psi", psi(expected, actual), thresholds.psi))
+        rows.append((column, "js_distance", js_distance(expected, actual), thresholds.js))
+        if column in numeric:
+            ks = ks_statistic(reference, current, column)
+            if ks is not None:
+                rows.append((column, "ks_statistic", ks, None))
+    frame = pd.DataFrame(rows, columns=["feature", "metric", "value", "threshold"])
+    frame["drifted"] = frame["threshold"].notna() & (frame["value"] > frame["threshold"].fillna(np.inf))
+    return frame
+
+
+def _judged(report: pd.DataFrame) -> pd.DataFrame:
+    psi_rows = report[report["metric"] == "psi"]
+    return psi_rows[psi_rows["judged"]] if "judged" in psi_rows else psi_rows
+
+
+def drifted_features(report: pd.DataFrame) -> list[str]:
+    """Judged features whose PSI passes its threshold (PSI decides; the other measures inform)."""
+    flagged = _judged(report)
+    flagged = flagged[flagged["drifted"]]
+    return flagged.sort_values("value", ascending=False)["feature"].tolist()
+
+
+def drifted_share(report: pd.DataFrame) -> float:
+    features = _judged(report)["feature"].nunique()
+    return len(drifted_features(report)) / features if features else 0.0

@@ -1,0 +1,80 @@
+"""Drift measures on known distributions, through real whylogs profiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import ks_2samp
+
+from mlplatform.monitoring import drift, profiles
+
+N = 200_000
+rng = np.random.default_rng(7)
+
+
+def frame(mean=0.0, weights=(0.4, 0.3, 0.2, 0.1), n=N):
+    return pd.DataFrame({"x": rng.normal(mean, 1.0, n), "c": rng.choice(list("abcd"), n, p=list(weights))})
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return profiles.profile(frame())
+
+
+def report(reference, current):
+    return drift.compare(reference, profiles.profile(current), ["x"], ["c"], drift.Thresholds())
+
+
+def test_identical_large_samples_do_not_drift(reference):
+    out = report(reference, frame())
+    assert not out.drifted.any()
+    psi = out.set_index(["feature", "metric"]).value
+    assert psi["x", "psi"] < 0.01 and psi["c", "psi"] < 0.01
+    assert drift.drifted_share(out) == 0.0
+
+
+def test_a_real_shift_drifts(reference):
+    out = report(reference, frame(mean=1.0, weights=(0.1, 0.2, 0.3, 0.4)))
+    assert drift.drifted_features(out) == ["c", "x"] or set(drift.drifted_features(out)) == {"c", "x"}
+    assert drift.drifted_share(out) == 1.0
+
+
+def test_small_shift_on_a_large_sample_is_not_flagged(reference):
+    """A p-value would call 0.05 standard deviations on 200,000 rows significant; PSI does not."""
+    shifted = frame(mean=0.05)
+    assert ks_2samp(rng.normal(0, 1, N), shifted.x).pvalue < 1e-6
+    assert not report(reference, shifted).drifted.any()
+
+
+def test_sketch_ks_statistic_matches_scipy(reference):
+    current = frame(mean=0.5)
+    ks = report(reference, current).set_index(["feature", "metric"]).value["x", "ks_statistic"]
+    assert ks == pytest.approx(ks_2samp(rng.normal(0, 1, N), current.x).statistic, abs=0.02)
+
+
+def test_psi_is_symmetric_kl_and_js_is_bounded():
+    p, q = np.array([0.5, 0.5]), np.array([0.9, 0.1])
+    expected = (0.9 - 0.5) * np.log(0.9 / 0.5) + (0.1 - 0.5) * np.log(0.1 / 0.5)
+    assert drift.psi(p, q) == pytest.approx(expected)
+    assert drift.psi(p, p) == 0.0
+    assert 0 < drift.js_distance(p, q) < 1 and drift.js_distance(p, p) == pytest.approx(0.0)
+
+
+def test_profiles_merge_and_round_trip(tmp_path):
+    a, b = frame(n=1000), frame(n=500)
+    merged = profiles.merge([profiles.profile(a), profiles.profile(b)])
+    path = profiles.save(merged, tmp_path / "p.bin")
+    loaded = profiles.load(path)
+    assert profiles.row_count(loaded, "x") == 1500
+    assert profiles.frequencies(loaded, "c")["a"] == pytest.approx((a.c == "a").sum() + (b.c == "a").sum())
+    summary = profiles.summary(loaded).set_index("feature")
+    assert summary.loc["x", "rows"] == 1500 and summary.loc["x", "mean"] == pytest.approx(pd.concat([a, b]).x.mean())
+
+
+def test_judged_features_decide_the_share():
+    out = pd.DataFrame({
+        "feature": ["a", "b", "w"], "metric": "psi", "value": [0.5, 0.1, 3.0], "threshold": 0.25,
+        "drifted": [True, False, True], "judged": [True, True, False],
+    })
+    assert drift.drifted_features(out) == ["a"] and drift.drifted_share(out) == 0.5

@@ -1,0 +1,81 @@
+"""The closed loop on real days: drift detected -> retraining requested -> challenger gated."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+from dagster import AssetKey, DagsterEventType, RunRequest, build_sensor_context
+
+from mlplatform.monitoring.drifted import land_drifted_days
+from mlplatform.monitoring.sensors import RANGE_END_TAG, RANGE_START_TAG, landing_sensor, retraining_sensor
+from mlplatform_tests.conftest import D, failures, run_job
+
+pytestmark = pytest.mark.slow
+
+TRAIN = {"eval_days": 7, "validation_days": 7, "learning_rate": 0.05, "min_samples_leaf": 100, "max_iter": 60}
+
+
+def check(result, name):
+    return next(e.event_specific_data for e in result.all_events
+                if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION and e.event_specific_data.check_name == name)
+
+
+def query(home, sql, params=None):
+    with duckdb.connect(str(home.warehouse), read_only=True) as conn:
+        return conn.execute(sql, params or []).fetchall()
+
+
+def test_drift_triggers_retraining_through_the_gate(features_home, instance):
+    home = features_home
+    training = {"ops": {"flight_delay_model": {"config": TRAIN}}}
+    trained = run_job(instance, "training_job", run_config=training)
+    assert trained.success, failures(trained)
+    assert (home.profiles / "reference" / "flight_delay-v1.bin").exists()
+    assert run_job(instance, "predictions_job", D(2013, 1, 1), D(2013, 2, 6)).success
+
+    # ordinary real days against the champion's reference: no drift
+    quiet = run_job(instance, "monitoring_job", D(2013, 1, 31), D(2013, 2, 6))
+    assert quiet.success, failures(quiet)
+    assert check(quiet, "drifted_share_ok").passed
+    assert check(quiet, "performance_ok").passed
+    assert query(home, "SELECT count(DISTINCT drift_date) FROM monitoring.drift")[0][0] == 7
+    assert query(home, "SELECT count(*) FROM monitoring.model_performance WHERE rows > 500")[0][0] == 7
+
+    # the landing sensor sees three drifted days arrive and asks for one ranged run
+    baseline = landing_sensor(build_sensor_context(instance=instance, cursor=None)).cursor
+    targets = [D(2013, 2, 7), D(2013, 2, 8), D(2013, 2, 9)]
+    land_drifted_days(home.landing, targets, targets, severity=1.0)
+    (request,) = landing_sensor(build_sensor_context(instance=instance, cursor=baseline)).run_requests
+    start, end = request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]
+    assert (start, end) == ("2013-02-07", "2013-02-09")
+    for job in ("daily_job", "predictions_job", "monitoring_job"):
+        result = run_job(instance, job, start, end)
+        if job != "monitoring_job":
+            assert result.success, failures(result)
+    drift = check(result, "drifted_share_ok")
+    assert not drift.passed and "2013-02-07" in drift.description
+    drifted = {f for (f,) in query(home, "SELECT DISTINCT feature FROM monitoring.drift WHERE drifted AND judged "
+                                         "AND metric = 'psi' AND drift_date >= '2013-02-07'")}
+    assert {"sched_dep_time", "sched_dep_hour"} <= drifted
+
+    # the retraining sensor turns the drift into a training run, which goes through the gate
+    tick = retraining_sensor(build_sensor_context(instance=instance, cursor=None))
+    (retrain,) = tick.run_requests
+    assert isinstance(retrain, RunRequest) and "drift_report[2013-02-0" in retrain.tags["mlplatform/trigger"]
+    from mlplatform.definitions import defs
+
+    config = {"ops": {"flight_delay_model": {"config": {**TRAIN, "eval_days": 3}}}}
+    result = defs.resolve_job_def("training_job").execute_in_process(
+        instance=instance, run_config=config, tags=retrain.tags, raise_on_error=False)
+    assert check(result, "promotion_gate") is not None
+    decisions = query(home, "SELECT challenger_version, champion_version, decision, reason, eval_start "
+                            "FROM monitoring.model_promotions ORDER BY decided_at")
+    assert len(decisions) == 2
+    version, champion, decision, reason, eval_start = decisions[1]
+    assert (version, champion, str(eval_start)) == ("2", "1", "2013-02-07")
+    assert decision in ("promoted", "rejected") and reason
+    assert result.success == (decision == "promoted")
+    run = instance.get_run_by_id(result.run_id)
+    assert run.tags["mlplatform/trigger"] == retrain.tags["mlplatform/trigger"]
+    # nothing new happened: the sensor stays quiet
+    assert not retraining_sensor(build_sensor_context(instance=instance, cursor=tick.cursor)).run_requests
