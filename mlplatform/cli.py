@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also in a file
     if getattr(args, "end", None) and args.end < args.start:
         parser.error("--end is before --start")
+    if getattr(args, "full_refresh", False):
+        from mlplatform.partitions import FIRST_DAY, LAST_DAY
+
+        if (args.start, args.end) != (FIRST_DAY, LAST_DAY):
+            parser.error(f"--full-refresh rebuilds the tables from the range's days only: use {FIRST_DAY}..{LAST_DAY}")
     started = time.perf_counter()
     code = args.fn(args)
     if args.command == "run":

@@ -51,7 +51,7 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
              severity: float = 1.0) -> bool:
     from mlplatform.definitions import defs
     from mlplatform.ingest.landing import replay
-    from mlplatform.monitoring.sensors import landing_sensor, retraining_decision
+    from mlplatform.monitoring.sensors import landing_sensor, retraining_baseline, retraining_decision
     from mlplatform.settings import Settings
 
     settings = Settings.from_env()
@@ -66,6 +66,7 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
     _run(defs, instance, "predictions_job", out, start, end)
     _run(defs, instance, "monitoring_job", out, end - dt.timedelta(days=6), end)
 
+    retrain_cursor = retraining_baseline(instance)  # the sensors start watching here
     targets = days_between(drift_start, drift_start + dt.timedelta(days=days - 1))
     print(f"2. land {days} drifted days {targets[0]}..{targets[-1]} (real days, severity {severity})", file=out)
     land_drifted_days(settings.landing, targets, targets, severity)
@@ -93,7 +94,7 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
               file=out)
 
     print("5. retraining sensor", file=out)
-    outcome, _ = retraining_decision(instance, {}, time.time(), cooldown=3600)
+    outcome, _ = retraining_decision(instance, retrain_cursor, time.time(), cooldown=3600)
     if not isinstance(outcome, RunRequest):
         print(f"  no retraining: {outcome.skip_message}", file=out)
         return False

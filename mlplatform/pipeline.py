@@ -7,6 +7,7 @@ instance, so they show in the UI like any other.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sys
 from typing import TextIO
@@ -45,7 +46,13 @@ def run_range(
     ``full_refresh`` rebuilds the dbt tables from scratch (give it the whole range of days)."""
     from mlplatform.definitions import defs
 
+    from mlplatform.settings import Settings
+
     instance = instance or DagsterInstance.get()
+    log_dir = Settings.from_env().home / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"run-{start}-{end}-{dt.datetime.now():%Y%m%dT%H%M%S}.log"
+    print(f"dbt and step output: {log_path}", file=out)
     ok = True
     for job_name in MAIN_JOBS:
         job = defs.resolve_job_def(job_name)
@@ -59,7 +66,8 @@ def run_range(
         if full_refresh and job_name in ("reference_job", "daily_job"):
             op = "dbt_reference" if job_name == "reference_job" else "dbt_daily"
             run_config["ops"] = {op: {"config": {"full_refresh": True}}}
-        result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False, run_config=run_config)
+        with open(log_path, "a") as log, contextlib.redirect_stdout(log):
+            result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False, run_config=run_config)
         rejected = gate_rejection(result) if not result.success else None
         status = "SUCCESS" if result.success else ("CHALLENGER REJECTED" if rejected else "FAILURE")
         print(f"\n{job_name} {start}..{end}: {status} (run {result.run_id})", file=out)

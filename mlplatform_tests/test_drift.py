@@ -78,3 +78,10 @@ def test_judged_features_decide_the_share():
         "drifted": [True, False, True], "judged": [True, True, False],
     })
     assert drift.drifted_features(out) == ["a"] and drift.drifted_share(out) == 0.5
+
+
+def test_a_feature_that_vanishes_is_drift_not_silence(reference):
+    current = frame(n=5000).assign(x=np.nan)
+    out = report(reference, current)
+    assert "x" in drift.drifted_features(out)
+    assert out.set_index(["feature", "metric"]).value["x", "psi"] == float("inf")

@@ -41,8 +41,10 @@ def test_drift_triggers_retraining_through_the_gate(features_home, instance):
     assert query(home, "SELECT count(DISTINCT drift_date) FROM monitoring.drift")[0][0] == 7
     assert query(home, "SELECT count(*) FROM monitoring.model_performance WHERE rows > 500")[0][0] == 7
 
-    # the landing sensor sees three drifted days arrive and asks for one ranged run
+    # the sensors start watching: what happened so far is history
     baseline = landing_sensor(build_sensor_context(instance=instance, cursor=None)).cursor
+    retrain_baseline = retraining_sensor(build_sensor_context(instance=instance, cursor=None)).cursor
+    # the landing sensor sees three drifted days arrive and asks for one ranged run
     targets = [D(2013, 2, 7), D(2013, 2, 8), D(2013, 2, 9)]
     land_drifted_days(home.landing, targets, targets, severity=1.0)
     (request,) = landing_sensor(build_sensor_context(instance=instance, cursor=baseline)).run_requests
@@ -59,7 +61,7 @@ def test_drift_triggers_retraining_through_the_gate(features_home, instance):
     assert {"sched_dep_time", "sched_dep_hour"} <= drifted
 
     # the retraining sensor turns the drift into a training run, which goes through the gate
-    tick = retraining_sensor(build_sensor_context(instance=instance, cursor=None))
+    tick = retraining_sensor(build_sensor_context(instance=instance, cursor=retrain_baseline))
     (retrain,) = tick.run_requests
     assert isinstance(retrain, RunRequest) and "drift_report[2013-02-0" in retrain.tags["mlplatform/trigger"]
     from mlplatform.definitions import defs

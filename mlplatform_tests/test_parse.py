@@ -85,6 +85,16 @@ def test_fraction_in_integer_column(tmp_path):
     assert (error.line, error.column) == (2, "flight")
 
 
+def test_whole_number_out_of_range_names_the_value(tmp_path):
+    error = rejected(tmp_path, f"{HEADER}\n{ROW.replace(',1545,', ',1e20,')}\n")
+    assert (error.line, error.column) == (2, "flight")
+
+
+def test_non_finite_numbers_are_rejected(tmp_path):
+    error = rejected(tmp_path, f"{HEADER}\n{ROW.replace(',227.0,', ',inf,')}\n")
+    assert (error.line, error.column) == (2, "air_time") and "'inf' is not a number" in error.message
+
+
 def test_bad_timestamp(tmp_path):
     error = rejected(tmp_path, f"{HEADER}\n{ROW.replace('2013-01-01T10:00:00Z', 'yesterday')}\n")
     assert (error.line, error.column) == (2, "time_hour")

@@ -46,11 +46,28 @@ def test_landing_sensor_requests_changed_days_once(home):
         assert request.tags[sensors.RANGE_START_TAG] == "2013-01-02"
         assert request.tags[sensors.RANGE_END_TAG] == "2013-01-03"
         assert set(request.asset_selection) == {AssetKey("raw_flights"), AssetKey("raw_weather")}
-        assert "flights/2013-01-02.csv=" in request.run_key
 
-        # the same files never start a second run
+        # while its run has not finished, the same files start no second run
         again = tick(landing_sensor, instance, changed.cursor)
-        assert not again.run_requests
+        assert not again.run_requests and "1 ingestion run(s) not finished" in again.skip_reason.skip_message
+
+        # the run fails: the files are asked for again, under a new run key
+        launch(instance, request, DagsterRunStatus.FAILURE)
+        retry = tick(landing_sensor, instance, again.cursor)
+        (second,) = retry.run_requests
+        assert second.run_key != request.run_key and second.tags == request.tags
+
+        # the retry succeeds: the files count as ingested, nothing more is requested
+        launch(instance, second, DagsterRunStatus.SUCCESS)
+        done = tick(landing_sensor, instance, retry.cursor)
+        assert not done.run_requests and "not finished" not in done.skip_reason.skip_message
+        assert "flights/2013-01-02.csv" in json.loads(done.cursor)["ingested"]
+
+
+def launch(instance, request, status):
+    """A run as the daemon would launch it for a request, ended with ``status``."""
+    instance.add_run(DagsterRun(job_name="__ASSET_JOB", run_id=request.run_key.replace(":", "-").replace(".", "-"),
+                                status=status, tags={**request.tags, "dagster/run_key": request.run_key}))
 
 
 def test_contiguous_ranges():
@@ -99,9 +116,13 @@ def test_retraining_sensor_signal_cooldown_and_in_progress(home):
 
 def test_retraining_sensor_definition_keeps_its_cursor(home):
     with DagsterInstance.ephemeral() as instance:
+        report_drift(instance, "2013-03-30")
+        first = tick(retraining_sensor, instance, None)  # history does not retrain
+        assert not first.run_requests and "first tick" in first.skip_reason.skip_message
         report_drift(instance, "2013-04-02")
-        result = tick(retraining_sensor, instance, None)
+        result = tick(retraining_sensor, instance, first.cursor)
         (request,) = result.run_requests
+        assert "2013-03-30" not in request.tags["mlplatform/trigger"]
         assert request.run_key.startswith("retrain:")
         second = tick(retraining_sensor, instance, result.cursor)
         assert not second.run_requests

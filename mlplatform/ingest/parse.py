@@ -59,11 +59,12 @@ def _typed_sql(contract: Contract) -> str:
             value = f"timezone('UTC', TRY_CAST({text} AS TIMESTAMPTZ))"
             failed = f"{text} IS NOT NULL AND {value} IS NULL"
         elif kind == DOUBLE:
-            value = f"TRY_CAST({text} AS DOUBLE)"
+            number = f"TRY_CAST({text} AS DOUBLE)"
+            value = f"CASE WHEN isfinite({number}) THEN {number} END"
             failed = f"{text} IS NOT NULL AND {value} IS NULL"
         else:
             number = f"TRY_CAST({text} AS DOUBLE)"
-            value = f"CASE WHEN {number} % 1 = 0 THEN CAST({number} AS BIGINT) END"
+            value = f"CASE WHEN isfinite({number}) AND {number} % 1 = 0 THEN TRY_CAST({number} AS BIGINT) END"
             failed = f"{text} IS NOT NULL AND {value} IS NULL"
         select.append(f'{value} AS "{name}"')
         flags.append(f'{failed} AS "_bad_{name}"')

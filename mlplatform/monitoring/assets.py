@@ -250,10 +250,11 @@ def drift_report(
         raise Failure(f"no reference profile for version {champion.version}: materialize monitoring/reference_profile")
     reference = profiles.load(path)
     thresholds = drift.Thresholds(config.psi_threshold, config.js_threshold, config.drifted_share)
+    missing = [str(d) for d in days_between(start, end) if not profile_store.day(d).exists()]
+    if missing:
+        raise Failure(f"no daily profile for {', '.join(missing[:10])}: materialize monitoring/feature_profiles")
     reports, shares, worst = [], {}, None
     for day in days_between(start, end):
-        if not profile_store.day(day).exists():
-            continue
         current = profiles.load(profile_store.day(day))
         report = drift.compare(reference, current, MONITORED_NUMERIC, m.CATEGORICAL, thresholds)
         report["judged"] = report["feature"].isin(JUDGED)

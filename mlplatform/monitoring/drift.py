@@ -66,6 +66,13 @@ def categorical_bins(reference, current, column: str) -> tuple[np.ndarray, np.nd
     return expected / expected.sum(), actual / max(actual.sum(), 1.0)
 
 
+def _has_values(view, column: str) -> bool:
+    try:
+        return profiles.row_count(view, column) > profiles.null_count(view, column)
+    except KeyError:
+        return False
+
+
 def ks_statistic(reference, current, column: str) -> float | None:
     cuts = np.unique(profiles.quantiles(reference, column, np.linspace(0.01, 0.99, 99)))
     if cuts.size == 0:
@@ -85,6 +92,9 @@ def compare(reference, current, numeric: list[str], categorical: list[str], thre
             reference, current, column
         )
         if binned is None:
+            if _has_values(reference, column) and not _has_values(current, column):
+                # the feature vanished (all null): the largest drift there is, not a missing row
+                rows.append((column, "psi", float("inf"), thresholds.psi))
             continue
         expected, actual = binned
         rows.append((column, "psi", psi(expected, actual), thresholds.psi))

@@ -1,13 +1,15 @@
 """Sensors: the landing zone, retraining on drift or degradation, and run-failure alerts.
 
 * ``landing_sensor``: a new or changed daily file (name, size, mtime) starts ingestion of its
-  day; contiguous changed days become one ranged run. The cursor remembers each file's
-  signature and the run key includes it, so the same file never starts two runs. On its first
-  tick it records what is already there without launching (history is a backfill's job).
+  day; contiguous changed days become one ranged run. A file counts as ingested when its run
+  succeeds; a failed or cancelled run's files are requested again (new run key), and a file
+  whose run is still going is not requested twice. On its first tick it records what is
+  already there without launching (history is a backfill's job).
   Everything downstream of the raw assets follows by declarative automation.
 * ``retraining_sensor``: a drift report with drift, or a performance report with a degraded
   day, materialized since the last tick starts ``training_job`` (train, evaluate, gate),
-  at most once per cooldown and never while a training run is in progress.
+  at most once per cooldown and never while a training run is in progress. Its first tick
+  records the reports so far as seen.
 * ``alert_on_run_failure``: every failed run becomes a row of ``monitoring.alerts`` and a log
   line, and is POSTed to ``MLPLATFORM_ALERT_WEBHOOK`` when that is set.
 """
@@ -74,22 +76,49 @@ def contiguous_ranges(days: list[str]) -> list[tuple[str, str]]:
     return [(a, b) for a, b in ranges]
 
 
-def landing_requests(previous: dict[str, str] | None, current: dict[str, str]) -> tuple[list[RunRequest], str]:
-    """Run requests for the days whose files are new or changed, and the new cursor."""
-    cursor = json.dumps(current, sort_keys=True)
-    if previous is None:
-        return [], cursor
-    changed = {name: sig for name, sig in current.items() if previous.get(name) != sig}
-    days = sorted({Path(name).stem for name in changed})
+RUN_KEY_TAG = "dagster/run_key"
+DONE = (DagsterRunStatus.SUCCESS,)
+GAVE_UP = (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
+
+
+def _run_status(instance, run_key: str):
+    runs = instance.get_runs(RunsFilter(tags={RUN_KEY_TAG: run_key}), limit=1)
+    return runs[0].status if runs else None
+
+
+def landing_requests(instance, cursor: dict | None, current: dict[str, str]) -> tuple[list[RunRequest], dict]:
+    """Run requests for days whose files are new or changed, and the next cursor.
+
+    The cursor has ``ingested`` (file -> signature of its last successful ingestion) and
+    ``inflight`` (run key -> {file: signature}). A file counts as ingested only when its run
+    succeeds; when the run fails or is cancelled its files are requested again, under a new run
+    key, so nothing is lost and no file starts two runs at once."""
+    if cursor is None:  # first tick: what is there already is history, a backfill's job
+        return [], {"ingested": dict(current), "inflight": {}, "attempt": 0}
+    ingested, inflight, attempt = dict(cursor["ingested"]), dict(cursor["inflight"]), cursor.get("attempt", 0)
+    for run_key, files in list(inflight.items()):
+        status = _run_status(instance, run_key)
+        if status in DONE:
+            ingested.update(files)
+            del inflight[run_key]
+        elif status in GAVE_UP:
+            del inflight[run_key]
+    waiting = {name: sig for files in inflight.values() for name, sig in files.items()}
+    changed = {
+        name: sig for name, sig in current.items() if ingested.get(name) != sig and waiting.get(name) != sig
+    }
     requests = []
-    for start, end in contiguous_ranges(days):
-        signature = ",".join(f"{n}={s}" for n, s in sorted(changed.items()) if start <= Path(n).stem <= end)
+    for start, end in contiguous_ranges([Path(name).stem for name in changed]):
+        files = {n: sig for n, sig in sorted(changed.items()) if start <= Path(n).stem <= end}
+        attempt += 1
+        run_key = f"landing:{start}..{end}:{attempt}"
+        inflight[run_key] = files
         requests.append(RunRequest(
-            run_key=f"landing:{start}..{end}:{signature}",
+            run_key=run_key,
             asset_selection=[AssetKey("raw_flights"), AssetKey("raw_weather")],
             tags={RANGE_START_TAG: start, RANGE_END_TAG: end, "mlplatform/trigger": "landing"},
         ))
-    return requests, cursor
+    return requests, {"ingested": ingested, "inflight": inflight, "attempt": attempt}
 
 
 @sensor(
@@ -102,12 +131,16 @@ def landing_requests(previous: dict[str, str] | None, current: dict[str, str]) -
 def landing_sensor(context: SensorEvaluationContext):
     current = landing_signatures(Settings.from_env().landing)
     previous = json.loads(context.cursor) if context.cursor else None
-    requests, cursor = landing_requests(previous, current)
+    requests, cursor = landing_requests(context.instance, previous, current)
     if previous is None:
-        return SensorResult(skip_reason=SkipReason(f"first tick: recorded {len(current)} landed files"), cursor=cursor)
+        return SensorResult(skip_reason=SkipReason(f"first tick: recorded {len(current)} landed files"),
+                            cursor=json.dumps(cursor))
     if not requests:
-        return SensorResult(skip_reason=SkipReason("no new or changed landing files"), cursor=cursor)
-    return SensorResult(run_requests=requests, cursor=cursor)
+        waiting = len(cursor["inflight"])
+        return SensorResult(skip_reason=SkipReason(
+            f"no new or changed landing files{f'; {waiting} ingestion run(s) not finished' if waiting else ''}"),
+            cursor=json.dumps(cursor))
+    return SensorResult(run_requests=requests, cursor=json.dumps(cursor))
 
 
 # --- retraining ---------------------------------------------------------------------------
@@ -127,11 +160,21 @@ def _new_signals(instance, key: AssetKey, flag: str, after: int | None) -> tuple
     return signals, latest
 
 
+def retraining_baseline(instance) -> dict:
+    """A cursor that treats every report so far as seen (history does not retrain)."""
+    _, drift_id = _new_signals(instance, DRIFT_KEY, "drift_detected", None)
+    _, perf_id = _new_signals(instance, PERFORMANCE_KEY, "degraded", None)
+    return {"drift": drift_id, "performance": perf_id, "pending": []}
+
+
+MAX_PENDING = 50
+
+
 def retraining_decision(instance, cursor: dict, now: float, cooldown: float) -> tuple[RunRequest | SkipReason, dict]:
     """What the retraining sensor does on a tick, and its next cursor."""
     drift, drift_id = _new_signals(instance, DRIFT_KEY, "drift_detected", cursor.get("drift"))
     perf, perf_id = _new_signals(instance, PERFORMANCE_KEY, "degraded", cursor.get("performance"))
-    pending = cursor.get("pending", []) + drift + perf
+    pending = (cursor.get("pending", []) + drift + perf)[-MAX_PENDING:]
     seen = {**cursor, "drift": drift_id, "performance": perf_id}
     if not pending:
         return SkipReason("no drift or degradation since the last tick"), {**seen, "pending": []}
@@ -163,7 +206,11 @@ def retraining_decision(instance, cursor: dict, now: float, cooldown: float) -> 
     "with a cooldown, never while a training run is in progress.",
 )
 def retraining_sensor(context: SensorEvaluationContext):
-    cursor = json.loads(context.cursor) if context.cursor else {}
+    if not context.cursor:
+        cursor = retraining_baseline(context.instance)
+        return SensorResult(skip_reason=SkipReason("first tick: earlier reports recorded as seen"),
+                            cursor=json.dumps(cursor))
+    cursor = json.loads(context.cursor)
     outcome, cursor = retraining_decision(context.instance, cursor, time.time(), RETRAIN_COOLDOWN_SECONDS)
     if isinstance(outcome, SkipReason):
         return SensorResult(skip_reason=outcome, cursor=json.dumps(cursor))
@@ -201,10 +248,11 @@ def record_alert(warehouse_path: str, job_name: str, run_id: str, message: str, 
                     [dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), job_name, run_id, message[:4000],
                      webhook if webhook and not error else None],
                 )
-            break
-        except duckdb.IOException:
+            return error
+        except duckdb.IOException as exc:
+            last = exc
             time.sleep(min(2 ** attempt * 0.1, 5))
-    return error
+    return "; ".join(filter(None, [error, f"alert not stored, the warehouse stayed locked: {last}"]))
 
 
 @run_failure_sensor(name="alert_on_run_failure", default_status=DefaultSensorStatus.RUNNING,

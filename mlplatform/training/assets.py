@@ -99,8 +99,7 @@ def flight_delay_model(
         frame = m.load_frame(conn, train_start, train_end)
     params = config.hyperparameters()
     validation_days = min(config.validation_days, max(1, ((train_end - train_start).days + 1) // 4))
-    estimator, validation, valid = m.fit(frame, params, validation_days, config.threshold)
-    importance = m.feature_importance(estimator, valid)
+    estimator, validation, valid, importance = m.fit(frame, params, validation_days, config.threshold)
     data_version = m.content_hash(frame)
     commit, dirty = git_state()
     tags = {
@@ -197,6 +196,15 @@ def model_evaluation(
     champion = mlflow.version_by_alias(CHAMPION)
     eval_start = dt.date.fromisoformat(challenger.tags["eval_start"])
     eval_end = dt.date.fromisoformat(challenger.tags["eval_end"])
+    if champion is not None and champion.version != challenger.version:
+        # both are judged out of sample: after the champion's training window too
+        champion_train_end = dt.date.fromisoformat(champion.tags[RANGE_TAG].split("..")[1])
+        eval_start = max(eval_start, champion_train_end + dt.timedelta(days=1))
+        if eval_start > eval_end:
+            raise Failure(
+                f"no held-out days for both models: the champion (version {champion.version}) trained up to "
+                f"{champion_train_end}, the evaluation window ends {eval_end}; land later days or set eval_end"
+            )
     threshold = float(mlflow.client().get_run(challenger.run_id).data.params.get("threshold", 0.5))
     with warehouse.get_connection() as conn:
         frame = m.load_frame(conn, eval_start, eval_end)
@@ -260,14 +268,16 @@ def champion_model(context: AssetExecutionContext, warehouse: DuckDBResource, ml
     champion = mlflow.version_by_alias(CHAMPION)
     if challenger is None:
         raise Failure("no model version has the alias 'challenger'")
-    if champion is None or champion.version != challenger.version:
-        with warehouse.get_connection() as conn:
-            decision = promotion.latest_decision(conn, mlflow.registered_model, challenger.version)
+    with warehouse.get_connection() as conn:
+        decision = promotion.latest_decision(conn, mlflow.registered_model, str(challenger.version))
+        if champion is None or champion.version != challenger.version:
             if decision is None or decision[0] != "promoted":
                 raise Failure(f"version {challenger.version} was not approved by the promotion gate ({decision})")
             mlflow.set_alias(CHAMPION, challenger.version)
-            promotion.mark_applied(conn, mlflow.registered_model, challenger.version)
-        context.log.info("champion is now version %s", challenger.version)
+            context.log.info("champion is now version %s", challenger.version)
+        if decision is not None and decision[0] == "promoted" and decision[2] is None:
+            # also repairs a promotion whose alias moved but whose record was not updated
+            promotion.mark_applied(conn, mlflow.registered_model, str(challenger.version))
     version = mlflow.version_by_alias(CHAMPION)
     run = mlflow.client().get_run(version.run_id)
     return MaterializeResult(metadata={

@@ -149,7 +149,8 @@ def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, thre
     """Validate, then refit: fit on all but the last ``validation_days`` days and measure on
     those, then fit the returned estimator on every day of ``frame`` (the most recent days are
     the most informative about the days to come). Returns the estimator, the validation
-    metrics and the validation frame."""
+    metrics, the validation frame and permutation importances measured on it (with the
+    estimator that did not see it)."""
     train, valid = time_split(frame, validation_days)
     if train.empty or valid.empty or train[LABEL].nunique() < 2:
         raise ValueError(
@@ -159,8 +160,9 @@ def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, thre
     estimator.fit(model_input(train), train[LABEL].astype(int))
     probability = estimator.predict_proba(model_input(valid))[:, 1]
     validation = metrics(valid[LABEL], probability, threshold)
+    importance = feature_importance(estimator, valid)  # held out from this estimator
     estimator = build_estimator(params).fit(model_input(frame), frame[LABEL].astype(int))
-    return estimator, validation, valid
+    return estimator, validation, valid, importance
 
 
 def feature_importance(estimator, frame: pd.DataFrame, rows: int = 5000, seed: int = 0) -> pd.Series:

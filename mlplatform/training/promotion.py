@@ -124,11 +124,12 @@ def record(conn, model_name: str, challenger: Evaluation, champion: Evaluation |
     )
 
 
-def latest_decision(conn, model_name: str, version: str) -> tuple[str, dt.datetime] | None:
+def latest_decision(conn, model_name: str, version: str) -> tuple[str, dt.datetime, dt.datetime | None] | None:
+    """(decision, decided_at, applied_at) of the latest decision on ``version``."""
     conn.execute(PROMOTIONS_DDL)
     return conn.execute(
-        "SELECT decision, decided_at FROM monitoring.model_promotions WHERE model_name = ? AND challenger_version = ? "
-        "ORDER BY decided_at DESC LIMIT 1",
+        "SELECT decision, decided_at, applied_at FROM monitoring.model_promotions WHERE model_name = ? "
+        "AND challenger_version = ? ORDER BY decided_at DESC LIMIT 1",
         [model_name, version],
     ).fetchone()
 

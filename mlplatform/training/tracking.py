@@ -69,8 +69,11 @@ class MlflowTracking(ConfigurableResource):
 
         try:
             return self.client().get_model_version_by_alias(self.registered_model, alias)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            # only "no such alias / no such model" means none; an unreachable store is an error
+            if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+                return None
+            raise
 
     def set_alias(self, alias: str, version: str) -> None:
         self.client().set_registered_model_alias(self.registered_model, alias, str(version))

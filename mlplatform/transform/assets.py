@@ -14,16 +14,17 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from dagster import AssetExecutionContext, Config, Output, TimeWindowPartitionMapping
+from dagster import AssetExecutionContext, AssetSelection, Config, Failure, Output, TimeWindowPartitionMapping
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 from dagster_duckdb import DuckDBResource
 
 from mlplatform.automation import on_new_data
-from mlplatform.partitions import daily_partitions, single_run, window_of
+from mlplatform.partitions import FIRST_DAY, LAST_DAY, daily_partitions, single_run, window_of
 from mlplatform.settings import DBT_PROJECT_DIR, Settings
 from mlplatform.warehouse import table_metadata
 
 FEATURE_LOOKBACK_DAYS = 28  # dbt var feature_lookback_days
+REFERENCE_MODELS = AssetSelection.tag("reference", "")  # dbt's tag:reference models and seed
 
 
 def dbt_project(settings: Settings | None = None) -> DbtProject:
@@ -63,17 +64,20 @@ class Translator(DagsterDbtTranslator):
     def get_partition_mapping(
         self, dbt_resource_props: Mapping[str, Any], dbt_parent_resource_props: Mapping[str, Any]
     ):
-        if (
-            dbt_resource_props.get("name") == "flight_features"
-            and dbt_parent_resource_props.get("name") == "agg_daily_route_stats"
-        ):
+        edge = (dbt_resource_props.get("name"), dbt_parent_resource_props.get("name"))
+        if edge == ("flight_features", "agg_daily_route_stats"):
             return TimeWindowPartitionMapping(
                 start_offset=-FEATURE_LOOKBACK_DAYS, end_offset=0, allow_nonexistent_upstream_partitions=True
             )
+        if edge == ("fct_flights", "stg_weather"):  # the trailing weather window reaches into the day before
+            return TimeWindowPartitionMapping(start_offset=-1, end_offset=0, allow_nonexistent_upstream_partitions=True)
         return super().get_partition_mapping(dbt_resource_props, dbt_parent_resource_props)
 
     def get_automation_condition(self, dbt_resource_props: Mapping[str, Any]):
-        """Every model follows its inputs: a new raw partition flows through dbt by itself."""
+        """Every model follows its inputs: a new raw partition flows through dbt by itself. A
+        daily model does not re-run all its days when a reference table is reloaded."""
+        if "daily" in dbt_resource_props.get("tags", []):
+            return on_new_data(ignore=REFERENCE_MODELS)
         return on_new_data()
 
     def get_tags(self, dbt_resource_props: Mapping[str, Any]) -> Mapping[str, str]:
@@ -142,6 +146,9 @@ def build_dbt_assets(project: DbtProject):
     )
     def dbt_daily(context: AssetExecutionContext, config: DbtConfig, dbt: DbtCliResource, warehouse: DuckDBResource):
         start, end = window_of(context)
+        if config.full_refresh and (start, end) != (FIRST_DAY, LAST_DAY):
+            raise Failure(f"full_refresh rebuilds the tables from the run's days only: run it over "
+                          f"{FIRST_DAY}..{LAST_DAY}, not {start}..{end}")
         dbt_vars = {"min_date": start.isoformat(), "max_date": end.isoformat()}
         args = ["build", "--vars", json.dumps(dbt_vars), *(["--full-refresh"] if config.full_refresh else [])]
         invocation = dbt.cli(args, context=context)
