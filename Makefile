@@ -54,6 +54,7 @@ run: setup
 	$(BIN)/mlplatform run --start $(START) --end $(END) --replay
 
 bench: setup
+	@test -f benchmarks/run.py || { echo "benchmarks are not written yet (issue 7): see benchmarks/README.md"; exit 1; }
 	$(BIN)/python benchmarks/run.py
 
 lock: install

@@ -74,7 +74,7 @@ def landed_days(landing: Path, contract: Contract) -> dict[str, Path]:
     return out
 
 
-def _write_atomic(frame: pd.DataFrame, path: Path, overwrite: bool = True) -> bool:
+def write_atomic(frame: pd.DataFrame, path: Path, overwrite: bool = True) -> bool:
     """Write CSV via a temporary file and rename, so a reader never sees half a file.
     Returns False (and leaves the file alone) when the content is unchanged, or when the file
     exists and ``overwrite`` is false."""
@@ -90,7 +90,7 @@ def _write_atomic(frame: pd.DataFrame, path: Path, overwrite: bool = True) -> bo
     return True
 
 
-def _as_delivered(frame: pd.DataFrame, contract: Contract) -> pd.DataFrame:
+def as_delivered(frame: pd.DataFrame, contract: Contract) -> pd.DataFrame:
     """The contract's columns, whole numbers written as such (pandas holds them as floats
     where the source has nulls)."""
     out = frame[list(contract.columns)].copy()
@@ -123,13 +123,13 @@ def replay(landing: Path, start: dt.date, end: dt.date, overwrite: bool = True) 
     written = {"flights": 0, "weather": 0, "reference": 0}
     for contract in REFERENCE:
         path = reference_dir(landing) / f"{contract.name}.csv"
-        written["reference"] += _write_atomic(_as_delivered(frames[contract.name], contract), path, overwrite)
+        written["reference"] += write_atomic(as_delivered(frames[contract.name], contract), path, overwrite)
     for contract in DAILY:
         frame = frames[contract.name]
         dates = pd.to_datetime(frame[["year", "month", "day"]])
         in_range = (dates >= pd.Timestamp(start)) & (dates <= pd.Timestamp(end))
-        selected = _as_delivered(frame[in_range], contract)
+        selected = as_delivered(frame[in_range], contract)
         for day, rows in selected.groupby(dates[in_range].dt.date, sort=True):
             path = daily_dir(landing, contract) / f"{day.isoformat()}.csv"
-            written[contract.name] += _write_atomic(rows, path, overwrite)
+            written[contract.name] += write_atomic(rows, path, overwrite)
     return written

@@ -53,6 +53,11 @@ JUDGED = [
     "origin_departures_same_hour", "plane_age_years", "plane_seats", SCORE,
 ]
 OWNERS = ["team:ml-platform"]
+# What every daily monitoring asset shares: a range of days is one run, days follow their inputs.
+DAILY = dict(
+    group_name="monitoring", partitions_def=daily_partitions, backfill_policy=single_run, owners=OWNERS,
+    tags={"daily": ""}, pool="warehouse_writer",
+)
 
 MONITORING_DDL = """
 CREATE SCHEMA IF NOT EXISTS monitoring;
@@ -123,17 +128,12 @@ def profile_days(frame: pd.DataFrame, store: ProfileStore) -> pd.DataFrame:
 
 @asset(
     key=AssetKey(["monitoring", "feature_profiles"]),
-    group_name="monitoring",
+    **DAILY,
     deps=[FEATURES_KEY, flight_delay_predictions],
-    partitions_def=daily_partitions,
-    backfill_policy=single_run,
     kinds={"whylogs", "duckdb"},
-    owners=OWNERS,
-    tags={"daily": ""},
     description="A whylogs profile of each day's model inputs and scores, stored under MLPLATFORM_PROFILES "
     "and summarised in monitoring.feature_profiles.",
     automation_condition=on_new_data(),
-    pool="warehouse_writer",
 )
 def feature_profiles(context: AssetExecutionContext, warehouse: DuckDBResource, profile_store: ProfileStore):
     start, end = window_of(context)
@@ -221,13 +221,9 @@ def _plot(reference, current, features: list[str], day) -> str:
 
 @asset(
     key=AssetKey(["monitoring", "drift_report"]),
-    group_name="monitoring",
+    **DAILY,
     deps=[feature_profiles, reference_profile],
-    partitions_def=daily_partitions,
-    backfill_policy=single_run,
     kinds={"whylogs", "scipy", "duckdb"},
-    owners=OWNERS,
-    tags={"daily": ""},
     description="Per day and feature: PSI, Jensen-Shannon distance and KS statistic of the day's profile "
     "against the champion's reference profile, in monitoring.drift.",
     check_specs=[AssetCheckSpec(
@@ -235,7 +231,6 @@ def _plot(reference, current, features: list[str], day) -> str:
         description="No day has more than `drifted_share` of its features drifted (PSI).",
     )],
     automation_condition=on_new_data(ignore=AssetSelection.assets(reference_profile)),
-    pool="warehouse_writer",
 )
 def drift_report(
     context: AssetExecutionContext, config: DriftConfig, warehouse: DuckDBResource, mlflow: MlflowTracking,
@@ -313,13 +308,9 @@ def daily_performance(frame: pd.DataFrame) -> pd.DataFrame:
 
 @asset(
     key=AssetKey(["monitoring", "model_performance"]),
-    group_name="monitoring",
+    **DAILY,
     deps=[FEATURES_KEY, flight_delay_predictions],
-    partitions_def=daily_partitions,
-    backfill_policy=single_run,
     kinds={"scikit-learn", "duckdb"},
-    owners=OWNERS,
-    tags={"daily": ""},
     description="The realised ROC AUC and log loss of the day's predictions once its labels exist, against "
     "the scoring model's validation ROC AUC, in monitoring.model_performance.",
     check_specs=[AssetCheckSpec(
@@ -327,7 +318,6 @@ def daily_performance(frame: pd.DataFrame) -> pd.DataFrame:
         description="No day's ROC AUC falls more than `tolerance` below the model's validation ROC AUC.",
     )],
     automation_condition=on_new_data(),
-    pool="warehouse_writer",
 )
 def model_performance(
     context: AssetExecutionContext, config: PerformanceConfig, warehouse: DuckDBResource, mlflow: MlflowTracking

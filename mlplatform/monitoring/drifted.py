@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from mlplatform.ingest.contracts import FLIGHTS, WEATHER
-from mlplatform.ingest.landing import _as_delivered, _write_atomic, daily_dir
+from mlplatform.ingest.landing import as_delivered, write_atomic, daily_dir
 
 
 def _day(frame: pd.DataFrame, day: dt.date) -> pd.DataFrame:
@@ -58,6 +58,6 @@ def land_drifted_days(landing: Path, sources: list[dt.date], targets: list[dt.da
         flights, weather = drifted_day(source, target, severity)
         for contract, frame in ((FLIGHTS, flights), (WEATHER, weather)):
             path = daily_dir(landing, contract) / f"{target.isoformat()}.csv"
-            _write_atomic(_as_delivered(frame, contract), path)
+            write_atomic(as_delivered(frame, contract), path)
             written.append(path)
     return written

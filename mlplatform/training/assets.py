@@ -44,12 +44,13 @@ class TrainingConfig(Config):
         28, description="Last days of the training window used for validation (at most a quarter of it)."
     )
     threshold: float = Field(0.5, description="Decision threshold for precision/recall.")
-    learning_rate: float = 0.1
-    max_iter: int = 150
-    max_leaf_nodes: int = 31
-    min_samples_leaf: int = 20
-    l2_regularization: float = 0.0
-    random_state: int = 0
+    # hyperparameters; their defaults are the model's (one place: model.Hyperparameters)
+    learning_rate: float = m.Hyperparameters.learning_rate
+    max_iter: int = m.Hyperparameters.max_iter
+    max_leaf_nodes: int = m.Hyperparameters.max_leaf_nodes
+    min_samples_leaf: int = m.Hyperparameters.min_samples_leaf
+    l2_regularization: float = m.Hyperparameters.l2_regularization
+    random_state: int = m.Hyperparameters.random_state
 
     def hyperparameters(self) -> m.Hyperparameters:
         return m.Hyperparameters(
