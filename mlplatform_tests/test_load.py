@@ -102,13 +102,14 @@ def test_every_source_row_ends_in_raw_or_quarantine_never_both(home, warehouse):
     corrupt(path, 5, "carrier", "")                # key column null
     corrupt(path, 7, "origin", "ewr")              # bad format
     corrupt(path, 8, "sched_dep_time", "1275")     # not an HHMM time
+    corrupt(path, 9, "time_hour", "2013-01-02T23:00:00Z")  # not the row's local hour
     total = len(path.read_text().splitlines()) - 1
 
     (result,) = load(warehouse, FLIGHTS, home.landing, [day])
     assert result.rows == total
     assert result.by_rule == {
         "range_dep_delay": 1, "wrong_partition": 1, "key_not_null": 1, "format_origin": 1,
-        "clock_sched_dep_time": 1, "duplicate_key": 1,
+        "schedule_matches_hour": 1, "local_time_hour": 1, "duplicate_key": 1,
     }
     raw = {r for (r,) in warehouse.execute("SELECT _source_row FROM raw.flights").fetchall()}
     quarantined = dict(warehouse.execute("SELECT _source_row, _rule FROM quarantine.flights").fetchall())
@@ -119,8 +120,8 @@ def test_every_source_row_ends_in_raw_or_quarantine_never_both(home, warehouse):
     assert "repeats the row at line 6" in reason
     # re-loading the same day does not duplicate anything in either table
     load(warehouse, FLIGHTS, home.landing, [day])
-    assert warehouse.execute("SELECT count(*) FROM quarantine.flights").fetchone()[0] == 6
-    assert warehouse.execute("SELECT count(*) FROM raw.flights").fetchone()[0] == total - 6
+    assert warehouse.execute("SELECT count(*) FROM quarantine.flights").fetchone()[0] == 7
+    assert warehouse.execute("SELECT count(*) FROM raw.flights").fetchone()[0] == total - 7
     assert checks.rules_hold(warehouse, FLIGHTS, day, day).passed
 
 

@@ -79,6 +79,19 @@ def matches(column: str, pattern: str, what: str) -> Rule:
 
 PARTITION_DATE_SQL = "make_date(year::BIGINT, month::BIGINT, day::BIGINT)"
 
+# time_hour (UTC) must be the row's local hour in New York: compared as local wall-clock time,
+# so both readings of the repeated DST hour pass.
+LOCAL_HOUR = Rule(
+    name="local_time_hour",
+    violation=(
+        "time_hour IS NOT NULL AND NOT (timezone('America/New_York', timezone('UTC', time_hour)) IS NOT DISTINCT FROM "
+        "try(make_timestamp(year::BIGINT, month::BIGINT, day::BIGINT, hour::BIGINT, 0, 0.0)))"
+    ),
+    reason="'time_hour ' || time_hour || ' UTC is not ' || year || '-' || month || '-' || day || ' ' || hour "
+    "|| ':00 in New York'",
+    description="time_hour (UTC) is the row's year/month/day/hour in New York",
+)
+
 WRONG_PARTITION = Rule(
     name="wrong_partition",
     violation=f"NOT (try({PARTITION_DATE_SQL}) IS NOT DISTINCT FROM _partition_date)",
@@ -134,6 +147,14 @@ FLIGHTS = Contract(
     },
     key=("year", "month", "day", "carrier", "flight", "origin", "sched_dep_time"),
     rules=(
+        LOCAL_HOUR,
+        Rule(
+            name="schedule_matches_hour",
+            violation="sched_dep_time IS NOT NULL AND hour IS NOT NULL AND minute IS NOT NULL "
+            "AND sched_dep_time <> hour * 100 + minute",
+            reason="'sched_dep_time=' || sched_dep_time || ' but hour=' || hour || ', minute=' || minute",
+            description="hour and minute are sched_dep_time's",
+        ),
         clock_time("sched_dep_time"),
         clock_time("sched_arr_time"),
         clock_time("dep_time", 1, 2400),
@@ -174,6 +195,7 @@ WEATHER = Contract(
     key=("origin", "time_hour"),
     required_daily=False,
     rules=(
+        LOCAL_HOUR,
         in_range("hour", 0, 23),
         in_range("temp", -60, 130, "F"),
         in_range("dewp", -80, 100, "F"),
