@@ -139,6 +139,7 @@ def test_training_run_is_tracked_registered_and_promoted(features_home, instance
     import mlflow as mlflow_api
     from mlflow.models import get_model_info
 
+    mlflow_api.set_tracking_uri(home.mlflow_uri)  # never MLflow's default ./mlflow.db
     mlflow_api.set_registry_uri(home.mlflow_uri)
     info = get_model_info(f"models:/flight_delay/{champion.version}")
     assert [i.name for i in info.signature.inputs.inputs] == m.FEATURES
