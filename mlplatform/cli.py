@@ -12,7 +12,6 @@ import argparse
 import datetime as dt
 import sys
 import time
-from pathlib import Path
 
 from mlplatform.settings import Settings, apply_defaults
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import duckdb
 import pytest
-from dagster import AssetKey, DagsterEventType, RunRequest, build_sensor_context
+from dagster import DagsterEventType, RunRequest, build_sensor_context
 
 from mlplatform.monitoring.drifted import land_drifted_days
 from mlplatform.monitoring.sensors import RANGE_END_TAG, RANGE_START_TAG, landing_sensor, retraining_sensor

@@ -41,7 +41,6 @@ from mlplatform.training.tracking import CHAMPION, MlflowTracking
 FEATURES_KEY = AssetKey(["features", "flight_features"])
 SCORE = "delay_probability"
 MONITORED_NUMERIC = [*m.NUMERIC, SCORE]
-MONITORED = [*m.CATEGORICAL, *MONITORED_NUMERIC]
 # Judged: features whose distribution over one day is comparable with their distribution over
 # months (the network, the schedule, the fleet) and the model's score. Not judged, only
 # reported: the day's weather (one day's weather is always narrow against a season's) and the
@@ -144,7 +143,7 @@ def feature_profiles(context: AssetExecutionContext, warehouse: DuckDBResource, 
     return MaterializeResult(metadata={
         "dagster/row_count": len(frame),
         "days_profiled": summary["profile_date"].nunique() if len(summary) else 0,
-        "profiles": MetadataValue.path(str(profile_store.day("YYYY-MM-DD"))),
+        "profiles": MetadataValue.path(str(profile_store.day(start).parent)),
     })
 
 

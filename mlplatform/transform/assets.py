@@ -81,8 +81,8 @@ class Translator(DagsterDbtTranslator):
         return on_new_data()
 
     def get_tags(self, dbt_resource_props: Mapping[str, Any]) -> Mapping[str, str]:
-        layer = dbt_resource_props.get("fqn", ["", "model"])[1] if dbt_resource_props.get("fqn") else "dbt"
-        return {**super().get_tags(dbt_resource_props), "layer": layer}
+        # the layer is the schema the node builds into: staging, marts, features
+        return {**super().get_tags(dbt_resource_props), "layer": dbt_resource_props.get("schema", "dbt")}
 
 
 DATE_COLUMNS = ("flight_date", "weather_date")  # the partition column of the daily models
