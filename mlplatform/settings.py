@@ -81,3 +81,9 @@ def apply_defaults() -> Settings:
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     return settings
+
+
+def dbt_executable() -> str:
+    """The dbt installed beside this interpreter (the venv's), whatever PATH says."""
+    beside = Path(sys.executable).parent / "dbt"
+    return str(beside) if beside.exists() else "dbt"

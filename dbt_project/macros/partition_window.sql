@@ -15,24 +15,3 @@
 {% macro replace_window(column) -%}
     {% if is_incremental() %}DELETE FROM {{ this }} WHERE {{ in_window(column) }}{% endif %}
 {%- endmacro %}
-
-{#
-  Point-in-time rolling delay rate of a grain (e.g. carrier) over the `days` days before each
-  flight date, from daily stats: flights of the same date or later are never used.
-#}
-{% macro rolling_delay_rate(grain, days) -%}
-    sum(n_delayed) OVER (
-        PARTITION BY {{ grain }} ORDER BY flight_date
-        RANGE BETWEEN INTERVAL {{ days }} DAY PRECEDING AND INTERVAL 1 DAY PRECEDING
-    ) / nullif(sum(n_arrived) OVER (
-        PARTITION BY {{ grain }} ORDER BY flight_date
-        RANGE BETWEEN INTERVAL {{ days }} DAY PRECEDING AND INTERVAL 1 DAY PRECEDING
-    ), 0)
-{%- endmacro %}
-
-{% macro rolling_count(grain, days) -%}
-    coalesce(sum(n_flights) OVER (
-        PARTITION BY {{ grain }} ORDER BY flight_date
-        RANGE BETWEEN INTERVAL {{ days }} DAY PRECEDING AND INTERVAL 1 DAY PRECEDING
-    ), 0)
-{%- endmacro %}

@@ -10,7 +10,6 @@ single-writer lock while it runs).
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,12 +29,6 @@ REFERENCE_MODELS = AssetSelection.tag("reference", "")  # dbt's tag:reference mo
 def dbt_project(settings: Settings | None = None) -> DbtProject:
     settings = settings or Settings.from_env()
     return DbtProject(project_dir=DBT_PROJECT_DIR, target_path=settings.home / "dbt" / "target")
-
-
-def dbt_executable() -> str:
-    """The dbt installed beside this interpreter (the venv's), whatever PATH says."""
-    beside = Path(sys.executable).parent / "dbt"
-    return str(beside) if beside.exists() else "dbt"
 
 
 def ensure_manifest(project: DbtProject) -> Path:
@@ -69,7 +62,8 @@ class Translator(DagsterDbtTranslator):
             return TimeWindowPartitionMapping(
                 start_offset=-FEATURE_LOOKBACK_DAYS, end_offset=0, allow_nonexistent_upstream_partitions=True
             )
-        if edge == ("fct_flights", "stg_weather"):  # the trailing weather window reaches into the day before
+        if edge in {("fct_flights", "stg_weather"), ("flight_features", "stg_weather")}:
+            # the trailing weather window reaches into the day before
             return TimeWindowPartitionMapping(start_offset=-1, end_offset=0, allow_nonexistent_upstream_partitions=True)
         return super().get_partition_mapping(dbt_resource_props, dbt_parent_resource_props)
 

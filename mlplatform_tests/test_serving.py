@@ -1,0 +1,398 @@
+"""`mlplatform serve`: a real server process on a free loopback port, a real warehouse (real
+days, built by the real jobs) and a real champion in a real MLflow registry."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from dagster import DagsterInstance
+
+from mlplatform.serving.features import Snapshot, WarehouseUnavailable
+from mlplatform.serving.service import OnlineFeatures
+from mlplatform.serving.skew import CLIENT_FIELDS, mismatches
+from mlplatform.settings import Settings
+from mlplatform.training import model as m
+from mlplatform_tests.conftest import failures, run_job
+
+pytestmark = pytest.mark.slow
+
+TRAIN = {"eval_days": 7, "validation_days": 7, "learning_rate": 0.05, "min_samples_leaf": 100, "max_iter": 60}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, settings: Settings, log: Path):
+        self.settings, self.log_path = settings, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, **settings.as_env()}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlplatform.cli", "serve", "--port", str(self.port), "--refresh-seconds", "1"],
+            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def wait_until(self, ready: bool, timeout: float = 90) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                health = self.client.get("/health")
+                if health.status_code in (200, 503) and health.json().get("reasons") != ["starting"]:
+                    if (health.status_code == 200) == ready:
+                        return health.json()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"server not {'ready' if ready else 'up'} in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def with_env(settings: Settings, fn):
+    saved = dict(os.environ)
+    try:
+        os.environ.update(settings.as_env())
+        return fn()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, built_warehouse):
+    """A home with Jan 1 - Feb 6 built and a champion trained on it, and a server on it."""
+    root = tmp_path_factory.mktemp("served")
+    settings = Settings.from_env({"MLPLATFORM_HOME": str(root / "home")})
+    settings.warehouse.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(built_warehouse, settings.warehouse)
+
+    def train():
+        with DagsterInstance.ephemeral() as instance:
+            result = run_job(instance, "training_job", run_config={"ops": {"flight_delay_model": {"config": TRAIN}}})
+            assert result.success, failures(result)
+
+    with_env(settings, train)
+    server = Server(settings, root / "server.log")
+    try:
+        server.wait_until(ready=True)
+        yield server
+    finally:
+        server.stop()
+
+
+def offline_rows(settings: Settings, where: str = "true", limit: int = 40):
+    with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
+        return conn.execute(
+            f"SELECT * FROM features.flight_features WHERE {where} ORDER BY hash(flight_id) LIMIT {limit}"
+        ).df()
+
+
+def request_of(row: dict) -> dict:
+    out = {k: row[k] for k in CLIENT_FIELDS}
+    out["flight_date"] = str(out["flight_date"])[:10]
+    out["flight_number"], out["sched_dep_time"] = int(out["flight_number"]), int(out["sched_dep_time"])
+    if out["tailnum"] is None or (isinstance(out["tailnum"], float) and np.isnan(out["tailnum"])):
+        out.pop("tailnum")
+    return out
+
+
+def model_vector(frame) -> list[dict]:
+    """The offline rows as the model takes them, JSON-style (NaN as None)."""
+    records = m.model_input(frame).to_dict("records")
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in records]
+
+
+def champion_estimator(settings: Settings, version: str):
+    import mlflow
+    from mlflow import sklearn as mlflow_sklearn
+
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    mlflow.set_registry_uri(settings.mlflow_uri)
+    return mlflow_sklearn.load_model(f"models:/flight_delay/{version}")
+
+
+def test_health_and_openapi(served):
+    health = served.client.get("/health")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["ready"] and body["model"]["version"] == "1" and body["model"]["name"] == "flight_delay"
+    assert body["features"]["last_flight_date"] == "2013-02-06"
+    assert body["features"]["scheduled_flights"] > 30_000
+    schema = served.client.get("/openapi.json").json()
+    assert {"/predict", "/predict/batch", "/health", "/metrics"} <= set(schema["paths"])
+    flight = schema["components"]["schemas"]["Flight"]
+    assert {"flight_date", "carrier", "flight_number", "origin", "dest", "sched_dep_time"} == set(flight["required"])
+
+
+def test_explain_equals_the_offline_features_and_the_offline_score(served):
+    """Real flights asked about as a client would (no arrival time, no distance): the feature
+    vector is the one in features.flight_features, and so is the probability."""
+    offline = offline_rows(served.settings, "flight_date BETWEEN '2013-01-20' AND '2013-02-06'")
+    # include a flight with no weather before departure and one with an unknown aircraft, if any
+    offline = pd.concat([
+        offline,
+        offline_rows(served.settings, "NOT has_weather", 3),
+        offline_rows(served.settings, "plane_seats IS NULL", 3),
+    ], ignore_index=True)
+    expected = model_vector(offline)
+    estimator = champion_estimator(served.settings, "1")
+    probabilities = estimator.predict_proba(m.model_input(offline))[:, 1]
+    for row, vector, p in zip(offline.to_dict("records"), expected, probabilities):
+        response = served.client.post("/predict", params={"explain": "true"}, json=request_of(row))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["flight_id"] == row["flight_id"]
+        assert body["model_version"] == "1" and len(body["request_id"]) == 32
+        assert body["features"] == vector, row["flight_id"]
+        assert body["delay_probability"] == pytest.approx(p, abs=1e-12)
+    no_explain = served.client.post("/predict", json=request_of(offline.iloc[0].to_dict())).json()
+    assert "features" not in no_explain
+
+
+def test_on_demand_features_equal_the_precomputed_ones(served):
+    """A flight the client gives its arrival time for goes through the per-request SQL instead
+    of the schedule's precomputed rows: same numbers. A flight not in the schedule still gets
+    the carrier's, origin's and route's rolling rates, and says what it lacks."""
+    offline = offline_rows(served.settings, "flight_date = '2013-02-05'", 10)
+    requests = [{**request_of(r), "sched_arr_time": int(r["sched_arr_time"])} for r in offline.to_dict("records")]
+    response = served.client.post("/predict/batch", params={"explain": "true"}, json={"flights": requests})
+    assert response.status_code == 200, response.text
+    assert [p["features"] for p in response.json()["predictions"]] == model_vector(offline)
+
+    real = offline.iloc[0].to_dict()
+    invented = {**request_of(real), "flight_number": 9999, "tailnum": "N0NE"}
+    body = served.client.post("/predict", params={"explain": "true"}, json=invented).json()
+    for name in ("carrier_delay_rate_7d", "origin_delay_rate_28d", "route_delay_rate_28d", "temp_f", "distance_miles"):
+        assert body["features"][name] == model_vector(offline.iloc[[0]])[0][name], name
+    assert body["features"]["sched_arr_time"] is None and body["features"]["plane_seats"] is None
+    assert any("sched_arr_time" in w for w in body["warnings"]) and any("aircraft" in w for w in body["warnings"])
+
+
+def test_batch_keeps_order_and_duplicates(served):
+    offline = offline_rows(served.settings, "flight_date = '2013-02-01'", 25)
+    requests = [request_of(r) for r in offline.to_dict("records")]
+    requests = requests + requests[:3]
+    response = served.client.post("/predict/batch", json={"flights": requests})
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert [p["flight_id"] for p in predictions] == list(offline["flight_id"]) + list(offline["flight_id"][:3])
+    assert [p["delay_probability"] for p in predictions[-3:]] == [p["delay_probability"] for p in predictions[:3]]
+    assert len({p["request_id"] for p in predictions}) == len(predictions)
+
+
+GOOD = {"flight_date": "2013-02-01", "carrier": "UA", "flight_number": 1545, "origin": "EWR", "dest": "IAH",
+        "sched_dep_time": 515, "tailnum": "N14228"}
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({k: v for k, v in GOOD.items() if k != "carrier"}, "carrier"),
+        ({**GOOD, "flight_number": "one"}, "flight_number"),
+        ({**GOOD, "flight_number": 0}, "flight_number"),
+        ({**GOOD, "sched_dep_time": 1261}, "sched_dep_time"),
+        ({**GOOD, "sched_dep_time": 2400}, "sched_dep_time"),
+        ({**GOOD, "flight_date": "2013-02-30"}, "flight_date"),
+        ({**GOOD, "flight_date": "0001-01-01"}, "flight_date"),
+        ({**GOOD, "carrier": "ua"}, "carrier"),
+        ({**GOOD, "carrier": "ZZ"}, "carrier"),
+        ({**GOOD, "origin": "ATL"}, "origin"),
+        ({**GOOD, "dest": "XYZ"}, "dest"),
+        ({**GOOD, "tailnum": "N1'; DROP"}, "tailnum"),
+        ({**GOOD, "distance_miles": -5}, "distance_miles"),
+        ({**GOOD, "surprise": 1}, "surprise"),
+    ],
+)
+def test_invalid_flights_are_422_with_the_field(served, body, field):
+    response = served.client.post("/predict", json=body)
+    assert response.status_code == 422, response.text
+    assert any(e["loc"][-1] == field for e in response.json()["detail"]), response.json()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not json", b"", b"[]", b'"a string"', b'{"flights": 1}', b"\xff\xfe", json.dumps({"a": [1] * 1000}).encode()],
+)
+def test_garbage_is_422_never_500(served, content):
+    for path in ("/predict", "/predict/batch"):
+        response = served.client.post(path, content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 422, (path, content, response.text)
+
+
+def test_batch_errors_name_the_flight(served):
+    flights = [GOOD, {**GOOD, "carrier": "ZZ"}, {**GOOD, "sched_dep_time": 99}]
+    detail = served.client.post("/predict/batch", json={"flights": flights}).json()["detail"]
+    locs = [e["loc"] for e in detail]
+    assert ["body", "flights", 2, "sched_dep_time"] in locs
+    # the unknown carrier is reported once the fields are well-formed
+    detail = served.client.post("/predict/batch", json={"flights": flights[:2]}).json()["detail"]
+    assert [e["loc"] for e in detail] == [["body", "flights", 1, "carrier"]] and detail[0]["type"] == "unknown_carrier"
+    assert served.client.post("/predict/batch", json={"flights": []}).status_code == 422
+
+
+def test_metrics_count_requests_by_status(served):
+    for _ in range(3):
+        served.client.post("/predict", json=GOOD)
+    served.client.post("/predict", json={**GOOD, "carrier": "ZZ"})
+    text = served.client.get("/metrics").text
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+    ok = samples['mlplatform_serving_requests_total{method="POST",path="/predict",status="200"}']
+    bad = samples['mlplatform_serving_requests_total{method="POST",path="/predict",status="422"}']
+    assert ok >= 3 and bad >= 1
+    assert samples['mlplatform_serving_request_latency_seconds_count{path="/predict"}'] >= ok + bad
+    assert samples["mlplatform_serving_model_version"] == 1 and samples["mlplatform_serving_ready"] == 1
+    assert samples['mlplatform_serving_predictions_total{model_version="1"}'] >= 3
+
+
+def test_every_prediction_is_in_the_inference_log(served):
+    response = served.client.post("/predict/batch", json={"flights": [GOOD, {**GOOD, "flight_number": 1}]})
+    ids = {p["request_id"]: p for p in response.json()["predictions"]}
+    log_dir = served.settings.home / "serving" / "inference_log"
+    deadline = time.monotonic() + 10
+    found = {}
+    while time.monotonic() < deadline and len(found) < len(ids):
+        for path in log_dir.glob("*.jsonl"):
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                if record["request_id"] in ids:
+                    found[record["request_id"]] = record
+        time.sleep(0.2)
+    assert set(found) == set(ids)
+    for request_id, record in found.items():
+        assert record["model_version"] == "1" and len(record["feature_hash"]) == 16
+        assert record["delay_probability"] == ids[request_id]["delay_probability"]
+        assert record["latency_ms"] > 0 and record["flight_id"] == ids[request_id]["flight_id"]
+
+
+def test_a_new_champion_is_served_without_restart(served):
+    """Train another version and move the alias: the server picks it up within its refresh."""
+    def train():
+        with DagsterInstance.ephemeral() as instance:
+            config = {**TRAIN, "max_iter": 20}
+            result = run_job(instance, "training_job", run_config={"ops": {"flight_delay_model": {"config": config}}})
+            assert result.success or "promotion_gate" in failures(result), failures(result)
+
+    with_env(served.settings, train)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=served.settings.mlflow_uri, registry_uri=served.settings.mlflow_uri)
+    offline = offline_rows(served.settings, "flight_date = '2013-02-01'", 1)
+    flight = request_of(offline.iloc[0].to_dict())
+    before = served.client.post("/predict", json=flight).json()
+    client.set_registered_model_alias("flight_delay", "champion", "2")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and served.client.get("/health").json()["model"]["version"] != "2":
+        time.sleep(0.3)
+    after = served.client.post("/predict", json=flight).json()
+    assert after["model_version"] == "2" and after["delay_probability"] != before["delay_probability"]
+    expected = champion_estimator(served.settings, "2")
+    client.set_registered_model_alias("flight_delay", "champion", "1")  # leave the module's champion as it was
+    assert after["delay_probability"] == pytest.approx(expected.predict_proba(m.model_input(offline))[0, 1], abs=1e-12)
+
+
+def test_no_warehouse_or_no_champion_is_503_with_the_reason(tmp_path):
+    settings = Settings.from_env({"MLPLATFORM_HOME": str(tmp_path / "empty")})
+    server = Server(settings, tmp_path / "server.log")
+    try:
+        health = server.wait_until(ready=False)
+        assert any("warehouse not found" in r for r in health["reasons"])
+        assert any("champion" in r or "alias" in r for r in health["reasons"])
+        response = server.client.post("/predict", json=GOOD)
+        assert response.status_code == 503 and response.headers["retry-after"]
+        assert "no model version has the alias" in response.json()["detail"]
+    finally:
+        server.stop()
+
+
+def test_a_busy_warehouse_keeps_the_last_snapshot(tmp_path, built_warehouse):
+    """A writer holding DuckDB's lock: no snapshot is possible; the error says so, and a
+    snapshot already loaded stays in use."""
+    settings = Settings.from_env({"MLPLATFORM_HOME": str(tmp_path / "home")})
+    settings.warehouse.parent.mkdir(parents=True)
+    shutil.copy(built_warehouse, settings.warehouse)
+    features = OnlineFeatures(settings)
+    assert features.refresh() and features.snapshot is not None
+    loaded = features.snapshot
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         "c.execute('CREATE TABLE IF NOT EXISTS main.touch AS SELECT 1'); c.execute('CHECKPOINT'); "
+         "print('locked', flush=True); time.sleep(60)", str(settings.warehouse)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WarehouseUnavailable, match="busy"):
+            Snapshot.load(settings.warehouse, features.compiled.relations)
+        assert not features.refresh()
+        assert "busy" in features.error and features.snapshot is loaded
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_online_features_match_check_passes_and_catches_a_stale_table(features_home, instance):
+    """The asset check compares the server's SQL with the table for 500 real flights; after a
+    day's stats change without the later days' features being rebuilt, it fails."""
+    from dagster import AssetCheckKey
+
+    from mlplatform.serving.assets import FEATURES_KEY
+
+    result = run_job(instance, "daily_job", dt.date(2013, 2, 6), dt.date(2013, 2, 6))
+    assert result.success, failures(result)
+    key = AssetCheckKey(FEATURES_KEY, "online_features_match")
+    evaluation = [e for e in result.get_asset_check_evaluations() if e.asset_check_key == key]
+    assert len(evaluation) == 1 and evaluation[0].passed, evaluation
+    assert evaluation[0].metadata["flights_compared"].value == 500
+
+    with duckdb.connect(str(features_home.warehouse)) as conn:
+        conn.execute("UPDATE marts.agg_daily_route_stats SET n_delayed = n_arrived WHERE flight_date = '2013-01-20'")
+    result = run_job(instance, "daily_job", dt.date(2013, 2, 6), dt.date(2013, 2, 6))
+    assert result.success, failures(result)  # the check warns the team; it does not stop the run
+    evaluation = [e for e in result.get_asset_check_evaluations() if e.asset_check_key == key][0]
+    assert not evaluation.passed
+    columns = set(evaluation.metadata["mismatched_columns"].value.split(", "))
+    assert columns <= {f"{g}_delay_rate_{d}d" for g in ("carrier", "origin", "route", "origin_hour") for d in (1, 7, 28)}
+    assert evaluation.metadata["mismatches"].value > 0
+
+
+def test_mismatches_compares_exactly():
+    offline = pd.DataFrame({"flight_id": ["a", "b"], "x": [0.1, np.nan], "c": ["UA", None]})
+    assert mismatches(offline, offline.copy()) == []
+    online = offline.assign(x=[0.1 + 1e-15, np.nan])
+    assert mismatches(offline, online) == [{"flight_id": "a", "column": "x", "offline": 0.1, "online": 0.1 + 1e-15}]
+    assert [f["column"] for f in mismatches(offline, offline.assign(c=["UA", "DL"]))] == ["c"]
+
+
+def test_serving_benchmark_code_runs(served):
+    """A smoke run of benchmarks/serving.py's load generators (no timing asserted)."""
+    from benchmarks.serving import closed_loop, open_loop, sample_flights
+
+    flights = [{k: v for k, v in f.items() if not k.startswith("_")} for f in sample_flights(served.settings, 50)]
+    result = open_loop(served.url, "/predict", flights, rate=40, seconds=1, workers=4)
+    assert result["requests"] == 40 and result["errors"] == 0
+    assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"] <= result["latency_ms"]["max"]
+    batch = closed_loop(served.url, "/predict/batch", [{"flights": flights}], seconds=0.5, concurrency=1)
+    assert batch["requests"] >= 1
