@@ -21,7 +21,7 @@ import pytest
 from dagster import DagsterInstance
 
 from mlplatform.serving.features import Snapshot, WarehouseUnavailable
-from mlplatform.serving.service import OnlineFeatures
+from mlplatform.serving.service import OnlineFeatures, Vectors
 from mlplatform.serving.skew import CLIENT_FIELDS, mismatches
 from mlplatform.settings import Settings
 from mlplatform.training import model as m
@@ -190,6 +190,15 @@ def test_on_demand_features_equal_the_precomputed_ones(served):
     assert body["features"]["sched_arr_time"] is None and body["features"]["plane_seats"] is None
     assert any("sched_arr_time" in w for w in body["warnings"]) and any("aircraft" in w for w in body["warnings"])
 
+    # a scheduled flight's number, time and origin but another destination is not that flight
+    with duckdb.connect(str(served.settings.warehouse), read_only=True) as conn:
+        other = conn.execute(
+            "SELECT dest, distance_miles FROM staging.stg_flights WHERE origin = ? AND dest <> ? "
+            "ORDER BY flight_date DESC, flight_id LIMIT 1", [real["origin"], real["dest"]]).fetchone()
+    elsewhere = {**request_of(real), "dest": other[0]}
+    body = served.client.post("/predict", params={"explain": "true"}, json=elsewhere).json()
+    assert body["features"]["distance_miles"] == other[1] and body["features"]["sched_arr_time"] is None
+
 
 def test_batch_keeps_order_and_duplicates(served):
     offline = offline_rows(served.settings, "flight_date = '2013-02-01'", 25)
@@ -224,6 +233,9 @@ GOOD = {"flight_date": "2013-02-01", "carrier": "UA", "flight_number": 1545, "or
         ({**GOOD, "tailnum": "N1'; DROP"}, "tailnum"),
         ({**GOOD, "distance_miles": -5}, "distance_miles"),
         ({**GOOD, "surprise": 1}, "surprise"),
+        ({**GOOD, "flight_number": True}, "flight_number"),
+        ({**GOOD, "flight_number": "1545"}, "flight_number"),
+        ({**GOOD, "dest": "EWR"}, "dest"),
     ],
 )
 def test_invalid_flights_are_422_with_the_field(served, body, field):
@@ -234,7 +246,11 @@ def test_invalid_flights_are_422_with_the_field(served, body, field):
 
 @pytest.mark.parametrize(
     "content",
-    [b"not json", b"", b"[]", b'"a string"', b'{"flights": 1}', b"\xff\xfe", json.dumps({"a": [1] * 1000}).encode()],
+    [b"not json", b"", b"[]", b'"a string"', b'{"flights": 1}', b"\xff\xfe", json.dumps({"a": [1] * 1000}).encode(),
+     # Python's JSON parser accepts these; the 422 that echoes them back must still be valid JSON
+     json.dumps({**GOOD, "distance_miles": float("nan")}).encode(),
+     json.dumps({**GOOD, "flight_number": float("-inf")}).encode(),
+     json.dumps({"flights": [{**GOOD, "sched_dep_time": float("nan")}]}).encode()],
 )
 def test_garbage_is_422_never_500(served, content):
     for path in ("/predict", "/predict/batch"):
@@ -313,7 +329,9 @@ def test_a_new_champion_is_served_without_restart(served):
     assert after["delay_probability"] == pytest.approx(expected.predict_proba(m.model_input(offline))[0, 1], abs=1e-12)
 
 
-def test_no_warehouse_or_no_champion_is_503_with_the_reason(tmp_path):
+def test_no_warehouse_or_no_champion_is_503_with_the_reason_until_they_come(tmp_path, served):
+    """An empty home: 503s that say why. Then a warehouse and a registry with a champion appear
+    (copied from the module's home): the same process becomes ready, no restart."""
     settings = Settings.from_env({"MLPLATFORM_HOME": str(tmp_path / "empty")})
     server = Server(settings, tmp_path / "server.log")
     try:
@@ -323,6 +341,13 @@ def test_no_warehouse_or_no_champion_is_503_with_the_reason(tmp_path):
         response = server.client.post("/predict", json=GOOD)
         assert response.status_code == 503 and response.headers["retry-after"]
         assert "no model version has the alias" in response.json()["detail"]
+
+        shutil.copy(served.settings.warehouse, settings.warehouse)
+        mlflow_db = Path(settings.mlflow_uri.removeprefix("sqlite:///"))
+        shutil.copy(Path(served.settings.mlflow_uri.removeprefix("sqlite:///")), mlflow_db)
+        health = server.wait_until(ready=True, timeout=60)
+        assert health["model"]["version"] == "1" and health["features"]["last_flight_date"] == "2013-02-06"
+        assert server.client.post("/predict", json=GOOD).status_code == 200
     finally:
         server.stop()
 
@@ -365,25 +390,34 @@ def test_online_features_match_check_passes_and_catches_a_stale_table(features_h
     key = AssetCheckKey(FEATURES_KEY, "online_features_match")
     evaluation = [e for e in result.get_asset_check_evaluations() if e.asset_check_key == key]
     assert len(evaluation) == 1 and evaluation[0].passed, evaluation
-    assert evaluation[0].metadata["flights_compared"].value == 500
+    metadata = {k: v.value for k, v in evaluation[0].metadata.items()}
+    assert metadata["flights_compared"] == 500 and metadata["days_sampled"] == 5 and metadata["not_in_schedule"] == 0
 
+    # every day's stats change and only 02-06's features are rebuilt: the other days' are stale
     with duckdb.connect(str(features_home.warehouse)) as conn:
-        conn.execute("UPDATE marts.agg_daily_route_stats SET n_delayed = n_arrived WHERE flight_date = '2013-01-20'")
+        conn.execute("UPDATE marts.agg_daily_route_stats SET n_delayed = n_arrived")
     result = run_job(instance, "daily_job", dt.date(2013, 2, 6), dt.date(2013, 2, 6))
     assert result.success, failures(result)  # the check warns the team; it does not stop the run
     evaluation = [e for e in result.get_asset_check_evaluations() if e.asset_check_key == key][0]
     assert not evaluation.passed
-    columns = set(evaluation.metadata["mismatched_columns"].value.split(", "))
-    assert columns <= {f"{g}_delay_rate_{d}d" for g in ("carrier", "origin", "route", "origin_hour") for d in (1, 7, 28)}
-    assert evaluation.metadata["mismatches"].value > 0
+    metadata = {k: v.value for k, v in evaluation.metadata.items()}
+    rates = {f"{g}_delay_rate_{d}d" for g in ("carrier", "origin", "route", "origin_hour") for d in (1, 7, 28)}
+    assert set(metadata["mismatched_features"].split(", ")) <= rates
+    assert metadata["mismatches_precomputed"] > 0 and metadata["mismatches_on_demand"] > 0
 
 
 def test_mismatches_compares_exactly():
-    offline = pd.DataFrame({"flight_id": ["a", "b"], "x": [0.1, np.nan], "c": ["UA", None]})
-    assert mismatches(offline, offline.copy()) == []
-    online = offline.assign(x=[0.1 + 1e-15, np.nan])
-    assert mismatches(offline, online) == [{"flight_id": "a", "column": "x", "offline": 0.1, "online": 0.1 + 1e-15}]
-    assert [f["column"] for f in mismatches(offline, offline.assign(c=["UA", "DL"]))] == ["c"]
+    n = len(m.NUMERIC)
+    base = Vectors(np.array([["UA", "EWR", "IAH"], ["DL", "JFK", None]], dtype=object),
+                   np.array([[0.1] * n, [np.nan] * n]), np.array([True, False]))
+    assert mismatches(base, base, ["a", "b"]) == []
+    nudged = base.numeric.copy()
+    nudged[0, 3] += 1e-15
+    found = mismatches(base, Vectors(base.categorical, nudged, base.has_weather), ["a", "b"])
+    assert found == [{"flight_id": "a", "feature": m.NUMERIC[3], "offline": 0.1, "online": 0.1 + 1e-15}]
+    other = base.categorical.copy()
+    other[1, 2] = "LAX"
+    assert [f["feature"] for f in mismatches(base, Vectors(other, base.numeric, base.has_weather), ["a", "b"])] == ["dest"]
 
 
 def test_serving_benchmark_code_runs(served):
@@ -391,7 +425,7 @@ def test_serving_benchmark_code_runs(served):
     from benchmarks.serving import closed_loop, open_loop, sample_flights
 
     flights = [{k: v for k, v in f.items() if not k.startswith("_")} for f in sample_flights(served.settings, 50)]
-    result = open_loop(served.url, "/predict", flights, rate=40, seconds=1, workers=4)
+    result = open_loop(served.url, "/predict", flights, rate=40, seconds=1, connections=4)
     assert result["requests"] == 40 and result["errors"] == 0
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"] <= result["latency_ms"]["max"]
     batch = closed_loop(served.url, "/predict/batch", [{"flights": flights}], seconds=0.5, concurrency=1)

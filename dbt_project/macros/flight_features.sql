@@ -8,7 +8,9 @@
       sched_arr_time (HHMM, may be NULL), distance_miles (may be NULL)
   and returns one row of features per flight, looked up "as of" the flight's date:
   - the published schedule of that date (staging.stg_flights): the flight's own scheduled arrival
-    time and distance when the caller does not give them, and the day's departure counts;
+    time and distance when the caller does not give them (for a flight not in the schedule: the
+    route's latest scheduled distance, else the great-circle distance), and the day's departure
+    counts;
   - the origin's weather: the last observation before the scheduled hour and the 3 up to it;
   - the aircraft (staging.stg_planes);
   - rolling delay rates of the carrier, origin, route and origin-hour over the 1, 7 and 28 days
@@ -22,7 +24,11 @@
     ('route', ['origin', 'dest'], [1, 7, 28]),
     ('origin_hour', ['origin', 'sched_dep_hour'], [28]),
 ] -%}
-{%- set lookback = var('feature_lookback_days') -%}
+{#- the longest rolling window; Dagster's partition mapping (FEATURE_LOOKBACK_DAYS) says the same -#}
+{%- set lookback = 28 -%}
+{%- if var('feature_lookback_days') < lookback -%}
+    {{ exceptions.raise_compiler_error("feature_lookback_days must be at least " ~ lookback) }}
+{%- endif -%}
 with requested as (
     select
         flight_id,
@@ -55,6 +61,14 @@ weather as (
     {{ weather_before_departure('(select distinct origin, sched_dep_hour_utc from requested)') }}
 ),
 airports as (select faa, lat, lon from {{ ref('stg_airports') }}),
+-- a route's distance when the flight itself is not in the schedule: its latest scheduled one
+route_distance as (
+    select f.origin, f.dest, arg_max(f.distance_miles, f.flight_date) as distance_miles
+    from {{ ref('stg_flights') }} f
+    semi join (select distinct origin, dest from requested where given_distance_miles is null) q
+        on q.origin = f.origin and q.dest = f.dest
+    group by all
+),
 {% for grain, columns, windows in grains %}
 {{ grain }}_daily as (
     select flight_date, {{ columns | join(', ') }},
@@ -69,7 +83,7 @@ airports as (select faa, lat, lon from {{ ref('stg_airports') }}),
         {% for days in windows -%}
         {{ delay_rate_over('d', 'k.flight_date', days) }} as {{ grain }}_delay_rate_{{ days }}d,
         {% endfor -%}
-        coalesce(sum(d.n_flights), 0) as {{ grain }}_flights_{{ lookback }}d
+        coalesce(sum(d.n_flights), 0) as {{ grain }}_flights_28d
     from (select distinct flight_date, {{ columns | join(', ') }} from requested) k
     left join {{ grain }}_daily d
         on d.flight_date between k.flight_date - interval {{ lookback }} day and k.flight_date - interval 1 day
@@ -94,7 +108,7 @@ select
     r.sched_dep_hour,
     r.sched_dep_time,
     coalesce(r.given_sched_arr_time, s.sched_arr_time) as sched_arr_time,
-    coalesce(r.given_distance_miles, s.distance_miles, {{ great_circle_miles('o', 'a') }}) as distance_miles,
+    coalesce(r.given_distance_miles, s.distance_miles, rd.distance_miles, {{ great_circle_miles('o', 'a') }}) as distance_miles,
     (select min(abs(date_diff('day', r.flight_date, h.holiday_date))) from holidays h) as days_to_holiday,
     -- the day's published schedule
     coalesce(sh.n, 0)                                  as origin_departures_same_hour,
@@ -115,7 +129,8 @@ select
 from requested r
 left join schedule s
     on s.flight_date = r.flight_date and s.carrier = r.carrier and s.flight_number = r.flight_number
-   and s.origin = r.origin and s.sched_dep_time = r.sched_dep_time
+   and s.origin = r.origin and s.dest = r.dest and s.sched_dep_time = r.sched_dep_time
+left join route_distance rd on rd.origin = r.origin and rd.dest = r.dest
 left join origin_hour_schedule sh
     on sh.flight_date = r.flight_date and sh.origin = r.origin and sh.sched_dep_hour = r.sched_dep_hour
 left join origin_day_schedule sd on sd.flight_date = r.flight_date and sd.origin = r.origin
@@ -179,7 +194,7 @@ left join origin_hour_rates oh
 
 
 {# Great-circle distance in statute miles between airports a and b (lat/lon in degrees): the
-   distance of a route nobody has flown yet. #}
+   distance of a route that is not in the schedule at all. #}
 {% macro great_circle_miles(a, b) -%}
     round(2 * 3958.8 * asin(sqrt(
         pow(sin(radians({{ b }}.lat - {{ a }}.lat) / 2), 2)

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from mlplatform.serving.service import InvalidFlight, NotReady, PredictionService
@@ -41,13 +45,13 @@ class Flight(BaseModel):
 
     flight_date: dt.date = Field(ge=dt.date(1970, 1, 1), le=dt.date(2100, 12, 31), description="Local date of departure.")
     carrier: str = Field(pattern=r"^[A-Z0-9]{2}$", description="Two-character airline code, e.g. UA.")
-    flight_number: int = Field(ge=1, le=9999)
+    flight_number: int = Field(ge=1, le=9999, strict=True)
     origin: str = Field(pattern=r"^[A-Z]{3}$", description="FAA code of the departure airport (EWR, JFK, LGA).")
     dest: str = Field(pattern=r"^[A-Z]{3}$", description="FAA code of the destination airport.")
-    sched_dep_time: int = Field(ge=0, le=2359, description="Scheduled departure, local HHMM (515 = 05:15).")
+    sched_dep_time: int = Field(ge=0, le=2359, strict=True, description="Scheduled departure, local HHMM (515 = 05:15).")
     tailnum: str | None = Field(None, min_length=1, max_length=10, pattern=r"^[A-Z0-9]+$")
     sched_arr_time: int | None = Field(
-        None, ge=0, le=2359, description="Scheduled arrival, HHMM; looked up in the published schedule when absent."
+        None, ge=0, le=2359, strict=True, description="Scheduled arrival, HHMM; looked up in the published schedule when absent."
     )
     distance_miles: float | None = Field(
         None, gt=0, le=12_000, description="Looked up in the schedule (or the great-circle distance) when absent."
@@ -58,6 +62,13 @@ class Flight(BaseModel):
     def _hhmm(cls, value: int | None) -> int | None:
         if value is not None and value % 100 > 59:
             raise ValueError("must be a time as HHMM with minutes 00-59")
+        return value
+
+    @field_validator("dest")
+    @classmethod
+    def _not_origin(cls, value: str, info: ValidationInfo) -> str:
+        if value == info.data.get("origin"):
+            raise ValueError("must differ from origin")
         return value
 
 
@@ -149,6 +160,12 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
     async def not_ready(request: Request, exc: NotReady):
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes the input back, and a NaN or Infinity in it (Python's JSON
+        # parser accepts them) cannot be encoded: that would turn a client error into a 500
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
     @app.exception_handler(InvalidFlight)
     async def invalid(request: Request, exc: InvalidFlight):
         return JSONResponse({"detail": exc.errors}, status_code=422)
@@ -157,10 +174,10 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
         if not started.is_set() and start_service:
             raise NotReady("starting: compiling the feature SQL and loading the warehouse and the champion")
         flights = [f.model_dump() for f in flights]
-        if service.needs_sql(flights):  # a query: off the event loop
-            out = await run_in_threadpool(service.predict, flights, explain=explain, batch=batch)
-        else:  # a lookup and the trees: about a millisecond, cheaper inline than a thread hop
+        if service.is_quick(flights):  # a lookup and the trees: cheaper inline than a thread hop
             out = service.predict(flights, explain=explain, batch=batch)
+        else:  # a query or a big batch: off the event loop
+            out = await run_in_threadpool(service.predict, flights, explain=explain, batch=batch)
         if out:
             metrics.predictions.labels(out[0]["model_version"]).inc(len(out))
         return out
@@ -192,7 +209,19 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
     return app
 
 
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def serve(host: str, port: int, refresh_seconds: float, access_log: bool = False) -> None:
+    # one request scores one row: OpenMP threads for the trees cost more than they save
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import uvicorn
 
     from mlplatform.settings import apply_defaults

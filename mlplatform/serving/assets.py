@@ -1,45 +1,73 @@
-"""The skew check: online features (the server's SQL, asked as a client asks) against the
-offline feature table, for a sample of real flights."""
+"""The skew check: the server's own feature code (snapshot, schedule index, per-request SQL),
+asked about real flights as a client asks, against the offline feature table."""
 
 from __future__ import annotations
+
+import time
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetKey, asset_check
 from dagster_duckdb import DuckDBResource
 
-from mlplatform.serving.features import compile_online_features
-from mlplatform.serving.skew import mismatches, online_for, sample_offline
+from mlplatform.serving.features import Snapshot, WarehouseUnavailable, compile_online_features
+from mlplatform.serving.service import OnlineFeatures
+from mlplatform.serving.skew import compare, sample_offline
 from mlplatform.settings import Settings
 
 FEATURES_KEY = AssetKey(["features", "flight_features"])
 SAMPLE_ROWS = 500
+SAMPLE_DAYS = 5  # the schedule of these days is precomputed, as the server does for all of them
 
 
 @asset_check(
     asset=FEATURES_KEY,
     name="online_features_match",
-    description=f"The online features of {SAMPLE_ROWS} random real flights equal their rows in the table.",
+    description=f"The server's features of {SAMPLE_ROWS} random real flights, by both of its paths, "
+    "equal their rows in features.flight_features.",
     blocking=False,
+    pool="warehouse_writer",  # it snapshots the warehouse: not while a run writes it
 )
 def online_features_match(warehouse: DuckDBResource) -> AssetCheckResult:
     settings = Settings.from_env()
     compiled = compile_online_features(settings, settings.home / "dbt" / "online-check-target")
     with warehouse.get_connection() as conn:
-        offline = sample_offline(conn, SAMPLE_ROWS)
-        online = online_for(conn, compiled, offline)
-    found = mismatches(offline, online)
-    columns = sorted({m["column"] for m in found})
+        offline = sample_offline(conn, SAMPLE_ROWS, SAMPLE_DAYS)
+    snapshot = _snapshot(settings, compiled)
+    try:
+        verdict = compare(OnlineFeatures(settings, compiled), snapshot, offline)
+    finally:
+        snapshot.close()
+    found = verdict["precomputed"] + verdict["on_demand"]
+    features = sorted({m["feature"] for m in found})
+    passed = not found and verdict["not_in_schedule"] == 0
+    problems = []
+    if found:
+        problems.append(f"{len(found)} feature values differ from features.flight_features ({', '.join(features)}): "
+                        "the table is stale, or the online and offline paths diverged")
+    if verdict["not_in_schedule"]:
+        problems.append(f"{verdict['not_in_schedule']} real flights were not found in the server's schedule index")
     return AssetCheckResult(
-        passed=not found,
+        passed=passed,
         severity=AssetCheckSeverity.ERROR,
         metadata={
-            "flights_compared": len(offline),
-            "features_compared": len(online.columns) - 1,
-            "mismatches": len(found),
-            "mismatched_columns": ", ".join(columns) or "none",
+            "flights_compared": verdict["flights"],
+            "days_sampled": verdict["days"],
+            "mismatches_precomputed": len(verdict["precomputed"]),
+            "mismatches_on_demand": len(verdict["on_demand"]),
+            "not_in_schedule": verdict["not_in_schedule"],
+            "mismatched_features": ", ".join(features) or "none",
             "examples": str(found[:5]) if found else "none",
         },
-        description=None if not found else (
-            f"{len(found)} feature values differ between the online path and features.flight_features "
-            f"({', '.join(columns)}): the table is stale or the two paths diverged"
-        ),
+        description="; ".join(problems) or None,
     )
+
+
+def _snapshot(settings: Settings, compiled, attempts: int = 6) -> Snapshot:
+    """A snapshot, waiting out another process's lock on the warehouse (a serving refresh)."""
+    for attempt in range(attempts):
+        try:
+            return Snapshot.load(settings.warehouse, compiled.relations)
+        except WarehouseUnavailable as exc:
+            if "busy" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")

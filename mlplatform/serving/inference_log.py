@@ -2,16 +2,21 @@
 
 Requests put records on a bounded queue and return; a background thread appends them to
 ``<dir>/<UTC date>.jsonl`` in batches. When the queue is full (the disk cannot keep up) a record
-is dropped and counted rather than slowing requests down; ``dropped`` says how many.
+is dropped and counted rather than slowing requests down; ``dropped`` says how many. A write
+that fails (disk full, directory gone) is logged and its records counted as dropped; the writer
+carries on with the next batch.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import queue
 import threading
 from pathlib import Path
+
+log = logging.getLogger("mlplatform.serving")
 
 
 class InferenceLog:
@@ -19,8 +24,14 @@ class InferenceLog:
         self.directory = Path(directory)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
         self.dropped = 0
         self.written = 0
+        self.error: str | None = None
+
+    def _drop(self, n: int = 1) -> None:
+        with self._lock:
+            self.dropped += n
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -31,12 +42,15 @@ class InferenceLog:
         try:
             self._queue.put_nowait(record)
         except queue.Full:
-            self.dropped += 1
+            self._drop()
 
     def stop(self) -> None:
         """Write what is pending, then stop."""
         if self._thread is not None:
-            self._queue.put(None)
+            try:
+                self._queue.put(None, timeout=5)
+            except queue.Full:  # the writer is not keeping up: do not hang the shutdown
+                pass
             self._thread.join(timeout=30)
             self._thread = None
 
@@ -64,11 +78,19 @@ class InferenceLog:
                     path = self.path_for(dt.date.fromisoformat(record["ts"][:10]))
                     by_day.setdefault(path, []).append(json.dumps(record, default=str))
                 for path, lines in by_day.items():
-                    with path.open("a", encoding="utf-8") as fh:
-                        fh.write("\n".join(lines) + "\n")
-                self.written += len(records)
+                    try:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        with path.open("a", encoding="utf-8") as fh:
+                            fh.write("\n".join(lines) + "\n")
+                        self.written += len(lines)
+                        self.error = None
+                    except OSError as exc:
+                        self.error = f"could not write {path}: {exc}"
+                        log.error("inference log: %s; %d records lost", self.error, len(lines))
+                        self._drop(len(lines))
             for marker in batch:
                 if isinstance(marker, threading.Event):
                     marker.set()
             if any(r is None for r in batch):
                 return
+

@@ -37,9 +37,10 @@ from mlplatform.serving.features import (
 )
 from mlplatform.serving.inference_log import InferenceLog
 from mlplatform.settings import Settings
-from mlplatform.training.model import FEATURES, model_input
+from mlplatform.training.model import CATEGORICAL, NUMERIC, model_input
 
 log = logging.getLogger("mlplatform.serving")
+QUICK_BATCH = 32  # flights: larger batches are scored off the event loop
 KEY = ["flight_date", "carrier", "flight_number", "origin", "dest", "sched_dep_time", "tailnum"]
 
 
@@ -56,56 +57,108 @@ class InvalidFlight(ValueError):
         self.errors = errors
 
 
-@dataclass
+@dataclass(frozen=True)
+class Vectors:
+    """Feature vectors as the model takes them, held as arrays: one row is cheap to pick."""
+
+    categorical: np.ndarray  # (n, len(CATEGORICAL)), object: text or None
+    numeric: np.ndarray  # (n, len(NUMERIC)), float64: NaN where missing
+    has_weather: np.ndarray  # (n,), bool
+
+    @classmethod
+    def from_features(cls, features: pd.DataFrame) -> "Vectors":
+        X = model_input(features)
+        return cls(X[CATEGORICAL].to_numpy(dtype=object), X[NUMERIC].to_numpy(dtype=np.float64),
+                   features["has_weather"].fillna(False).to_numpy(dtype=bool))
+
+    def take(self, rows) -> "Vectors":
+        return Vectors(self.categorical[rows], self.numeric[rows], self.has_weather[rows])
+
+    @classmethod
+    def stack(cls, parts: list["Vectors"]) -> "Vectors":
+        return cls(np.concatenate([p.categorical for p in parts]), np.concatenate([p.numeric for p in parts]),
+                   np.concatenate([p.has_weather for p in parts]))
+
+    def frame(self) -> pd.DataFrame:
+        """The estimator's input (``model_input``'s schema)."""
+        frame = pd.DataFrame(self.numeric, columns=NUMERIC)
+        for i, column in enumerate(CATEGORICAL):
+            frame.insert(i, column, self.categorical[:, i])
+        return frame
+
+    def vector(self, i: int) -> dict:
+        numeric = [None if v != v else v for v in self.numeric[i].tolist()]  # NaN -> None
+        return {**dict(zip(CATEGORICAL, self.categorical[i].tolist())), **dict(zip(NUMERIC, numeric))}
+
+
+@dataclass(frozen=True)
 class ScheduledFeatures:
-    """The features of every flight in the snapshot's schedule: model input and raw values."""
+    """The feature vectors of every flight in the snapshot's schedule, by flight key."""
 
     index: dict[tuple, int]
-    features: pd.DataFrame  # flight_features columns, one row per scheduled flight
-    model_input: pd.DataFrame  # the same rows as the estimator takes them
+    vectors: Vectors
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A snapshot and the schedule's features computed on it: swapped together, read together."""
+
+    snapshot: Snapshot
+    scheduled: ScheduledFeatures
 
 
 class OnlineFeatures:
     def __init__(self, settings: Settings, compiled: CompiledFeatures | None = None):
         self.settings = settings
         self.compiled = compiled  # compiled on the first refresh when not given
-        self.snapshot: Snapshot | None = None
-        self.scheduled: ScheduledFeatures | None = None
+        self.loaded: Loaded | None = None
         self.error: str | None = None
 
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self.loaded.snapshot if self.loaded else None
+
+    @property
+    def scheduled(self) -> ScheduledFeatures | None:
+        return self.loaded.scheduled if self.loaded else None
+
     def refresh(self) -> bool:
-        """Load a new snapshot when the warehouse changed since the last one. Keeps serving the
-        old snapshot when the warehouse is busy; returns whether a new one was loaded."""
+        """Load a new snapshot when the warehouse changed since the last one; returns whether
+        one was loaded. On failure the previous snapshot stays in use and ``error`` says why."""
         warehouse = self.settings.warehouse
-        if self.compiled is None:
-            try:
-                self.compiled = compile_online_features(self.settings, self.settings.home / "serving" / "dbt-target")
-            except RuntimeError as exc:
-                self.error = str(exc)
-                return False
         try:
-            current = self.snapshot
-            if current is not None and warehouse.exists() and changed_at(warehouse) <= current.source_mtime:
+            if self.compiled is None:
+                self.compiled = compile_online_features(self.settings, self.settings.home / "serving" / "dbt-target")
+            current = self.loaded
+            if current is not None and warehouse.exists() and changed_at(warehouse) <= current.snapshot.source_mtime:
                 return False
             snapshot = Snapshot.load(warehouse, self.compiled.relations)
-            scheduled = self._schedule_features(snapshot)
+            loaded = Loaded(snapshot, self.schedule_features(snapshot))
         except WarehouseUnavailable as exc:
             self.error = str(exc)
             return False
-        # the old snapshot is freed when the last request using it is done with it
-        self.snapshot, self.scheduled, self.error = snapshot, scheduled, None
+        except Exception as exc:  # noqa: BLE001 - a broken warehouse or project must not stop the server
+            self.error = f"could not load the features: {type(exc).__name__}: {exc}"
+            log.exception("loading the online features failed")
+            return False
+        # one assignment: a request sees the old pair or the new one, never a mix; the old
+        # snapshot is freed when the last request using it is done with it
+        self.loaded, self.error = loaded, None
         return True
 
-    def _schedule_features(self, snapshot: Snapshot) -> ScheduledFeatures:
+    def schedule_features(self, snapshot: Snapshot, dates: list[dt.date] | None = None) -> ScheduledFeatures:
+        """The features of every flight in the snapshot's schedule (of ``dates`` only, if given),
+        computed with the feature SQL in one batch."""
         stg_flights = next(r for r in self.compiled.relations if r.name == "stg_flights")
+        where, params = ("true", []) if dates is None else ("flight_date IN (SELECT unnest(?))", [list(dates)])
         schedule = snapshot.conn.execute(
-            f"SELECT {', '.join(KEY)} FROM {stg_flights.sql} ORDER BY flight_date, flight_id"
+            f"SELECT {', '.join(KEY)} FROM {stg_flights.sql} WHERE {where} ORDER BY flight_date, flight_id", params
         ).df()
         requests = requests_frame(schedule.to_dict("records")) if len(schedule) else requests_frame([])
         features = snapshot.features(self.compiled.sql, requests)
         keys = zip(*(schedule[c].tolist() for c in KEY))
         index = {_key(dict(zip(KEY, k))): i for i, k in enumerate(keys)}
-        return ScheduledFeatures(index, features, model_input(features))
+        return ScheduledFeatures(index, Vectors.from_features(features))
 
     def rows(self, flights: list[dict], scheduled: ScheduledFeatures) -> list[int | None]:
         """Each flight's row among the scheduled ones, or None when its features must be
@@ -117,27 +170,27 @@ class OnlineFeatures:
         ]
 
     def lookup(self, flights: list[dict], rows: list[int | None], scheduled: ScheduledFeatures,
-               snapshot: Snapshot) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(features, model input) for the flights, in order: scheduled rows where there are
-        some, the feature SQL for the others."""
-        if all(r is not None for r in rows):
-            return scheduled.features.iloc[rows], scheduled.model_input.iloc[rows]
+               snapshot: Snapshot) -> Vectors:
+        """The flights' feature vectors, in order: scheduled rows where there are some, the
+        feature SQL for the others."""
+        if None not in rows:
+            return scheduled.vectors.take(rows)
         missing = [f for f, r in zip(flights, rows) if r is None]
-        computed = snapshot.features(self.compiled.sql, requests_frame(missing))
+        computed = Vectors.from_features(snapshot.features(self.compiled.sql, requests_frame(missing)))
         if all(r is None for r in rows):
-            return computed, model_input(computed)
-        parts, it = [], iter(range(len(computed)))
+            return computed
+        parts, j = [], 0
         for r in rows:
-            parts.append(scheduled.features.iloc[[r]] if r is not None else computed.iloc[[next(it)]])
-        features = pd.concat(parts, ignore_index=True)
-        return features, model_input(features)
+            if r is None:
+                parts.append(computed.take([j]))
+                j += 1
+            else:
+                parts.append(scheduled.vectors.take([r]))
+        return Vectors.stack(parts)
 
-    def validate(self, flights: list[dict], batch: bool = False) -> None:
+    def validate(self, flights: list[dict], snapshot: Snapshot, batch: bool = False) -> None:
         """Carriers and airports must be known to the warehouse: an unknown one is the client's
         error (422), not a prediction from features that are all missing."""
-        snapshot = self.snapshot
-        if snapshot is None:
-            raise NotReady(self.error or "no warehouse snapshot loaded yet")
         errors = []
         for i, f in enumerate(flights):
             loc = ("body", "flights", i) if batch else ("body",)
@@ -236,20 +289,6 @@ def feature_hash(values: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _jsonable(value):
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if isinstance(value, (dt.date, pd.Timestamp)):
-        return value.isoformat()[:10]
-    return value
-
-
 class PredictionService:
     def __init__(self, settings: Settings, features: OnlineFeatures, champion: Champion, inference_log: InferenceLog,
                  refresh_seconds: float = 30.0):
@@ -258,6 +297,7 @@ class PredictionService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._encoded: tuple[ScheduledFeatures, str, np.ndarray] | None = None  # for this schedule and version
+        self.error: str | None = None  # of the last preparation of the champion for the schedule
 
     @classmethod
     def from_settings(cls, settings: Settings, refresh_seconds: float = 30.0) -> "PredictionService":
@@ -271,10 +311,12 @@ class PredictionService:
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        self.refresh()
         self.log.start()
-        self._thread = threading.Thread(target=self._loop, name="refresh", daemon=True)
-        self._thread.start()
+        try:
+            self.refresh()
+        finally:  # whatever the first refresh met, keep trying
+            self._thread = threading.Thread(target=self._loop, name="refresh", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -284,7 +326,12 @@ class PredictionService:
 
     def refresh(self) -> None:
         changed = self.champion.refresh() | self.features.refresh()
-        self._prepare()
+        try:
+            self._prepare()
+            self.error = None
+        except Exception as exc:  # noqa: BLE001 - e.g. a champion trained on other features
+            self.error = f"the champion cannot score the schedule's features: {type(exc).__name__}: {exc}"
+            log.exception("preparing the champion failed")
         if changed:
             # Move what is loaded now (the snapshot, the model, the imports) out of the garbage
             # collector's sight: a full collection over it otherwise stalls a request for ~0.2 s.
@@ -303,19 +350,21 @@ class PredictionService:
     def health(self) -> dict:
         model = self.champion.model
         reasons = [r for r in (self.champion.error if model is None else None,
-                               self.features.error if self.features.snapshot is None else None) if r]
+                               self.features.error if self.features.snapshot is None else None, self.error) if r]
         return {
-            "ready": model is not None and self.features.snapshot is not None,
+            "ready": model is not None and self.features.snapshot is not None and self.error is None,
             "model": {"name": model.name, "version": model.version, "run_id": model.run_id} if model else None,
             "features": self.features.status(),
             "reasons": reasons,
         }
 
-    def needs_sql(self, flights: list[dict]) -> bool:
-        """Whether some flight's features must be computed by a query (milliseconds to tens of
-        them) rather than looked up: the HTTP layer runs those requests off the event loop."""
+    def is_quick(self, flights: list[dict]) -> bool:
+        """Whether scoring these flights is a lookup and the trees for a few rows (about a
+        millisecond), cheaper on the event loop than a thread hop. A query, or a big batch, is not:
+        the HTTP layer runs those in a thread so the server keeps answering meanwhile."""
         scheduled = self.features.scheduled
-        return scheduled is None or any(r is None for r in self.features.rows(flights, scheduled))
+        return (scheduled is not None and len(flights) <= QUICK_BATCH
+                and None not in self.features.rows(flights, scheduled))
 
     def _prepare(self) -> None:
         """Encode the scheduled flights for the loaded champion once (its categorical encoder),
@@ -325,7 +374,7 @@ class PredictionService:
             return
         if self._encoded is not None and self._encoded[0] is scheduled and self._encoded[1] == model.version:
             return
-        encoded = np.asarray(model.estimator[:-1].transform(scheduled.model_input), dtype=np.float64)
+        encoded = np.asarray(model.estimator[:-1].transform(scheduled.vectors.frame()), dtype=np.float64)
         self._encoded = (scheduled, model.version, encoded)
 
     def predict(self, flights: list[dict], explain: bool = False, batch: bool = False) -> list[dict]:
@@ -333,23 +382,26 @@ class PredictionService:
         model = self.champion.model
         if model is None:
             raise NotReady(self.champion.error or "no champion model loaded yet")
-        snapshot, scheduled = self.features.snapshot, self.features.scheduled
-        if snapshot is None or scheduled is None:
+        loaded = self.features.loaded
+        if loaded is None:
             raise NotReady(self.features.error or "no warehouse snapshot loaded yet")
-        self.features.validate(flights, batch=batch)
+        snapshot, scheduled = loaded.snapshot, loaded.scheduled
+        self.features.validate(flights, snapshot, batch=batch)
         rows = self.features.rows(flights, scheduled)
-        features, X = self.features.lookup(flights, rows, scheduled, snapshot)
+        vectors = self.features.lookup(flights, rows, scheduled, snapshot)
         encoded = self._encoded
-        if encoded is not None and encoded[0] is scheduled and encoded[1] == model.version and None not in rows:
-            probability = model.estimator[-1].predict_proba(encoded[2][rows])[:, 1]
-        else:
-            probability = model.estimator.predict_proba(X)[:, 1]
+        try:
+            if encoded is not None and encoded[0] is scheduled and encoded[1] == model.version and None not in rows:
+                # the pipeline's encoder was applied to these rows once, at the snapshot: only the trees run
+                probability = model.estimator[-1].predict_proba(encoded[2][rows])[:, 1]
+            else:
+                probability = model.estimator.predict_proba(vectors.frame())[:, 1]
+        except Exception as exc:  # the model does not fit the features: the server's problem, not the client's
+            raise NotReady(f"the champion cannot score these features: {type(exc).__name__}: {exc}") from exc
         elapsed_ms = (time.perf_counter() - started) * 1000
-        as_of = snapshot.last_flight_date
         out = []
-        records = features[["has_weather", "origin_departures_day", "sched_arr_time", "plane_seats"]].to_dict("records")
-        for flight, row, x, p in zip(flights, records, X.to_dict("records"), probability):
-            vector = {name: _jsonable(x[name]) for name in FEATURES}
+        for i, (flight, p) in enumerate(zip(flights, probability)):
+            vector = vectors.vector(i)
             request_id = uuid.uuid4().hex
             result = {
                 "request_id": request_id,
@@ -357,7 +409,7 @@ class PredictionService:
                 "delay_probability": float(p),
                 "model_name": model.name,
                 "model_version": model.version,
-                "warnings": _warnings(flight, row, as_of),
+                "warnings": _warnings(flight, vector, bool(vectors.has_weather[i]), snapshot),
             }
             if explain:
                 result["features"] = vector
@@ -376,21 +428,26 @@ class PredictionService:
         return out
 
 
-def _warnings(flight: dict, row: dict, as_of: dt.date | None) -> list[str]:
+def _warnings(flight: dict, row: dict, has_weather: bool, snapshot: Snapshot) -> list[str]:
     """What the client should know about the features this prediction used."""
     out = []
-    date = flight["flight_date"]
+    date, first, as_of = flight["flight_date"], snapshot.first_flight_date, snapshot.last_flight_date
+    low, high = snapshot.holidays
+    if low is None or not (low <= date <= high):
+        out.append(f"{date} is outside the holiday calendar ({low}..{high}): days_to_holiday is not meaningful")
+    if first is not None and date <= first:
+        out.append(f"no history before {first} in the warehouse: the rolling delay rates are missing")
     if as_of is None or date > as_of:
         out.append(f"no published schedule for {date} in the warehouse (it has flights up to {as_of}): "
                    "departure counts are 0")
-    elif row.get("origin_departures_day", 0) == 0:
+    elif not row["origin_departures_day"]:
         out.append(f"no published schedule for {flight['origin']} on {date}: departure counts are 0")
     if as_of is None or date - dt.timedelta(days=1) > as_of:
         out.append(f"the rolling delay rates are as of {as_of}, not {date - dt.timedelta(days=1)}")
-    if not row.get("has_weather"):
+    if not has_weather:
         out.append("no weather observation before the scheduled hour: weather features are missing")
-    if _jsonable(row.get("sched_arr_time")) is None:
+    if row["sched_arr_time"] is None:
         out.append("flight not in the published schedule and no sched_arr_time given: it is missing")
-    if _jsonable(row.get("plane_seats")) is None:
+    if row["plane_seats"] is None:
         out.append("aircraft unknown (tailnum not in the planes table): aircraft features are missing")
     return out

@@ -1,53 +1,90 @@
-"""Training-serving skew: do the online features of real flights equal their offline rows?"""
+"""Training-serving skew: does the server's own code, asked about real flights as a client asks,
+produce the feature vectors of features.flight_features?
+
+Both of the server's paths are compared with the table: the schedule's precomputed rows (the
+snapshot copy, the batch SQL, the flight-key index) and the per-request SQL.
+"""
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pandas as pd
 
-from mlplatform.serving.features import CompiledFeatures, compute_features, requests_frame
+from mlplatform.serving.features import Snapshot
+from mlplatform.serving.service import OnlineFeatures, Vectors
+from mlplatform.training.model import CATEGORICAL, NUMERIC
 
 # what a client sends for a flight; everything else the online path looks up
 CLIENT_FIELDS = ["flight_date", "carrier", "flight_number", "origin", "dest", "sched_dep_time", "tailnum"]
 
 
-def sample_offline(conn, rows: int, seed: float = 0.5) -> pd.DataFrame:
-    """A random sample of real flights from features.flight_features."""
+def sample_offline(conn, rows: int, days: int, seed: float = 0.5) -> pd.DataFrame:
+    """``rows`` random real flights of ``days`` random days of features.flight_features."""
     conn.execute("SELECT setseed(?)", [seed])
     return conn.execute(
-        "SELECT * FROM features.flight_features ORDER BY random() LIMIT ?", [rows]
+        """
+        WITH days AS (SELECT DISTINCT flight_date FROM features.flight_features ORDER BY random() LIMIT ?)
+        SELECT * FROM features.flight_features WHERE flight_date IN (SELECT flight_date FROM days)
+        ORDER BY random() LIMIT ?
+        """,
+        [days, rows],
     ).df()
 
 
-def online_for(conn, compiled: CompiledFeatures, offline: pd.DataFrame) -> pd.DataFrame:
-    """The online features of the offline rows' flights, asked for as a client would."""
-    flights = offline[CLIENT_FIELDS].to_dict("records")
-    return compute_features(conn, compiled.sql, requests_frame(flights))
-
-
-def mismatches(offline: pd.DataFrame, online: pd.DataFrame) -> list[dict]:
-    """Every (flight, column) whose values differ: exact equality, NULL equal to NULL."""
+def client_requests(offline: pd.DataFrame) -> list[dict]:
     out = []
-    columns = [c for c in online.columns if c != "flight_id" and c in offline.columns]
-    for i, (off, on) in enumerate(zip(offline[columns].to_dict("records"), online[columns].to_dict("records"))):
-        for column in columns:
-            a, b = off[column], on[column]
-            if _missing(a) and _missing(b):
-                continue
-            if _missing(a) or _missing(b) or _normal(a) != _normal(b):
-                out.append({"flight_id": offline["flight_id"].iloc[i], "column": column,
-                            "offline": _normal(a), "online": _normal(b)})
+    for row in offline[CLIENT_FIELDS].to_dict("records"):
+        row["flight_date"] = pd.Timestamp(row["flight_date"]).date()
+        row["flight_number"], row["sched_dep_time"] = int(row["flight_number"]), int(row["sched_dep_time"])
+        row["tailnum"] = row["tailnum"] if isinstance(row["tailnum"], str) else None
+        out.append(row)
     return out
 
 
-def _missing(value) -> bool:
-    return value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value))
+def online_vectors(features: OnlineFeatures, snapshot: Snapshot, offline: pd.DataFrame) -> dict:
+    """The server's vectors for the offline rows' flights, by both paths, and how many of the
+    flights its schedule index did not find."""
+    flights = client_requests(offline)
+    dates = sorted({f["flight_date"] for f in flights})
+    scheduled = features.schedule_features(snapshot, dates)
+    rows = features.rows(flights, scheduled)
+    return {
+        "precomputed": features.lookup(flights, rows, scheduled, snapshot),
+        "on_demand": features.lookup(flights, [None] * len(flights), scheduled, snapshot),
+        "not_in_schedule": sum(r is None for r in rows),
+    }
 
 
-def _normal(value):
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, pd.Timestamp):
-        return value.date()
-    return value
+def mismatches(expected: Vectors, actual: Vectors, flight_ids: list[str]) -> list[dict]:
+    """Every (flight, feature) whose values differ: exact equality, missing equal to missing."""
+    out = []
+    columns = [("categorical", i, name) for i, name in enumerate(CATEGORICAL)] + [
+        ("numeric", i, name) for i, name in enumerate(NUMERIC)]
+    for kind, i, name in columns:
+        a, b = getattr(expected, kind)[:, i], getattr(actual, kind)[:, i]
+        if kind == "numeric":
+            differ = ~((a == b) | (np.isnan(a) & np.isnan(b)))
+        else:
+            differ = np.array([x != y for x, y in zip(a, b)], dtype=bool)
+        for j in np.flatnonzero(differ):
+            out.append({"flight_id": flight_ids[j], "feature": name, "offline": _plain(a[j]), "online": _plain(b[j])})
+    for j in np.flatnonzero(expected.has_weather != actual.has_weather):
+        out.append({"flight_id": flight_ids[j], "feature": "has_weather",
+                    "offline": bool(expected.has_weather[j]), "online": bool(actual.has_weather[j])})
+    return out
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def compare(features: OnlineFeatures, snapshot: Snapshot, offline: pd.DataFrame) -> dict:
+    """Offline rows against both online paths: the check's whole verdict, as plain data."""
+    expected = Vectors.from_features(offline)
+    online = online_vectors(features, snapshot, offline)
+    ids = offline["flight_id"].tolist()
+    found = {path: mismatches(expected, online[path], ids) for path in ("precomputed", "on_demand")}
+    return {"flights": len(offline), "days": offline["flight_date"].nunique(),
+            "not_in_schedule": online["not_in_schedule"], **found}
+
+

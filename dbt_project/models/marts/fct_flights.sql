@@ -2,15 +2,21 @@
           pre_hook="{{ replace_window('flight_date') }}", tags=['daily']) }}
 {# Flights enriched with the origin's last weather observation before the scheduled departure
    hour and the 3 observations up to it (the weather_before_departure() macro the features use),
-   the airline, the destination airport and the aircraft. #}
-with departures as (
-    select distinct origin, sched_dep_hour_utc from {{ ref('stg_flights') }} where {{ in_window('flight_date') }}
+   the airline, the destination airport and the aircraft. The departure hour is the features'
+   local_hour_to_utc() of the scheduled local hour, so both read the same observation. #}
+with flights as (
+    select *, {{ local_hour_to_utc('flight_date', 'sched_dep_hour') }} as departure_hour_utc
+    from {{ ref('stg_flights') }}
+    where {{ in_window('flight_date') }}
+),
+departures as (
+    select distinct origin, departure_hour_utc as sched_dep_hour_utc from flights
 ),
 weather as (
     {{ weather_before_departure('departures') }}
 )
 select
-    f.*,
+    f.* exclude (departure_hour_utc),
     a.airline_name,
     d.airport_name                                 as dest_name,
     d.lat                                          as dest_lat,
@@ -23,9 +29,9 @@ select
     coalesce(w.has_weather, false)                 as has_weather,
     w.temp_f, w.dewpoint_f, w.humidity_pct, w.wind_dir_deg, w.wind_speed_mph, w.wind_gust_mph,
     w.precip_in, w.pressure_mbar, w.visibility_miles, w.precip_3h_in, w.min_visibility_3h_miles
-from {{ ref('stg_flights') }} f
-left join weather w on w.origin = f.origin and w.sched_dep_hour_utc = f.sched_dep_hour_utc
+from flights f
+left join weather w on w.origin = f.origin and w.sched_dep_hour_utc = f.departure_hour_utc
 left join {{ ref('stg_airlines') }} a on a.carrier = f.carrier
 left join {{ ref('stg_airports') }} d on d.faa = f.dest
 left join {{ ref('stg_planes') }} p on p.tailnum = f.tailnum
-where {{ in_window('f.flight_date') }}
+
