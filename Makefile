@@ -8,7 +8,13 @@ BIN    := $(VENV)/bin
 UV_VERSION := 0.13.8
 
 export MLPLATFORM_HOME ?= $(CURDIR)/.mlplatform
+# Dagster's storage: SQLite under $(MLPLATFORM_HOME)/dagster, or PostgreSQL when
+# MLPLATFORM_DAGSTER_PG_URL is set (its own instance directory, so the two never mix).
+ifdef MLPLATFORM_DAGSTER_PG_URL
+export DAGSTER_HOME    ?= $(MLPLATFORM_HOME)/dagster-postgres
+else
 export DAGSTER_HOME    ?= $(MLPLATFORM_HOME)/dagster
+endif
 HOST  ?= 127.0.0.1
 PORT  ?= 3000
 SERVE_PORT ?= 8000
@@ -18,7 +24,7 @@ END   ?= 2013-12-31
 # The install is redone when the lock or the project metadata change.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help setup install home ui test run serve bench lock clean-home
+.PHONY: help setup install home ui test system-deps run serve bench lock clean-home
 
 help:
 	@echo "make ui      set up (idempotent) and start the Dagster UI on http://$(HOST):$(PORT)"
@@ -49,7 +55,11 @@ ui: setup
 	$(BIN)/mlplatform replay --if-empty
 	$(BIN)/dagster dev -w workspace.yaml --host $(HOST) --port $(PORT)
 
-test: setup
+# Debian's chromium and postgresql-15 for the browser and PostgreSQL tests (installed when missing)
+system-deps:
+	bash .ci/system-deps
+
+test: setup system-deps
 	$(BIN)/python -m pytest
 
 serve: setup

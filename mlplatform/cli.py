@@ -5,6 +5,7 @@
     mlplatform run --start D --end D         materialize the whole graph for a range, headless
     mlplatform loop-demo                     the closed loop: drift -> retraining -> gate
     mlplatform serve [--host H] [--port P]   the champion model behind an HTTP API
+    mlplatform recover                       mark runs whose process died as failed
 """
 
 from __future__ import annotations
@@ -20,13 +21,28 @@ from mlplatform.settings import Settings, apply_defaults
 DAGSTER_YAML = """\
 # Written by `mlplatform init` when absent; edit freely, it is not overwritten.
 # Run, event-log and schedule storage: SQLite files under this directory.
-# For PostgreSQL see the README ("Pointing at PostgreSQL").
+# For PostgreSQL set MLPLATFORM_DAGSTER_PG_URL (README: "Pointing at PostgreSQL").
 storage:
   sqlite:
     base_dir: {storage}
+{common}"""
+
+DAGSTER_POSTGRES_YAML = """\
+# Written by `mlplatform init` when absent, because MLPLATFORM_DAGSTER_PG_URL is set; edit freely.
+# Run, event-log and schedule storage on PostgreSQL (dagster-postgres). The URL, with its
+# password, stays in the environment: postgresql+psycopg2://user:password@host:5432/database
+storage:
+  postgres:
+    postgres_url:
+      env: MLPLATFORM_DAGSTER_PG_URL
+{common}"""
+
+DAGSTER_COMMON_YAML = """\
 telemetry:
   enabled: false
-# One DuckDB writer at a time: assets that write the warehouse declare pool "warehouse_writer".
+# One DuckDB writer at a time: steps that use the warehouse declare pool "warehouse_writer".
+# A run whose process died keeps its slot until the dead_run_sensor (or `mlplatform recover`)
+# marks it failed.
 concurrency:
   pools:
     default_limit: 1
@@ -39,7 +55,11 @@ def init_home(settings: Settings) -> Settings:
         path.mkdir(parents=True, exist_ok=True)
     dagster_yaml = settings.dagster_home / "dagster.yaml"
     if not dagster_yaml.exists():
-        dagster_yaml.write_text(DAGSTER_YAML.format(storage=settings.dagster_home / "storage"))
+        if settings.dagster_pg_url:
+            dagster_yaml.write_text(DAGSTER_POSTGRES_YAML.format(common=DAGSTER_COMMON_YAML))
+        else:
+            dagster_yaml.write_text(DAGSTER_YAML.format(storage=settings.dagster_home / "storage",
+                                                        common=DAGSTER_COMMON_YAML))
     return settings
 
 
@@ -97,6 +117,18 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from dagster import DagsterInstance
+
+    from mlplatform.operations import recover_dead_runs
+
+    init_home(apply_defaults())
+    with DagsterInstance.get() as instance:
+        recovered = recover_dead_runs(instance)
+    print(f"marked {len(recovered)} dead runs failed" + (": " + ", ".join(recovered) if recovered else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlplatform", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--days", type=int, default=5)
     p.add_argument("--severity", type=float, default=1.0)
     p.set_defaults(fn=cmd_loop_demo)
+    sub.add_parser("recover", help="mark runs whose process died as failed, freeing their pool slots").set_defaults(
+        fn=cmd_recover
+    )
     p = sub.add_parser("serve", help="serve the champion model over HTTP (FastAPI + uvicorn)")
     p.add_argument("--host", default=os.getenv("MLPLATFORM_SERVE_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.getenv("MLPLATFORM_SERVE_PORT", "8000")))

@@ -19,6 +19,7 @@ from dagster_dbt import DbtCliResource
 from mlplatform.ingest.assets import raw_assets
 from mlplatform.monitoring.assets import monitoring_assets, reference_profile
 from mlplatform.monitoring.sensors import sensors
+from mlplatform.operations import dead_run_sensor
 from mlplatform.partitions import daily_partitions
 from mlplatform.predictions.assets import flight_delay_predictions
 from mlplatform.resources import landing_resource, profile_store_resource, warehouse_resource
@@ -84,7 +85,7 @@ defs = Definitions(
     assets=[*raw_assets, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets],
     asset_checks=[online_features_match],
     jobs=[reference_job, daily_job, training_job, predictions_job, monitoring_job],
-    sensors=[*sensors, automation_sensor],
+    sensors=[*sensors, automation_sensor, dead_run_sensor],
     resources={
         "warehouse": warehouse_resource(),
         "landing": landing_resource(),

@@ -48,7 +48,12 @@ def run_range(
 
     from mlplatform.settings import Settings
 
+    from mlplatform.operations import recover_dead_runs
+
     instance = instance or DagsterInstance.get()
+    recovered = recover_dead_runs(instance)  # their pool slots would block every warehouse step
+    if recovered:
+        print(f"marked {len(recovered)} runs whose process died as failed: {', '.join(recovered)}", file=out)
     log_dir = Settings.from_env().home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"run-{start}-{end}-{dt.datetime.now():%Y%m%dT%H%M%S}.log"

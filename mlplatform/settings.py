@@ -11,7 +11,10 @@ MLPLATFORM_LANDING         landing zone (the upstream's daily files)   ``$HOME/l
 MLPLATFORM_MLFLOW_URI      MLflow tracking URI                         ``sqlite:///$HOME/mlflow/mlflow.db``
 MLPLATFORM_MLFLOW_ARTIFACTS MLflow artifact root                       ``$HOME/mlflow/artifacts``
 MLPLATFORM_PROFILES        whylogs profiles (daily and reference)      ``$HOME/profiles``
-DAGSTER_HOME               Dagster instance directory                  ``$HOME/dagster``
+DAGSTER_HOME               Dagster instance directory                  ``$HOME/dagster``, or
+                                                                       ``$HOME/dagster-postgres``
+MLPLATFORM_DAGSTER_PG_URL  run, event and schedule storage on           unset: SQLite files under
+                           PostgreSQL (``postgresql+psycopg2://...``)   DAGSTER_HOME
 =========================  ==========================================  ===========================
 
 ``apply_defaults()`` fills the unset ones into ``os.environ`` so that Dagster resources can be
@@ -38,12 +41,22 @@ class Settings:
     mlflow_artifacts: Path
     profiles: Path
     dagster_home: Path
+    dagster_pg_url: str | None = None  # Dagster's storage on PostgreSQL instead of SQLite
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> "Settings":
         env = os.environ if env is None else env
         home = Path(env.get("MLPLATFORM_HOME") or REPO_ROOT / ".mlplatform").resolve()
         mlflow_dir = home / "mlflow"
+        pg_url = env.get("MLPLATFORM_DAGSTER_PG_URL") or None
+        if pg_url and not pg_url.startswith("postgresql+psycopg2://"):
+            # SQLAlchemy 2.1 reads a bare postgresql:// with psycopg 3, which dagster-postgres does not support
+            raise ValueError(
+                "MLPLATFORM_DAGSTER_PG_URL must start with postgresql+psycopg2:// "
+                "(e.g. postgresql+psycopg2://dagster:secret@127.0.0.1:5432/dagster)"
+            )
+        # one instance directory per storage: switching the variable never mixes the two
+        default_dagster_home = home / ("dagster-postgres" if pg_url else "dagster")
         return cls(
             home=home,
             warehouse=Path(env.get("MLPLATFORM_WAREHOUSE") or home / "warehouse.duckdb"),
@@ -51,7 +64,8 @@ class Settings:
             mlflow_uri=env.get("MLPLATFORM_MLFLOW_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
             mlflow_artifacts=Path(env.get("MLPLATFORM_MLFLOW_ARTIFACTS") or mlflow_dir / "artifacts"),
             profiles=Path(env.get("MLPLATFORM_PROFILES") or home / "profiles"),
-            dagster_home=Path(env.get("DAGSTER_HOME") or home / "dagster"),
+            dagster_home=Path(env.get("DAGSTER_HOME") or default_dagster_home),
+            dagster_pg_url=pg_url,
         )
 
     def as_env(self) -> dict[str, str]:
