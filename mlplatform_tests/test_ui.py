@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,16 +46,25 @@ def graphql(port: int, query: str) -> dict:
         return json.loads(response.read())
 
 
-def test_dagster_dev_serves_the_graph_with_sensors_running(home):
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, replayed):
+    """`dagster dev -w workspace.yaml` on a free loopback port, as `make ui` starts it, with a
+    home of its own (SQLite storage, the replayed landing zone)."""
     from mlplatform.cli import init_home
+    from mlplatform.settings import Settings
 
-    init_home(home)
+    root = tmp_path_factory.mktemp("ui")
+    settings = Settings.from_env({"MLPLATFORM_HOME": str(root / "home")})
+    init_home(settings)
+    shutil.rmtree(settings.landing)
+    shutil.copytree(replayed, settings.landing)
     port = free_port()
     dagster = Path(sys.executable).parent / "dagster"
-    env = {**os.environ, "DAGSTER_HOME": str(home.dagster_home)}
+    env = {**os.environ, **settings.as_env()}
+    log = (root / "dagster-dev.log").open("w")
     process = subprocess.Popen(
         [str(dagster), "dev", "-w", "workspace.yaml", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         deadline, data = time.time() + 120, None
@@ -67,23 +78,95 @@ def test_dagster_dev_serves_the_graph_with_sensors_running(home):
                 pass
             time.sleep(1)
         assert data is not None, "dagster dev did not answer"
-        (repo,) = data["data"]["repositoriesOrError"]["nodes"]
-        groups = {n["groupName"] for n in repo["assetNodes"]}
-        assert {"ingest", "transform", "features", "training", "predictions", "monitoring"} <= groups
-        keys = {"/".join(n["assetKey"]["path"]) for n in repo["assetNodes"]}
-        assert {"raw_flights", "features/flight_features", "flight_delay_model", "monitoring/drift_report"} <= keys
-        sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
-        assert sensors == {name: "RUNNING" for name in
-                           ("landing_sensor", "retraining_sensor", "alert_on_run_failure", "automation_sensor")}
-        # bound to loopback only
-        with socket.socket() as s:
-            s.settimeout(1)
-            other = socket.gethostbyname(socket.gethostname())
-            if not other.startswith("127."):
-                assert s.connect_ex((other, port)) != 0
+        yield {"port": port, "settings": settings, "data": data, "root": root}
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_dagster_dev_serves_the_graph_with_sensors_running(ui):
+    (repo,) = ui["data"]["data"]["repositoriesOrError"]["nodes"]
+    groups = {n["groupName"] for n in repo["assetNodes"]}
+    assert {"ingest", "transform", "features", "training", "predictions", "monitoring"} <= groups
+    keys = {"/".join(n["assetKey"]["path"]) for n in repo["assetNodes"]}
+    assert {"raw_flights", "features/flight_features", "flight_delay_model", "monitoring/drift_report"} <= keys
+    sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
+    assert sensors == {name: "RUNNING" for name in ("landing_sensor", "retraining_sensor", "alert_on_run_failure",
+                                                    "automation_sensor", "dead_run_sensor")}
+    # bound to loopback only
+    with socket.socket() as s:
+        s.settimeout(1)
+        other = socket.gethostbyname(socket.gethostname())
+        if not other.startswith("127."):
+            assert s.connect_ex((other, ui["port"])) != 0
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def test_materialize_a_partition_from_the_browser(ui):
+    """In Debian's Chromium: the asset graph shows the groups; raw_flights' "Materialize…" dialog
+    launches one partition; the run succeeds and the day's rows are in the warehouse."""
+    import duckdb
+    from playwright.sync_api import expect, sync_playwright
+
+    from mlplatform_tests.conftest import source_rows
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed: `make test` installs it (.ci/system-deps)")
+    url, day = f"http://127.0.0.1:{ui['port']}", "2013-01-03"
+    shots = ui["root"] / "screenshots"
+    shots.mkdir()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.set_default_timeout(30_000)
+        # the webserver's "Join the Dagster community" prompt may cover the page: skip it whenever it shows
+        page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
+
+        page.goto(f"{url}/asset-groups", wait_until="networkidle")
+        for group in ("ingest", "transform", "features", "training", "predictions", "monitoring"):
+            expect(page.get_by_text(group, exact=True).first).to_be_visible()
+        page.screenshot(path=str(shots / "asset-graph.png"))
+
+        page.goto(f"{url}/assets/raw_flights", wait_until="networkidle")
+        page.get_by_role("button", name="Materialize…").click()
+        dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize raw_flights")
+        partitions = dialog.get_by_placeholder("ex: 2013-01-01", exact=False)
+        partitions.fill(day)
+        partitions.press("Enter")
+        dialog.get_by_role("button", name="Launch 1 run").click()
+        expect(dialog).to_be_hidden()
+
+        deadline, run = time.time() + 180, None
+        while time.time() < deadline:
+            runs = graphql(ui["port"], RUNS)["data"]["runsOrError"]["results"]
+            run = runs[0] if runs else None
+            if run and run["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
+                break
+            time.sleep(1)
+        assert run is not None and run["status"] == "SUCCESS", run
+        assert {"key": "dagster/partition", "value": day} in run["tags"]
+
+        page.goto(f"{url}/runs/{run['runId']}", wait_until="networkidle")
+        expect(page.get_by_text("Success", exact=True).first).to_be_visible()
+        page.screenshot(path=str(shots / "run.png"))
+        page.goto(f"{url}/assets/raw_flights", wait_until="networkidle")
+        expect(page.get_by_text("Never materialized")).to_have_count(0)
+        page.screenshot(path=str(shots / "raw_flights.png"))
+        browser.close()
+
+    assert all((shots / name).stat().st_size > 10_000 for name in ("asset-graph.png", "run.png", "raw_flights.png"))
+    with duckdb.connect(str(ui["settings"].warehouse), read_only=True) as conn:
+        rows = conn.execute("SELECT count(*) FROM raw.flights WHERE _partition_date = ?", [day]).fetchone()[0]
+    assert rows == len(source_rows("flights", dt.date.fromisoformat(day)))
+
+
+RUNS = """
+{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }
+"""
