@@ -6,6 +6,7 @@
     mlplatform loop-demo                     the closed loop: drift -> retraining -> gate
     mlplatform serve [--host H] [--port P]   the champion model behind an HTTP API
     mlplatform recover                       mark runs whose process died as failed
+    mlplatform graph [--readme]              the asset graph as a Mermaid diagram
 """
 
 from __future__ import annotations
@@ -129,6 +130,21 @@ def cmd_recover(args) -> int:
     return 0
 
 
+def cmd_graph(args) -> int:
+    from mlplatform.graph import asset_graph_markdown, replace_in_readme
+    from mlplatform.settings import REPO_ROOT
+
+    apply_defaults()
+    diagram = asset_graph_markdown()
+    if args.readme:
+        readme = REPO_ROOT / "README.md"
+        readme.write_text(replace_in_readme(readme.read_text(), diagram))
+        print(f"updated the asset graph in {readme}")
+    else:
+        print(diagram, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlplatform", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--days", type=int, default=5)
     p.add_argument("--severity", type=float, default=1.0)
     p.set_defaults(fn=cmd_loop_demo)
+    p = sub.add_parser("graph", help="print the asset graph as a Mermaid diagram (from the Definitions)")
+    p.add_argument("--readme", action="store_true", help="write it into README.md between its markers")
+    p.set_defaults(fn=cmd_graph)
     sub.add_parser("recover", help="mark runs whose process died as failed, freeing their pool slots").set_defaults(
         fn=cmd_recover
     )

@@ -37,3 +37,17 @@ def test_run_prints_a_summary_and_treats_a_gate_rejection_as_an_outcome(features
 def test_run_rejects_a_backwards_range(home):
     with pytest.raises(SystemExit):
         cli.main(["run", "--start", "2013-02-01", "--end", "2013-01-01"])
+
+
+def test_the_readme_asset_graph_is_generated_from_the_definitions():
+    """The README's architecture picture is `mlplatform graph`'s output for the current code."""
+    from mlplatform.graph import END, START, asset_graph_markdown
+    from mlplatform.settings import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    shown = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    generated = asset_graph_markdown().strip()
+    assert shown == generated, "the README's asset graph is stale: run `.venv/bin/mlplatform graph --readme`"
+    for group in ("ingest", "transform", "features", "training", "predictions", "monitoring"):
+        assert f"subgraph {group}" in generated
+    assert '["features/flight_features (daily)"]' in generated and "-->" in generated
