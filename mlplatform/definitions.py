@@ -22,7 +22,12 @@ from mlplatform.monitoring.sensors import sensors
 from mlplatform.operations import dead_run_sensor
 from mlplatform.partitions import daily_partitions
 from mlplatform.predictions.assets import flight_delay_predictions
-from mlplatform.resources import landing_resource, profile_store_resource, warehouse_resource
+from mlplatform.resources import (
+    landing_resource,
+    profile_store_resource,
+    warehouse_reader_resource,
+    warehouse_resource,
+)
 from mlplatform.serving.assets import online_features_match
 from mlplatform.settings import apply_defaults, dbt_executable
 from mlplatform.training.assets import training_assets
@@ -88,6 +93,7 @@ defs = Definitions(
     sensors=[*sensors, automation_sensor, dead_run_sensor],
     resources={
         "warehouse": warehouse_resource(),
+        "warehouse_reader": warehouse_reader_resource(),
         "landing": landing_resource(),
         "dbt": DbtCliResource(project_dir=project, dbt_executable=dbt_executable()),
         "mlflow": mlflow_resource(),

@@ -45,10 +45,8 @@ def run_range(
     predictions need a champion (this run's or an earlier one). True when nothing failed.
     ``full_refresh`` rebuilds the dbt tables from scratch (give it the whole range of days)."""
     from mlplatform.definitions import defs
-
-    from mlplatform.settings import Settings
-
     from mlplatform.operations import recover_dead_runs
+    from mlplatform.settings import Settings
 
     instance = instance or DagsterInstance.get()
     recovered = recover_dead_runs(instance)  # their pool slots would block every warehouse step

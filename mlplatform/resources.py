@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar
@@ -21,7 +23,42 @@ class LandingZone(ConfigurableResource):
 
 
 def warehouse_resource() -> DuckDBResource:
+    """Read-write connections, for steps that write (they also declare pool "warehouse_writer");
+    it retries while another process holds DuckDB's lock (about 100 s in all)."""
     return DuckDBResource(database=EnvVar("MLPLATFORM_WAREHOUSE"))
+
+
+class WarehouseReader(ConfigurableResource):
+    """Read-only connections to the warehouse, for steps that only read (training, the reference
+    profile). Read-only processes share DuckDB's lock with each other but not with a writer, so
+    a connection waits, with backoff, while a writing step of another run holds it."""
+
+    database: str = Field(description="Path of the DuckDB warehouse.")
+    max_wait_seconds: float = Field(120.0, description="How long to wait for a writer to finish.")
+
+    @contextlib.contextmanager
+    def get_connection(self):
+        import duckdb
+
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                conn = duckdb.connect(self.database, read_only=True)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or waited >= self.max_wait_seconds:
+                    raise
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+def warehouse_reader_resource() -> WarehouseReader:
+    return WarehouseReader(database=EnvVar("MLPLATFORM_WAREHOUSE"))
 
 
 def landing_resource() -> LandingZone:

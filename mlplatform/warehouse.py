@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dagster import MetadataValue, TableColumn, TableSchema
-
 import duckdb
+from dagster import MetadataValue, TableColumn, TableSchema
 
 
 def column_schema(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> TableSchema:

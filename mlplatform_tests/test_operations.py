@@ -174,3 +174,31 @@ def test_a_run_killed_mid_write_leaves_no_duplicate_and_no_missing_row(ops_home,
     assert day_counts(home, "features.flight_features", "flight_date") == expected
     assert duplicates(home, "raw.flights", "(_partition_date, _source_row)") == 0
     assert duplicates(home, "features.flight_features", "flight_id") == 0
+
+
+def test_readers_wait_for_a_writer_then_read(home):
+    """A read-only connection waits, with backoff, while another process writes, and gives up
+    with DuckDB's lock error after max_wait_seconds."""
+    from mlplatform.resources import WarehouseReader
+
+    with duckdb.connect(str(home.warehouse)) as conn:
+        conn.execute("CREATE TABLE t AS SELECT 42 AS x")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('locked', flush=True); "
+         "time.sleep(float(sys.argv[2]))", str(home.warehouse), "2"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(duckdb.IOException, match="lock"):
+            with WarehouseReader(database=str(home.warehouse), max_wait_seconds=0.3).get_connection():
+                pass
+        began = time.monotonic()
+        with WarehouseReader(database=str(home.warehouse)).get_connection() as conn:
+            assert conn.execute("SELECT x FROM t").fetchone() == (42,)
+            with pytest.raises(duckdb.Error):
+                conn.execute("CREATE TABLE u AS SELECT 1")  # read-only
+        assert time.monotonic() - began > 0.5  # it waited for the writer
+    finally:
+        holder.kill()
+        holder.wait()

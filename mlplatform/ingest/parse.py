@@ -18,7 +18,6 @@ import pandas as pd
 from mlplatform.ingest.contracts import DOUBLE, INTEGER, TEXT, TIMESTAMP, Contract
 
 
-
 class LandingFileError(ValueError):
     def __init__(self, path: Path, line: int | None, column: str | None, message: str):
         self.path, self.line, self.column, self.message = Path(path), line, column, message

@@ -33,7 +33,7 @@ from mlplatform.automation import on_new_data
 from mlplatform.monitoring import drift, profiles
 from mlplatform.partitions import daily_partitions, days_between, single_run, window_of
 from mlplatform.predictions.assets import flight_delay_predictions
-from mlplatform.resources import ProfileStore
+from mlplatform.resources import ProfileStore, WarehouseReader
 from mlplatform.training import model as m
 from mlplatform.training.assets import RANGE_TAG, champion_model
 from mlplatform.training.tracking import CHAMPION, MlflowTracking
@@ -95,7 +95,6 @@ def replace_days(conn, table: str, date_column: str, frame: pd.DataFrame, start:
 def monitoring_frame(conn, start: dt.date, end: dt.date) -> pd.DataFrame:
     """The model's inputs, its score and the label, per flight of start..end."""
     columns = ", ".join(f"f.{c}" for c in ["flight_id", "flight_date", *m.FEATURES, m.LABEL])
-    conn.execute("CREATE SCHEMA IF NOT EXISTS predictions")
     has_predictions = conn.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'predictions' AND table_name = 'flight_delay'"
     ).fetchone()[0]
@@ -158,14 +157,15 @@ def feature_profiles(context: AssetExecutionContext, warehouse: DuckDBResource, 
     automation_condition=on_new_data(ignore=AssetSelection.assets(FEATURES_KEY)),
 )
 def reference_profile(
-    context: AssetExecutionContext, warehouse: DuckDBResource, mlflow: MlflowTracking, profile_store: ProfileStore
+    context: AssetExecutionContext, warehouse_reader: WarehouseReader, mlflow: MlflowTracking,
+    profile_store: ProfileStore,
 ):
     champion = mlflow.version_by_alias(CHAMPION)
     if champion is None:
         raise Failure("no champion model yet: materialize the training group first")
     start, end = (dt.date.fromisoformat(d) for d in champion.tags[RANGE_TAG].split(".."))
     estimator = mlflow.load_model(str(champion.version))
-    with warehouse.get_connection() as conn:
+    with warehouse_reader.get_connection() as conn:
         frame = monitoring_frame(conn, start, end)
     # the champion's own scores on its training window: what its output normally looks like
     frame[SCORE] = estimator.predict_proba(m.model_input(frame))[:, 1] if len(frame) else []

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from mlplatform.ingest.contracts import FLIGHTS, WEATHER
-from mlplatform.ingest.landing import as_delivered, write_atomic, daily_dir
+from mlplatform.ingest.landing import as_delivered, daily_dir, write_atomic
 
 
 def _day(frame: pd.DataFrame, day: dt.date) -> pd.DataFrame:

@@ -5,7 +5,15 @@ A range of days is one run; each run replaces its days in one transaction.
 
 import datetime as dt
 
-from dagster import AssetExecutionContext, AssetKey, AssetSelection, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetSelection,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from dagster_duckdb import DuckDBResource
 
 from mlplatform.automation import on_new_data

@@ -6,9 +6,13 @@ from __future__ import annotations
 import time
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetKey, asset_check
-from dagster_duckdb import DuckDBResource
 
-from mlplatform.serving.features import Snapshot, WarehouseUnavailable, compile_online_features
+from mlplatform.resources import WarehouseReader
+from mlplatform.serving.features import (
+    Snapshot,
+    WarehouseUnavailable,
+    compile_online_features,
+)
 from mlplatform.serving.service import OnlineFeatures
 from mlplatform.serving.skew import compare, sample_offline
 from mlplatform.settings import Settings
@@ -26,10 +30,10 @@ SAMPLE_DAYS = 5  # the schedule of these days is precomputed, as the server does
     blocking=False,
     pool="warehouse_writer",  # it snapshots the warehouse: not while a run writes it
 )
-def online_features_match(warehouse: DuckDBResource) -> AssetCheckResult:
+def online_features_match(warehouse_reader: WarehouseReader) -> AssetCheckResult:
     settings = Settings.from_env()
     compiled = compile_online_features(settings, settings.home / "dbt" / "online-check-target")
-    with warehouse.get_connection() as conn:
+    with warehouse_reader.get_connection() as conn:
         offline = sample_offline(conn, SAMPLE_ROWS, SAMPLE_DAYS)
     snapshot = _snapshot(settings, compiled)
     try:

@@ -27,6 +27,7 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from mlplatform.resources import WarehouseReader
 from mlplatform.training import model as m
 from mlplatform.training import promotion
 from mlplatform.training.tracking import CHALLENGER, CHAMPION, MlflowTracking, git_state
@@ -89,13 +90,13 @@ def _markdown(series: pd.Series, label: str) -> str:
     "evaluation window; logged to MLflow and registered as a new version of `flight_delay` (alias challenger).",
 )
 def flight_delay_model(
-    context: AssetExecutionContext, config: TrainingConfig, warehouse: DuckDBResource, mlflow: MlflowTracking
+    context: AssetExecutionContext, config: TrainingConfig, warehouse_reader: WarehouseReader, mlflow: MlflowTracking
 ) -> MaterializeResult:
     import mlflow as mlflow_api
     from mlflow import sklearn as mlflow_sklearn
     from mlflow.models import infer_signature
 
-    with warehouse.get_connection() as conn:
+    with warehouse_reader.get_connection() as conn:
         (train_start, train_end), (eval_start, eval_end) = windows(conn, config)
         frame = m.load_frame(conn, train_start, train_end)
     params = config.hyperparameters()

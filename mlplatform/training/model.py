@@ -107,7 +107,13 @@ def metrics(y_true, probability, threshold: float = 0.5, bins: int = 10) -> dict
     """ROC AUC, log loss, Brier score, expected calibration error, precision/recall at the
     decision threshold."""
     from sklearn.calibration import calibration_curve
-    from sklearn.metrics import brier_score_loss, log_loss, precision_score, recall_score, roc_auc_score
+    from sklearn.metrics import (
+        brier_score_loss,
+        log_loss,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
 
     y_true = np.asarray(y_true).astype(int)
     probability = np.clip(np.asarray(probability, dtype=float), 1e-6, 1 - 1e-6)

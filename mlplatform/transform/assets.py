@@ -13,12 +13,25 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from dagster import AssetExecutionContext, AssetSelection, Config, Failure, Output, TimeWindowPartitionMapping
+from dagster import (
+    AssetExecutionContext,
+    AssetSelection,
+    Config,
+    Failure,
+    Output,
+    TimeWindowPartitionMapping,
+)
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 from dagster_duckdb import DuckDBResource
 
 from mlplatform.automation import on_new_data
-from mlplatform.partitions import FIRST_DAY, LAST_DAY, daily_partitions, single_run, window_of
+from mlplatform.partitions import (
+    FIRST_DAY,
+    LAST_DAY,
+    daily_partitions,
+    single_run,
+    window_of,
+)
 from mlplatform.settings import DBT_PROJECT_DIR, Settings
 from mlplatform.warehouse import table_metadata
 
