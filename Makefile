@@ -59,7 +59,7 @@ ui: setup
 system-deps:
 	bash .ci/system-deps
 
-test: setup system-deps
+test: system-deps setup
 	$(BIN)/python -m pytest
 
 serve: setup

@@ -42,11 +42,14 @@ DAGSTER_COMMON_YAML = """\
 telemetry:
   enabled: false
 # One DuckDB writer at a time: steps that use the warehouse declare pool "warehouse_writer".
-# A run whose process died keeps its slot until the dead_run_sensor (or `mlplatform recover`)
-# marks it failed.
 concurrency:
   pools:
     default_limit: 1
+# A run whose process died keeps its slot until the dead_run_sensor (or `mlplatform recover`)
+# marks it failed; the daemon frees the slots of runs that have ended.
+run_monitoring:
+  enabled: true
+  free_slots_after_run_end_seconds: 30
 """
 
 
@@ -55,6 +58,11 @@ def init_home(settings: Settings) -> Settings:
     for path in (settings.home, settings.landing, settings.dagster_home, settings.warehouse.parent):
         path.mkdir(parents=True, exist_ok=True)
     dagster_yaml = settings.dagster_home / "dagster.yaml"
+    if dagster_yaml.exists() and settings.dagster_pg_url and "postgres:" not in dagster_yaml.read_text():
+        raise SystemExit(
+            f"MLPLATFORM_DAGSTER_PG_URL is set but {dagster_yaml} stores runs in SQLite: unset DAGSTER_HOME "
+            f"(it then defaults to {settings.home / 'dagster-postgres'}) or point it at a PostgreSQL instance directory"
+        )
     if not dagster_yaml.exists():
         if settings.dagster_pg_url:
             dagster_yaml.write_text(DAGSTER_POSTGRES_YAML.format(common=DAGSTER_COMMON_YAML))

@@ -7,15 +7,19 @@ DuckDB transaction, which DuckDB rolls back on the next open. ``recover_dead_run
 runs failed and frees their pool slots; the ``dead_run_sensor`` does it every minute in the
 daemon, ``mlplatform run`` before it starts. Re-running the failed run's partitions is safe.
 
-A run's process is found from its start event (the pid of the process that executed it). That is
-meaningful on the machine the run executed on, which is the case with Dagster's default run
-launcher (runs are subprocesses of the daemon or webserver host). With a launcher that runs
-elsewhere (Docker, Kubernetes), use its run monitoring instead and turn this sensor off.
+A run's process is found from its start event (the pid, and the process's start time so that a
+reused pid is not mistaken for it). That is meaningful only on the machine the run executed on:
+dead runs are looked for only when Dagster's storage is the local SQLite one. With PostgreSQL
+storage shared by several hosts, or a launcher that runs elsewhere (Docker, Kubernetes), rely on
+Dagster's run monitoring (`dagster.yaml`); the slots of runs that have ended are freed in all
+cases (Dagster's code server marks a launched run whose process died as failed, but does not
+free its slots).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from dagster import (
     DagsterEventType,
@@ -29,50 +33,89 @@ from dagster import (
 )
 
 
-def run_pid(instance: DagsterInstance, run_id: str) -> int | None:
-    """The pid of the process that executed the run, from its start event."""
+def run_start(instance: DagsterInstance, run_id: str) -> tuple[int, float] | None:
+    """(pid, timestamp) of the process that executed the run, from its start event."""
     for entry in instance.all_logs(run_id, of_type=DagsterEventType.RUN_START):
         if entry.dagster_event is not None and entry.dagster_event.pid:
-            return entry.dagster_event.pid
+            return entry.dagster_event.pid, entry.timestamp
     return None
 
 
-def pid_alive(pid: int) -> bool:
+def process_alive(pid: int, started_before: float) -> bool:
+    """Whether process ``pid`` exists and is the one that started a run at ``started_before``
+    (a process with a reused pid started later is not it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
+    except PermissionError:  # exists, someone else's
+        pass
+    started = process_start_time(pid)
+    return started is None or started <= started_before + 1.0
+
+
+def process_start_time(pid: int) -> float | None:
+    """When a process started (epoch seconds), from /proc; None where there is no /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 of stat: start time after boot, in clock ticks
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def local_storage(instance: DagsterInstance) -> bool:
+    """Runs recorded in SQLite under DAGSTER_HOME executed on this machine; with a shared
+    PostgreSQL storage a pid says nothing about a run on another host."""
+    return "sqlite" in type(instance.run_storage).__name__.lower()
 
 
 def dead_runs(instance: DagsterInstance) -> list[tuple[str, int]]:
-    """(run id, pid) of the STARTED runs whose process no longer exists."""
+    """(run id, pid) of the STARTED or CANCELING runs whose process no longer exists."""
+    if not local_storage(instance):
+        return []
     out = []
-    for record in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.STARTED])):
+    statuses = [DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+    for record in instance.get_run_records(RunsFilter(statuses=statuses)):
         run_id = record.dagster_run.run_id
-        pid = run_pid(instance, run_id)
-        if pid is not None and not pid_alive(pid):
-            out.append((run_id, pid))
+        start = run_start(instance, run_id)
+        if start is not None and not process_alive(*start):
+            out.append((run_id, start[0]))
     return out
 
 
 def recover_dead_runs(instance: DagsterInstance) -> list[str]:
-    """Mark the dead runs failed and free the pool slots they held; their ids."""
+    """Mark the dead runs failed, and free the pool slots of every run that has ended (a run
+    whose process died may already have been marked failed by Dagster's code server, which
+    does not free its slots); the ids of the runs marked failed."""
     recovered = []
     for run_id, pid in dead_runs(instance):
         run = instance.get_run_by_id(run_id)
-        if run is None or run.status != DagsterRunStatus.STARTED:
+        if run is None or run.status not in (DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING):
             continue
         instance.report_run_failed(
             run, f"The run's process (pid {pid}) is gone: it was killed or crashed. Partitions it was writing "
             "were rolled back by DuckDB; re-run them."
         )
-        if instance.event_log_storage.supports_global_concurrency_limits:
-            instance.event_log_storage.free_concurrency_slots_for_run(run_id)
         recovered.append(run_id)
+    free_slots_of_ended_runs(instance)
     return recovered
+
+
+def free_slots_of_ended_runs(instance: DagsterInstance) -> list[str]:
+    """Free the concurrency slots still claimed by runs that have finished or no longer exist."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return []
+    freed = []
+    for run_id in storage.get_concurrency_run_ids():
+        run = instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
+            storage.free_concurrency_slots_for_run(run_id)
+            freed.append(run_id)
+    return freed
 
 
 @sensor(

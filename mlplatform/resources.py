@@ -34,7 +34,9 @@ class WarehouseReader(ConfigurableResource):
     a connection waits, with backoff, while a writing step of another run holds it."""
 
     database: str = Field(description="Path of the DuckDB warehouse.")
-    max_wait_seconds: float = Field(120.0, description="How long to wait for a writer to finish.")
+    max_wait_seconds: float = Field(
+        600.0, description="How long to wait for writers (a backfill of many runs hands the lock from one to the next)."
+    )
 
     @contextlib.contextmanager
     def get_connection(self):

@@ -7,6 +7,7 @@ tests point the real resources at temporary paths that way; nothing is mocked.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 from pathlib import Path
 
@@ -38,8 +39,8 @@ def replayed(tmp_path_factory) -> Path:
 def home(tmp_path, monkeypatch, replayed) -> Settings:
     """MLPLATFORM_HOME in a temporary directory, with a copy of the replayed landing zone."""
     home = tmp_path / "home"
-    for var in ("MLPLATFORM_WAREHOUSE", "MLPLATFORM_LANDING", "MLPLATFORM_MLFLOW_URI",
-                "MLPLATFORM_MLFLOW_ARTIFACTS", "MLPLATFORM_PROFILES", "DAGSTER_HOME"):
+    # nothing of the developer's own configuration (a PostgreSQL URL, a webhook, ...) leaks in
+    for var in [v for v in os.environ if v.startswith("MLPLATFORM_")] + ["DAGSTER_HOME"]:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLPLATFORM_HOME", str(home))
     settings = Settings.from_env()

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -113,6 +114,8 @@ def test_four_concurrent_runs_on_different_partitions_all_succeed(ops_home):
                     started[entry.step_key] = entry.timestamp
                 else:
                     intervals.append((started[entry.step_key], entry.timestamp, run.run_id, entry.step_key))
+    logs = "".join(p.log_path.read_text() for p in procs)
+    assert "blocked by limit for pool warehouse_writer" in logs  # the runs did compete for the warehouse
     writer_steps = [i for i in intervals if i[3] in ("raw_flights", "raw_weather", "dbt_daily")]
     assert len(writer_steps) == 12
     writer_steps.sort()
@@ -120,60 +123,78 @@ def test_four_concurrent_runs_on_different_partitions_all_succeed(ops_home):
         assert e1 <= s2 + 0.05, f"{k1} of {r1} overlapped {k2} of {r2}"
 
 
-@pytest.mark.parametrize("marker, delay", [
-    ('Started execution of step "raw_flights"', 0.05),  # the loader reading and writing 12 days
-    ('Yielded output "staging__stg_flights"', 0.3),  # dbt done with its first model, writing the next
+@pytest.mark.parametrize("table, written_by", [
+    ("raw.flights", "flights"),  # the loader's transaction: 12 days deleted and re-inserted
+    ("features.flight_features", "flight_features"),  # dbt's incremental model: delete + insert
 ])
-def test_a_run_killed_mid_write_leaves_no_duplicate_and_no_missing_row(ops_home, marker, delay):
-    """SIGKILL the run's whole process group (the run and its dbt) while it writes (the loader's
-    transaction, then dbt's models) in a ranged daily run; every table holds each day whole or
-    not at all; once the dead run is recovered, re-running completes it."""
-    home = ops_home
-    start, end = D(2013, 1, 1), D(2013, 1, 12)
-    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
-    expected = {day: len(source_rows("flights", day)) for day in days}
-
-    proc = start_job(home, "daily_job", start, end)
-    wait_for_log(proc, marker)
-    time.sleep(delay)
-    assert proc.poll() is None, "the run finished before it could be killed: kill earlier"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-    # the killed run is STARTED and holds the warehouse_writer slot its step claimed: every later
-    # warehouse step would wait for it. The dead_run_sensor (ticked here as the daemon would)
-    # marks it failed and frees the slot.
+def test_a_run_killed_mid_write_leaves_no_duplicate_and_no_missing_row(ops_home, tmp_path, monkeypatch, table,
+                                                                      written_by):
+    """A ranged daily run re-writes 12 days that are already loaded; it is SIGKILLed (the run and
+    its dbt, the whole process group) inside a partition write's transaction, after every row is
+    written and before COMMIT (fault injection: MLPLATFORM_FAULT_PAUSE_BEFORE_COMMIT). Every
+    table still holds each day exactly once; the dead run is recovered; re-running completes."""
     from dagster import DagsterInstance, DagsterRunStatus, build_sensor_context
 
     from mlplatform.operations import dead_run_sensor
 
+    home = ops_home
+    start, end = D(2013, 1, 1), D(2013, 1, 12)
+    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    expected = {day: len(source_rows("flights", day)) for day in days}
+    assert wait(start_job(home, "daily_job", start, end)) == 0
+    tables = [("raw.flights", "_partition_date"), ("staging.stg_flights", "flight_date"),
+              ("features.flight_features", "flight_date")]
+    assert all(day_counts(home, t, c) == expected for t, c in tables)
+
+    paused = tmp_path / f"paused-{written_by}"
+    monkeypatch.setenv("MLPLATFORM_FAULT_PAUSE_BEFORE_COMMIT", f"{written_by}={paused}")
+    proc = start_job(home, "daily_job", start, end)
+    deadline = time.monotonic() + 180
+    while not paused.exists():
+        assert proc.poll() is None, proc.log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{written_by} never reached its commit"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # inside the open transaction
+    proc.wait()
+    monkeypatch.delenv("MLPLATFORM_FAULT_PAUSE_BEFORE_COMMIT")
+
+    for t, c in tables:  # the interrupted write left the previous, complete days
+        assert day_counts(home, t, c) == expected, t
+    assert duplicates(home, "raw.flights", "(_partition_date, _source_row)") == 0
+    assert duplicates(home, "features.flight_features", "flight_id") == 0
+
+    # the killed run is STARTED and holds the warehouse_writer slot its step claimed: every later
+    # warehouse step would wait for it. The dead_run_sensor (ticked here as the daemon would)
+    # marks it failed and frees the slot.
     with DagsterInstance.get() as instance:
         killed = [r for r in instance.get_runs() if r.status == DagsterRunStatus.STARTED]
         assert len(killed) == 1
+        assert instance.event_log_storage.get_concurrency_info("warehouse_writer").claimed_slots
         result = dead_run_sensor(build_sensor_context(instance=instance))
         assert killed[0].run_id in result.skip_message
         assert instance.get_run_by_id(killed[0].run_id).status == DagsterRunStatus.FAILURE
         pool = instance.event_log_storage.get_concurrency_info("warehouse_writer")
         assert not pool.claimed_slots and not pool.pending_steps
 
-    if home.warehouse.exists():
-        for table, column in (("raw.flights", "_partition_date"), ("staging.stg_flights", "flight_date"),
-                              ("features.flight_features", "flight_date")):
-            try:
-                counts = day_counts(home, table, column)
-            except duckdb.CatalogException:
-                continue  # not created yet when the kill came
-            assert all(counts[d] == expected[d] for d in counts), (table, counts)
-        try:
-            assert duplicates(home, "raw.flights", "(_partition_date, _source_row)") == 0
-        except duckdb.CatalogException:
-            pass
-
     assert wait(start_job(home, "daily_job", start, end)) == 0
-    assert day_counts(home, "raw.flights", "_partition_date") == expected
-    assert day_counts(home, "features.flight_features", "flight_date") == expected
-    assert duplicates(home, "raw.flights", "(_partition_date, _source_row)") == 0
+    for t, c in tables:
+        assert day_counts(home, t, c) == expected, t
     assert duplicates(home, "features.flight_features", "flight_id") == 0
+
+
+def test_slots_of_runs_that_ended_are_freed(ops_home):
+    """A launched run whose process dies is marked failed by Dagster's code server, which does
+    not free the pool slot it held: recovery frees the slots of every run that has ended."""
+    from dagster import DagsterInstance
+
+    from mlplatform.operations import recover_dead_runs
+
+    with DagsterInstance.get() as instance:
+        (finished,) = instance.get_runs()  # the fixture's reference_job, SUCCESS
+        instance.event_log_storage.claim_concurrency_slot("warehouse_writer", finished.run_id, "raw_flights")
+        assert instance.event_log_storage.get_concurrency_info("warehouse_writer").claimed_slots
+        assert recover_dead_runs(instance) == []  # nothing to mark failed...
+        assert not instance.event_log_storage.get_concurrency_info("warehouse_writer").claimed_slots  # ...but freed
 
 
 def test_readers_wait_for_a_writer_then_read(home):

@@ -60,7 +60,7 @@ def ui(tmp_path_factory, replayed):
     shutil.copytree(replayed, settings.landing)
     port = free_port()
     dagster = Path(sys.executable).parent / "dagster"
-    env = {**os.environ, **settings.as_env()}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLPLATFORM_")}, **settings.as_env()}
     log = (root / "dagster-dev.log").open("w")
     process = subprocess.Popen(
         [str(dagster), "dev", "-w", "workspace.yaml", "--host", "127.0.0.1", "--port", str(port)],
@@ -112,9 +112,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 def test_materialize_a_partition_from_the_browser(ui):
     """In Debian's Chromium: the asset graph shows the groups; raw_flights' "Materialize…" dialog
     launches one partition; the run succeeds and the day's rows are in the warehouse."""
-    import duckdb
     from playwright.sync_api import expect, sync_playwright
 
+    from mlplatform.resources import WarehouseReader
     from mlplatform_tests.conftest import source_rows
 
     if not Path(CHROMIUM).exists():
@@ -126,6 +126,7 @@ def test_materialize_a_partition_from_the_browser(ui):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.set_default_timeout(30_000)
+        expect.set_options(timeout=30_000)
         # the webserver's "Join the Dagster community" prompt may cover the page: skip it whenever it shows
         page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
 
@@ -140,13 +141,18 @@ def test_materialize_a_partition_from_the_browser(ui):
         partitions = dialog.get_by_placeholder("ex: 2013-01-01", exact=False)
         partitions.fill(day)
         partitions.press("Enter")
+        before = {r["runId"] for r in graphql(ui["port"], RUNS)["data"]["runsOrError"]["results"]}
         dialog.get_by_role("button", name="Launch 1 run").click()
         expect(dialog).to_be_hidden()
 
+        # the run the dialog launched: new, and not one that automation requested afterwards
         deadline, run = time.time() + 180, None
         while time.time() < deadline:
-            runs = graphql(ui["port"], RUNS)["data"]["runsOrError"]["results"]
-            run = runs[0] if runs else None
+            runs = [r for r in graphql(ui["port"], RUNS)["data"]["runsOrError"]["results"]
+                    if r["runId"] not in before and not any(t["key"].startswith("dagster/sensor") or
+                                                            t["key"] == "dagster/from_automation_condition"
+                                                            for t in r["tags"])]
+            run = runs[-1] if runs else None
             if run and run["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
                 break
             time.sleep(1)
@@ -157,12 +163,13 @@ def test_materialize_a_partition_from_the_browser(ui):
         expect(page.get_by_text("Success", exact=True).first).to_be_visible()
         page.screenshot(path=str(shots / "run.png"))
         page.goto(f"{url}/assets/raw_flights", wait_until="networkidle")
+        expect(page.get_by_text("Latest materialization")).to_be_visible()
         expect(page.get_by_text("Never materialized")).to_have_count(0)
         page.screenshot(path=str(shots / "raw_flights.png"))
         browser.close()
 
     assert all((shots / name).stat().st_size > 10_000 for name in ("asset-graph.png", "run.png", "raw_flights.png"))
-    with duckdb.connect(str(ui["settings"].warehouse), read_only=True) as conn:
+    with WarehouseReader(database=str(ui["settings"].warehouse)).get_connection() as conn:
         rows = conn.execute("SELECT count(*) FROM raw.flights WHERE _partition_date = ?", [day]).fetchone()[0]
     assert rows == len(source_rows("flights", dt.date.fromisoformat(day)))
 

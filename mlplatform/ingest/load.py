@@ -11,6 +11,8 @@ run and writes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +128,20 @@ def _read_all(contract: Contract, landing: Path, targets: list) -> tuple[dict, p
     return paths, batch
 
 
+FAULT_PAUSE = "MLPLATFORM_FAULT_PAUSE_BEFORE_COMMIT"
+
+
+def pause_before_commit(name: str) -> None:
+    """Fault injection for the crash-recovery tests. With MLPLATFORM_FAULT_PAUSE_BEFORE_COMMIT set
+    to ``<name>=<path>``, the load of ``name`` writes ``<path>`` once every row is written but
+    before COMMIT, and waits there, so that a test can kill the process in the middle of a
+    partition's write. Unset (as it always is outside those tests) it does nothing."""
+    target, _, marker = os.environ.get(FAULT_PAUSE, "").partition("=")
+    if marker and target == name:
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(600)
+
+
 def load(
     conn: duckdb.DuckDBPyConnection,
     contract: Contract,
@@ -166,6 +182,7 @@ def load(
             "SELECT _source_file, coalesce(_rule, ''), count(*) FROM classified GROUP BY ALL"
         ).fetchall()
         conn.execute("DROP TABLE classified")
+        pause_before_commit(contract.name)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

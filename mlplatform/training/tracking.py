@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class MlflowTracking(ConfigurableResource):
         if found is not None:
             return found.experiment_id
         location = self.artifact_root
-        if "://" not in location:
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", location) is None:  # a path, not a URI (mlflow-artifacts:/, s3://)
             Path(location).mkdir(parents=True, exist_ok=True)
             location = Path(location).resolve().as_uri()
         return client.create_experiment(self.experiment, artifact_location=location)

@@ -1,5 +1,6 @@
 {{ config(materialized='incremental', incremental_strategy='append',
-          pre_hook="{{ replace_window('flight_date') }}", tags=['daily']) }}
+          pre_hook="{{ replace_window('flight_date') }}", post_hook="{{ fault_pause_before_commit() }}",
+          tags=['daily']) }}
 {#
   One row per flight (key flight_id): everything known before departure, plus the label.
 
