@@ -53,8 +53,12 @@ run_monitoring:
 """
 
 
-def init_home(settings: Settings) -> Settings:
-    """Create the home's folders and a dagster.yaml (idempotent)."""
+WAREHOUSE_POOL = "warehouse_writer"
+
+
+def init_home(settings: Settings, pools: bool = True) -> Settings:
+    """Create the home's folders and a dagster.yaml (idempotent); with ``pools``, also give the
+    warehouse pool its one slot in the Dagster instance."""
     for path in (settings.home, settings.landing, settings.dagster_home, settings.warehouse.parent):
         path.mkdir(parents=True, exist_ok=True)
     dagster_yaml = settings.dagster_home / "dagster.yaml"
@@ -69,7 +73,24 @@ def init_home(settings: Settings) -> Settings:
         else:
             dagster_yaml.write_text(DAGSTER_YAML.format(storage=settings.dagster_home / "storage",
                                                         common=DAGSTER_COMMON_YAML))
+    if pools:
+        init_pool(settings)
     return settings
+
+
+def init_pool(settings: Settings) -> None:
+    """Set the warehouse_writer pool's limit (1) in the instance now, unless someone set one.
+    Left to Dagster's lazy default, runs that start at the same moment can each initialise the
+    pool and claim a slot of their own: two writers at once."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(settings.dagster_home)) as instance:
+        storage = instance.event_log_storage
+        if not storage.supports_global_concurrency_limits:
+            return
+        info = storage.get_concurrency_info(WAREHOUSE_POOL)
+        if info.using_default_limit or info.limit is None:
+            storage.set_concurrency_slots(WAREHOUSE_POOL, 1)
 
 
 def _date(text: str) -> dt.date:
@@ -91,7 +112,7 @@ def cmd_init(args) -> int:
 def cmd_replay(args) -> int:
     from mlplatform.ingest.landing import replay
 
-    settings = init_home(apply_defaults())
+    settings = init_home(apply_defaults(), pools=False)
     if args.if_empty and any(settings.landing.glob("flights/*")):
         print(f"landing zone {settings.landing} already has files; nothing replayed")
         return 0
@@ -121,7 +142,7 @@ def cmd_loop_demo(args) -> int:
 def cmd_serve(args) -> int:
     from mlplatform.serving.app import serve
 
-    init_home(apply_defaults())
+    init_home(apply_defaults(), pools=False)
     serve(args.host, args.port, args.refresh_seconds, access_log=args.access_log)
     return 0
 
