@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import duckdb
@@ -56,6 +57,13 @@ def warehouse(home):
     conn = duckdb.connect(str(home.warehouse))
     yield conn
     conn.close()
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def source_rows(name: str, day: dt.date):

@@ -48,16 +48,6 @@ def start_job(home, job: str, start: D | None = None, end: D | None = None) -> s
     return proc
 
 
-def wait_for_log(proc: subprocess.Popen, marker: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if marker in proc.log_path.read_text():
-            return
-        assert proc.poll() is None, f"the run ended before {marker!r}:\n{proc.log_path.read_text()[-2000:]}"
-        time.sleep(0.05)
-    raise AssertionError(f"no {marker!r} in {timeout}s")
-
-
 def wait(proc: subprocess.Popen, timeout: float = 600) -> int:
     try:
         return proc.wait(timeout=timeout)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,18 +14,12 @@ import pytest
 
 from mlplatform.cli import init_home
 from mlplatform.settings import Settings
-from mlplatform_tests.conftest import source_rows
+from mlplatform_tests.conftest import free_port, source_rows
 from mlplatform_tests.test_operations import start_job, wait
 
 pytestmark = pytest.mark.slow
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +24,11 @@ from mlplatform.serving.service import OnlineFeatures, Vectors
 from mlplatform.serving.skew import CLIENT_FIELDS, mismatches
 from mlplatform.settings import Settings
 from mlplatform.training import model as m
-from mlplatform_tests.conftest import failures, run_job
+from mlplatform_tests.conftest import failures, free_port, run_job
 
 pytestmark = pytest.mark.slow
 
 TRAIN = {"eval_days": 7, "validation_days": 7, "learning_rate": 0.05, "min_samples_leaf": 100, "max_iter": 60}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

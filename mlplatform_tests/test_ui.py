@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mlplatform.settings import REPO_ROOT
+from mlplatform_tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +30,6 @@ QUERY = """
   } } }
 }
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def graphql(port: int, query: str) -> dict:

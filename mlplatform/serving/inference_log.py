@@ -54,12 +54,6 @@ class InferenceLog:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait until every record appended so far is on disk."""
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait(timeout)
-
     def path_for(self, day: dt.date) -> Path:
         return self.directory / f"{day.isoformat()}.jsonl"
 
@@ -88,9 +82,6 @@ class InferenceLog:
                         self.error = f"could not write {path}: {exc}"
                         log.error("inference log: %s; %d records lost", self.error, len(lines))
                         self._drop(len(lines))
-            for marker in batch:
-                if isinstance(marker, threading.Event):
-                    marker.set()
             if any(r is None for r in batch):
                 return
 
