@@ -14,7 +14,6 @@ from dagster import (
     define_asset_job,
     in_process_executor,
 )
-from dagster_dbt import DbtCliResource
 
 from mlplatform.ingest.assets import raw_assets
 from mlplatform.monitoring.assets import monitoring_assets, reference_profile
@@ -32,7 +31,7 @@ from mlplatform.serving.assets import online_features_match
 from mlplatform.settings import apply_defaults, dbt_executable
 from mlplatform.training.assets import training_assets
 from mlplatform.training.tracking import mlflow_resource
-from mlplatform.transform.assets import build_dbt_assets, dbt_project
+from mlplatform.transform.assets import DbtCli, build_dbt_assets, dbt_project
 
 settings = apply_defaults()
 project = dbt_project(settings)
@@ -95,7 +94,7 @@ defs = Definitions(
         "warehouse": warehouse_resource(),
         "warehouse_reader": warehouse_reader_resource(),
         "landing": landing_resource(),
-        "dbt": DbtCliResource(project_dir=project, dbt_executable=dbt_executable()),
+        "dbt": DbtCli(project_dir=project, dbt_executable=dbt_executable()),
         "mlflow": mlflow_resource(),
         "profile_store": profile_store_resource(),
     },

@@ -99,7 +99,9 @@ def _has_champion() -> bool:
 
 def summarize(instance: DagsterInstance, run_id: str) -> str:
     """Per asset: rows (of the last materialization), its step's seconds, check results."""
-    records = instance.all_logs(run_id)
+    records = instance.all_logs(
+        run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_CHECK_EVALUATION}
+    )
     step_seconds: dict[str, float] = {}
     for stat in instance.get_run_step_stats(run_id):
         if stat.end_time and stat.start_time:

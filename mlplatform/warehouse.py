@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import duckdb
+from typing import TYPE_CHECKING
+
 from dagster import MetadataValue, TableColumn, TableSchema
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 def column_schema(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> TableSchema:

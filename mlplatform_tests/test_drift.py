@@ -85,3 +85,28 @@ def test_a_feature_that_vanishes_is_drift_not_silence(reference):
     out = report(reference, current)
     assert "x" in drift.drifted_features(out)
     assert out.set_index(["feature", "metric"]).value["x", "psi"] == float("inf")
+
+
+def test_fast_profile_counts_what_whylogs_counts():
+    """profiles.profile() sorts values with pandas instead of whylogs' per-value Python: its counts,
+    nulls, moments, extremes and frequent items are whylogs' own (why.log) on a frame with nulls in
+    numbers and text, an all-null column and an integer column."""
+    import whylogs as why
+
+    n = 5_000
+    data = frame(n=n).assign(
+        x=lambda f: f.x.where(rng.random(n) > 0.2),
+        c=lambda f: f.c.astype(object).where(rng.random(n) > 0.1, None),
+        gone=np.nan,
+        k=rng.integers(0, 50, n),
+    )
+    fast, slow = profiles.profile(data), why.log(data).view()
+    ours, theirs = profiles.summary(fast).set_index("feature"), profiles.summary(slow).set_index("feature")
+    assert ours.loc["x", "nulls"] == data.x.isna().sum() > 0 and ours.loc["c", "nulls"] == data.c.isna().sum() > 0
+    assert ours.loc["gone", "nulls"] == ours.loc["gone", "rows"] == n
+    numbers = ["gone", "k", "x"]  # (whylogs gives text a KLL sketch too, with nothing in it)
+    for column in ("rows", "nulls", "mean", "stddev", "min", "max"):
+        rows = ["c", *numbers] if column in ("rows", "nulls") else numbers
+        pd.testing.assert_series_equal(ours.loc[rows, column], theirs.loc[rows, column], rtol=1e-9)
+    assert profiles.frequencies(fast, "c") == profiles.frequencies(slow, "c")
+    assert profiles.quantiles(fast, "x", [0.5])[0] == pytest.approx(data.x.median(), abs=0.05)

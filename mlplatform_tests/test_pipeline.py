@@ -172,3 +172,17 @@ def test_dbt_build_works_standalone(home, instance):
     assert "ERROR=0" in done.stdout
     n = len(source_rows("flights", D(2013, 1, 1))) + len(source_rows("flights", D(2013, 1, 2)))
     assert query(home, "SELECT count(*) n FROM features.flight_features").n[0] == n
+
+
+def test_dbt_resource_knows_the_version_dbt_reports():
+    """DbtCli skips dagster-dbt's `dbt --version` subprocess: the version it assumes is the one
+    that subprocess reports, and the override is the attribute dagster-dbt actually reads."""
+    from dagster_dbt import DbtCliResource
+
+    from mlplatform.settings import dbt_executable
+    from mlplatform.transform.assets import DbtCli, dbt_project
+
+    assert "_cli_version" in vars(DbtCliResource)
+    ours = DbtCli(project_dir=dbt_project(), dbt_executable=dbt_executable())
+    theirs = DbtCliResource(project_dir=dbt_project(), dbt_executable=dbt_executable())
+    assert ours._cli_version == theirs._cli_version

@@ -146,6 +146,11 @@ def test_training_run_is_tracked_registered_and_promoted(features_home, instance
     assert info.saved_input_example_info is not None
     artifacts = {a.path for a in client.list_artifacts(champion.run_id)}
     assert {"features.json", "feature_importance.json"} <= artifacts
+    # its environment is the pinned packages it loads with, not MLflow's guess from the process
+    requirements = mlflow_api.artifacts.download_artifacts(f"models:/flight_delay/{champion.version}/requirements.txt")
+    with open(requirements) as file:
+        assert file.read().split() == m.pip_requirements()
+    assert any(r.startswith("scikit-learn==") for r in m.pip_requirements())
     loaded = mlflow.load_model(champion.version)
     with duckdb.connect(str(home.warehouse), read_only=True) as conn:
         sample = m.load_frame(conn, D(2013, 2, 1), D(2013, 2, 1))

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-
-import duckdb
+from typing import TYPE_CHECKING
 
 from mlplatform.ingest.contracts import WRONG_PARTITION, Contract
 from mlplatform.ingest.load import LINEAGE_COLUMNS
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 @dataclass

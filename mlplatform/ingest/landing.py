@@ -21,10 +21,12 @@ from __future__ import annotations
 import datetime as dt
 import os
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from mlplatform.ingest.contracts import DAILY, INTEGER, REFERENCE, Contract
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SUFFIXES = (".csv", ".parquet")
 
@@ -119,6 +121,8 @@ def replay(landing: Path, start: dt.date, end: dt.date, overwrite: bool = True) 
     landing sensor watches, stays put); with ``overwrite=False`` existing files are left as they
     are. Returns how many files were written per kind.
     """
+    import pandas as pd
+
     frames = _source_frames()
     written = {"flights": 0, "weather": 0, "reference": 0}
     for contract in REFERENCE:

@@ -15,13 +15,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import duckdb
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from mlplatform.ingest.contracts import Contract
 from mlplatform.ingest.landing import MissingLandingFile, find_file
 from mlplatform.ingest.parse import LandingFileError, read_rows, typed
+
+if TYPE_CHECKING:
+    import duckdb
+    import pandas as pd
 
 LINEAGE_COLUMNS = {
     "_partition_date": "DATE",
@@ -96,6 +98,8 @@ def _classify_sql(contract: Contract) -> str:
 def _read_all(contract: Contract, landing: Path, targets: list) -> tuple[dict, pd.DataFrame]:
     """Read every target's file. Returns {day: path or None} and one typed frame of all rows;
     raises RejectedFiles listing every file that could not be read."""
+    import pandas as pd
+
     paths, frames, errors = {}, [], []
     for day in targets:
         try:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from mlplatform.ingest.contracts import DOUBLE, INTEGER, TEXT, TIMESTAMP, Contract
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class LandingFileError(ValueError):
@@ -133,6 +135,8 @@ def _check_header(path: Path, header: list[str], contract: Contract) -> None:
 
 
 def _read_csv(path: Path, contract: Contract) -> pd.DataFrame:
+    import pandas as pd
+
     data = path.read_bytes()
     if not data.strip():
         raise LandingFileError(path, 1, None, "file is empty (expected a header row)")
@@ -174,6 +178,7 @@ def _read_csv(path: Path, contract: Contract) -> pd.DataFrame:
 
 
 def _read_parquet(path: Path, contract: Contract) -> pd.DataFrame:
+    import pandas as pd
     import pyarrow.parquet as pq
 
     try:

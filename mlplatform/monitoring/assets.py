@@ -12,8 +12,8 @@ performance is computed as soon as its predictions exist.
 import base64
 import datetime as dt
 import io
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
@@ -37,6 +37,9 @@ from mlplatform.resources import ProfileStore, WarehouseReader
 from mlplatform.training import model as m
 from mlplatform.training.assets import RANGE_TAG, champion_model
 from mlplatform.training.tracking import CHAMPION, MlflowTracking
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FEATURES_KEY = AssetKey(["features", "flight_features"])
 SCORE = "delay_probability"
@@ -75,7 +78,7 @@ CREATE TABLE IF NOT EXISTS monitoring.model_performance (
 """
 
 
-def replace_days(conn, table: str, date_column: str, frame: pd.DataFrame, start: dt.date, end: dt.date) -> None:
+def replace_days(conn, table: str, date_column: str, frame: "pd.DataFrame", start: dt.date, end: dt.date) -> None:
     """Replace the days start..end of a monitoring table with ``frame``, in one transaction."""
     conn.execute(MONITORING_DDL)
     conn.execute("BEGIN TRANSACTION")
@@ -92,7 +95,7 @@ def replace_days(conn, table: str, date_column: str, frame: pd.DataFrame, start:
         raise
 
 
-def monitoring_frame(conn, start: dt.date, end: dt.date) -> pd.DataFrame:
+def monitoring_frame(conn, start: dt.date, end: dt.date) -> "pd.DataFrame":
     """The model's inputs, its score and the label, per flight of start..end."""
     columns = ", ".join(f"f.{c}" for c in ["flight_id", "flight_date", *m.FEATURES, m.LABEL])
     has_predictions = conn.execute(
@@ -107,15 +110,18 @@ def monitoring_frame(conn, start: dt.date, end: dt.date) -> pd.DataFrame:
     ).df()
 
 
-def profile_input(frame: pd.DataFrame) -> pd.DataFrame:
+def profile_input(frame: "pd.DataFrame") -> "pd.DataFrame":
     return m.model_input(frame).assign(**{SCORE: frame[SCORE].astype("float64")})
 
 
-def profile_days(frame: pd.DataFrame, store: ProfileStore) -> pd.DataFrame:
+def profile_days(frame: "pd.DataFrame", store: ProfileStore) -> "pd.DataFrame":
     """Profile each day of ``frame``, store the profiles, return their summaries."""
+    import pandas as pd
+
     summaries = []
-    for day, rows in frame.groupby(frame["flight_date"].dt.date):
-        view = profiles.profile(profile_input(rows))
+    inputs = profile_input(frame)
+    for day, rows in inputs.groupby(frame["flight_date"].dt.date.to_numpy()):
+        view = profiles.profile(rows)
         profiles.save(view, store.day(day))
         summaries.append(profiles.summary(view).assign(profile_date=day))
     if not summaries:
@@ -169,16 +175,16 @@ def reference_profile(
         frame = monitoring_frame(conn, start, end)
     # the champion's own scores on its training window: what its output normally looks like
     frame[SCORE] = estimator.predict_proba(m.model_input(frame))[:, 1] if len(frame) else []
-    views = [profiles.profile(profile_input(rows)) for _, rows in frame.groupby(frame["flight_date"].dt.date)]
-    if not views:
+    if frame.empty:
         raise Failure(f"no data to profile in the champion's training window {start}..{end}")
-    reference = profiles.merge(views)
+    days = frame["flight_date"].nunique()
+    reference = profiles.profile(profile_input(frame))
     path = profiles.save(reference, profile_store.reference(mlflow.registered_model, str(champion.version)))
-    context.log.info("reference profile of version %s: %d days", champion.version, len(views))
+    context.log.info("reference profile of version %s: %d days", champion.version, days)
     return MaterializeResult(metadata={
         "model_version": str(champion.version),
         "window": f"{start}..{end}",
-        "days": len(views),
+        "days": days,
         "rows": profiles.row_count(reference, "carrier"),
         "path": MetadataValue.path(str(path)),
     })
@@ -235,6 +241,8 @@ def drift_report(
     context: AssetExecutionContext, config: DriftConfig, warehouse: DuckDBResource, mlflow: MlflowTracking,
     profile_store: ProfileStore,
 ):
+    import pandas as pd
+
     start, end = window_of(context)
     champion = mlflow.version_by_alias(CHAMPION)
     if champion is None:
@@ -295,8 +303,10 @@ class PerformanceConfig(Config):
     min_rows: int = Field(200, description="Days with fewer labelled flights are not judged.")
 
 
-def daily_performance(frame: pd.DataFrame) -> pd.DataFrame:
+def daily_performance(frame: "pd.DataFrame") -> "pd.DataFrame":
     """Realised ROC AUC and log loss per day and scoring model version."""
+    import pandas as pd
+
     scored = frame[frame[m.LABEL].notna() & frame[SCORE].notna()]
     rows = []
     for (day, version), group in scored.groupby([scored["flight_date"].dt.date, "model_version"]):

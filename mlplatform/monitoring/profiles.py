@@ -7,16 +7,67 @@ touching the assets or the drift measures, which see numpy arrays and dicts only
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
 
 
 def profile(frame: pd.DataFrame):
-    """A whylogs profile view of a frame (an empty view for an empty frame)."""
-    import whylogs as why
+    """A whylogs profile view of a frame: per column counts, nulls and types, a KLL sketch of
+    numbers, frequent items of text (what the drift measures and summaries read).
 
-    return why.log(frame).view()
+    Two things make this ~15x faster than ``why.log(frame)`` (measured in benchmarks/):
+    - ``why.log`` inspects every value in Python to sort it into null/int/float/string/inf.
+      Here pandas does that: each column's non-null values go to whylogs as one homogeneous
+      series (whylogs' ``ColumnProperties.homogeneous`` fast path) and its nulls through the
+      ordinary path in a second profile, merged into the first. Same counts (test_drift).
+    - ``_Resolver`` skips the metrics nothing reads (cardinality sketches, a KLL sketch of text),
+      which were most of the cost of a profile of one day's ~900 rows."""
+    import pandas as pd
+    from whylogs.core import DatasetProfile, DatasetSchema
+    from whylogs.core.preprocessing import ColumnProperties
+
+    def kind(name: str):
+        import pandas as pd
+
+        return frame[name].dtype.type if pd.api.types.is_numeric_dtype(frame[name]) else str
+
+    present = frame.notna()
+    with_nulls = [name for name in frame.columns if not present[name].all()]
+    resolver = _resolver()
+    values = DatasetProfile(DatasetSchema(
+        types={name: (kind(name), ColumnProperties.homogeneous) for name in frame.columns}, resolvers=resolver
+    ))
+    nulls = DatasetProfile(DatasetSchema(types={name: kind(name) for name in with_nulls}, resolvers=resolver))
+    for name in frame.columns:
+        column = frame[name]
+        if present[name].any():
+            values.track(pandas=pd.DataFrame({name: column[present[name]].reset_index(drop=True)}))
+        if name in with_nulls:
+            nulls.track(pandas=pd.DataFrame({name: column[~present[name]].reset_index(drop=True)}))
+    return values.view().merge(nulls.view()) if with_nulls else values.view()
+
+
+def _resolver():
+    from whylogs.core.datatypes import Fractional, Integral, String
+    from whylogs.core.metrics import StandardMetric
+    from whylogs.core.resolvers import Resolver
+
+    class _Resolver(Resolver):
+        """Counts and types of every column; a KLL sketch of numbers; frequent items of text."""
+
+        def resolve(self, name, why_type, column_schema):
+            metrics = [StandardMetric.counts, StandardMetric.types]
+            if isinstance(why_type, (Integral, Fractional)):
+                metrics.append(StandardMetric.distribution)
+            elif isinstance(why_type, String):
+                metrics.append(StandardMetric.frequent_items)
+            return {m.name: m.zero(column_schema.cfg) for m in metrics}
+
+    return _Resolver()
 
 
 def merge(views: list):
@@ -59,6 +110,8 @@ def null_count(view, name: str) -> int:
 
 def quantiles(view, name: str, qs) -> np.ndarray:
     """Quantiles of a numeric column from its KLL sketch (empty array when no numbers)."""
+    import numpy as np
+
     sketch = _column(view, name).get_metric("distribution").kll.value
     if sketch.is_empty():
         return np.array([])
@@ -67,6 +120,8 @@ def quantiles(view, name: str, qs) -> np.ndarray:
 
 def pmf(view, name: str, split_points) -> np.ndarray:
     """Probability mass of a numeric column in the bins cut at ``split_points`` (len + 1 bins)."""
+    import numpy as np
+
     sketch = _column(view, name).get_metric("distribution").kll.value
     if sketch.is_empty():
         return np.full(len(split_points) + 1, np.nan)
@@ -83,6 +138,8 @@ def frequencies(view, name: str) -> dict[str, float]:
 
 def summary(view) -> pd.DataFrame:
     """Per column: rows, nulls, mean, stddev, min, quartiles, max (numbers only where numeric)."""
+    import numpy as np
+
     frame = view.to_pandas()
     wanted = {
         "counts/n": "rows", "counts/null": "nulls", "distribution/mean": "mean", "distribution/stddev": "stddev",

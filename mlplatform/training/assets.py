@@ -11,8 +11,8 @@ and only then does ``champion_model`` run and move the ``champion`` alias.
 
 import datetime as dt
 import json
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
@@ -31,6 +31,9 @@ from mlplatform.resources import WarehouseReader
 from mlplatform.training import model as m
 from mlplatform.training import promotion
 from mlplatform.training.tracking import CHALLENGER, CHAMPION, MlflowTracking, git_state
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FEATURES_KEY = AssetKey(["features", "flight_features"])
 OWNERS = ["team:ml-platform"]
@@ -77,7 +80,7 @@ def windows(conn, config: TrainingConfig) -> tuple[tuple[dt.date, dt.date], tupl
     return (train_start, eval_start - dt.timedelta(days=1)), (eval_start, eval_end)
 
 
-def _markdown(series: pd.Series, label: str) -> str:
+def _markdown(series: "pd.Series", label: str) -> str:
     return "\n".join([f"| feature | {label} |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in series.items())])
 
 
@@ -132,6 +135,7 @@ def flight_delay_model(
             pyfunc_predict_fn="predict_proba",
             await_registration_for=0,
             skops_trusted_types=m.SKOPS_TRUSTED_TYPES,
+            pip_requirements=m.pip_requirements(),
         )
         run_id = run.info.run_id
     version = str(info.registered_model_version)
@@ -168,7 +172,7 @@ class PromotionConfig(Config):
                                        self.baseline_auc_margin)
 
 
-def evaluate_version(mlflow: MlflowTracking, version: str, frame: pd.DataFrame, min_rows: int, threshold: float):
+def evaluate_version(mlflow: MlflowTracking, version: str, frame: "pd.DataFrame", min_rows: int, threshold: float):
     estimator = mlflow.load_model(version)
     probability = estimator.predict_proba(m.model_input(frame))[:, 1]
     return promotion.Evaluation(

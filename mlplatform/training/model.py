@@ -10,9 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 CATEGORICAL = ["carrier", "origin", "dest"]
 NUMERIC = [
@@ -37,6 +39,17 @@ SKOPS_TRUSTED_TYPES = [
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     "sklearn.utils.validation.check_array",
 ]
+
+# What loading the model needs, pinned to this environment. Given explicitly because MLflow would
+# otherwise infer it by loading the model in a subprocess (~8 s of every training run here), and
+# the inferred list picks up whatever else the process had imported (pytest, rich, psutil).
+MODEL_PACKAGES = ["mlflow", "scikit-learn", "numpy", "pandas", "scipy", "skops"]
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in MODEL_PACKAGES]
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ def load_frame(conn, start: dt.date, end: dt.date, labelled: bool = True) -> pd.
 def model_input(frame: pd.DataFrame) -> pd.DataFrame:
     """The estimator's input: FEATURES, categoricals as text and numbers as floats (a stable
     schema for the MLflow signature, whatever nulls a day happens to have)."""
+    import pandas as pd
+
     out = frame[FEATURES].copy()
     for column in CATEGORICAL:
         out[column] = out[column].astype(object).where(out[column].notna(), None)
@@ -74,6 +89,7 @@ def model_input(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_estimator(params: Hyperparameters):
+    import numpy as np
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.pipeline import Pipeline
@@ -97,6 +113,8 @@ def build_estimator(params: Hyperparameters):
 def time_split(frame: pd.DataFrame, validation_days: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The last ``validation_days`` days are validation, everything before is training: never a
     shuffle across dates."""
+    import pandas as pd
+
     last = pd.Timestamp(frame["flight_date"].max())
     cut = last - pd.Timedelta(days=validation_days - 1)
     dates = pd.to_datetime(frame["flight_date"])
@@ -106,6 +124,7 @@ def time_split(frame: pd.DataFrame, validation_days: int) -> tuple[pd.DataFrame,
 def metrics(y_true, probability, threshold: float = 0.5, bins: int = 10) -> dict[str, float]:
     """ROC AUC, log loss, Brier score, expected calibration error, precision/recall at the
     decision threshold."""
+    import numpy as np
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import (
         brier_score_loss,
@@ -135,6 +154,7 @@ def metrics(y_true, probability, threshold: float = 0.5, bins: int = 10) -> dict
 
 def segment_auc(frame: pd.DataFrame, probability, by: str = "carrier", min_rows: int = 500) -> dict[str, float]:
     """ROC AUC per segment with at least ``min_rows`` rows and both classes."""
+    import pandas as pd
     from sklearn.metrics import roc_auc_score
 
     scored = pd.DataFrame({by: frame[by].to_numpy(), "y": frame[LABEL].astype(int).to_numpy(), "p": probability})
@@ -147,6 +167,8 @@ def segment_auc(frame: pd.DataFrame, probability, by: str = "carrier", min_rows:
 
 def content_hash(frame: pd.DataFrame) -> str:
     """A hash of the rows a model was trained on (ids, features and label, in order)."""
+    import pandas as pd
+
     hashed = pd.util.hash_pandas_object(frame[["flight_id", *FEATURES, LABEL]], index=False)
     return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()[:16]
 
@@ -173,6 +195,7 @@ def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, thre
 
 def feature_importance(estimator, frame: pd.DataFrame, rows: int = 5000, seed: int = 0) -> pd.Series:
     """Permutation importance (drop in ROC AUC) on a sample of ``frame``."""
+    import pandas as pd
     from sklearn.inspection import permutation_importance
 
     sample = frame.sample(min(rows, len(frame)), random_state=seed)

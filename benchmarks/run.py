@@ -1,0 +1,469 @@
+"""`make bench`: every benchmark, side by side with its plain baseline, into results.{md,json}.
+
+    python benchmarks/run.py [--repeats 3] [--factor 10] [--skip growth,serving] [--smoke]
+
+Each figure runs in fresh processes with its own MLPLATFORM_HOME under ``--workdir``. Timings are
+medians of ``--repeats`` runs; a ratio is taken between runs of the same repeat (the baseline and
+the pipeline back to back), then its median is reported. Peak RSS is the largest resident set of
+the measured process or any process it waited for (``wait4``'s ``ru_maxrss``: dbt runs as a child,
+its RSS is not added to the parent's).
+
+Figures (targets from issue 7):
+- full_year: landing zone -> features -> train -> predictions -> profiles and drift, `mlplatform
+  run` for 2013, against ``baseline.py`` (duckdb + scikit-learn by hand). Target <= 3x.
+- one_day: a re-landed day -> its predictions and drift verdict (daily, predictions and
+  monitoring jobs for that partition, in a process that has loaded the code location, as the
+  code server has). Target <= 5 s.
+- whylogs: profiling throughput over the year, rows/s, against ``why.log``. Target >= 300k.
+- serving: ``serving.py`` (p99 at 200 req/s, one worker). Target p99 <= 10 ms.
+- code_location: importing ``mlplatform.definitions`` and building the repository. Target <= 3 s.
+- growth: ``synthetic.py``'s 10x year through the same run: time and peak RSS against 1x.
+  Targets time <= 10x, peak RSS <= 2 GiB.
+
+``--smoke`` (what CI runs, through the test suite) does every figure on two weeks, once, with
+2x growth and a few seconds of serving, writes to ``--out`` and asserts nothing about timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+GiB = 1024 ** 3
+
+
+# ---------------------------------------------------------------------------- measuring
+
+def measure(command: list[str], env: dict | None = None, cwd: Path = ROOT, log: Path | None = None) -> dict:
+    """Run ``command``; its wall seconds, peak RSS in bytes (wait4), exit code and stdout."""
+    out = open(log, "w") if log else subprocess.PIPE
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    stdout = process.stdout.read() if process.stdout else ""
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if log:
+        out.close()
+        stdout = Path(log).read_text()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, command))} exited {process.returncode}:\n{stdout[-3000:]}")
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": stdout}
+
+
+def home_env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLPLATFORM_", "DAGSTER_"))}
+    return {**env, "MLPLATFORM_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
+
+
+def fresh_home(workdir: Path, name: str, landing: Path) -> Path:
+    home = workdir / name
+    shutil.rmtree(home, ignore_errors=True)
+    subprocess.run([str(BIN / "mlplatform"), "init"], env=home_env(home), check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(home / "landing")
+    shutil.copytree(landing, home / "landing")
+    return home
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+# ---------------------------------------------------------------------------- figures
+
+def machine() -> dict:
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    packages = ["dagster", "dagster-dbt", "dbt-core", "dbt-duckdb", "duckdb", "pandas", "scikit-learn", "mlflow",
+                "whylogs"]
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / GiB, 1),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "packages": {p: version(p) for p in packages},
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def replay(workdir: Path, start: dt.date, end: dt.date) -> Path:
+    """The replayed landing zone of start..end (kept between runs of the benchmark)."""
+    home = workdir / f"replayed-{start}-{end}"
+    if not (home / "done").exists():
+        shutil.rmtree(home, ignore_errors=True)
+        subprocess.run([str(BIN / "mlplatform"), "init"], env=home_env(home), check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([str(BIN / "mlplatform"), "replay", "--start", str(start), "--end", str(end)],
+                       env=home_env(home), check=True, stdout=subprocess.DEVNULL)
+        (home / "done").touch()
+    return home / "landing"
+
+
+def step_seconds(home: Path) -> dict[str, float]:
+    """Seconds per step over every run in the home's instance, largest first."""
+    code = (
+        "import json\nfrom dagster import DagsterInstance\ninstance = DagsterInstance.get()\nout = {}\n"
+        "for run in instance.get_runs():\n"
+        "    for s in instance.get_run_step_stats(run.run_id):\n"
+        "        if s.end_time and s.start_time:\n"
+        "            out[f'{run.job_name}.{s.step_key}'] = round(s.end_time - s.start_time, 2)\n"
+        "print(json.dumps(dict(sorted(out.items(), key=lambda kv: -kv[1]))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=home_env(home), check=True, capture_output=True,
+                            text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def full_year(workdir: Path, landing: Path, start: dt.date, end: dt.date, repeats: int, name: str = "1x") -> dict:
+    from benchmarks.baseline import compile_models
+
+    sql = workdir / "baseline-sql"
+    shutil.rmtree(sql, ignore_errors=True)
+    sql.mkdir(parents=True)
+    (workdir / "empty").mkdir(exist_ok=True)
+    compile_models(sql, start, end, workdir / "empty" / "warehouse.duckdb")
+    runs = []
+    for r in range(repeats):
+        base = measure([sys.executable, str(HERE / "baseline.py"), "--landing", str(landing), "--sql", str(sql),
+                        "--workdir", str(workdir / "baseline"), "--start", str(start), "--end", str(end)],
+                       env=home_env(workdir / "baseline"))
+        base_result = json.loads(base["stdout"].strip().splitlines()[-1])
+        home = fresh_home(workdir, f"pipeline-{name}", landing)
+        pipe = measure([str(BIN / "mlplatform"), "run", "--start", str(start), "--end", str(end)],
+                       env=home_env(home), log=workdir / f"pipeline-{name}-{r}.log")
+        runs.append({
+            "baseline_s": round(base["seconds"], 2), "baseline_peak_rss_gib": round(base["peak_rss_bytes"] / GiB, 2),
+            "baseline_parts_s": {k: round(v, 2) for k, v in base_result["seconds"].items()},
+            "pipeline_s": round(pipe["seconds"], 2), "pipeline_peak_rss_gib": round(pipe["peak_rss_bytes"] / GiB, 2),
+            "ratio": round(pipe["seconds"] / base["seconds"], 2),
+            "rows": base_result["rows"],
+        })
+        print(f"  {name} repeat {r + 1}: pipeline {pipe['seconds']:.1f} s, baseline {base['seconds']:.1f} s", flush=True)
+    return {
+        "days": (end - start).days + 1,
+        "flights": runs[-1]["rows"]["raw_flights"],
+        "pipeline_s": round(median([r["pipeline_s"] for r in runs]), 2),
+        "baseline_s": round(median([r["baseline_s"] for r in runs]), 2),
+        "ratio": round(median([r["ratio"] for r in runs]), 2),
+        "pipeline_peak_rss_gib": max(r["pipeline_peak_rss_gib"] for r in runs),
+        "baseline_peak_rss_gib": max(r["baseline_peak_rss_gib"] for r in runs),
+        "runs": runs,
+        "slowest_steps_s": dict(list(step_seconds(workdir / f"pipeline-{name}").items())[:8]),
+        "home": str(workdir / f"pipeline-{name}"),
+    }
+
+
+ONE_DAY = """
+import json, statistics, sys, time
+t0 = time.perf_counter()
+from dagster import DagsterInstance
+from mlplatform.definitions import defs
+from mlplatform.pipeline import QUIET, RANGE_END_TAG, RANGE_START_TAG
+loaded = time.perf_counter() - t0
+day, repeats = sys.argv[1], int(sys.argv[2])
+instance = DagsterInstance.get()
+jobs = ["daily_job", "predictions_job", "monitoring_job"]
+runs, failed = [], set()
+for _ in range(repeats):
+    seconds = {}
+    for name in jobs:
+        t = time.perf_counter()
+        result = defs.resolve_job_def(name).execute_in_process(
+            instance=instance, tags={RANGE_START_TAG: day, RANGE_END_TAG: day}, run_config=QUIET,
+            raise_on_error=False)
+        seconds[name] = time.perf_counter() - t
+        if not result.success:  # (a failed check counts: the drift verdict is a check)
+            failed.add(name)
+    runs.append(seconds)
+print(json.dumps({"load_s": loaded, "runs": runs, "failed": sorted(failed)}))
+"""
+
+
+def one_day(home: Path, day: dt.date, repeats: int) -> dict:
+    """Re-land ``day`` (the same file written again) and process it, ``repeats`` times."""
+    landed = home / "landing" / "flights" / f"{day}.csv"
+    landed.write_bytes(landed.read_bytes())
+    result = measure([sys.executable, "-c", ONE_DAY, str(day), str(repeats)], env=home_env(home))
+    data = json.loads(result["stdout"].strip().splitlines()[-1])
+    totals = [sum(r.values()) for r in data["runs"]]
+    return {
+        "day": str(day), "seconds": round(median(totals), 2),
+        "per_job_s": {job: round(median([r[job] for r in data["runs"]]), 2) for job in data["runs"][0]},
+        "runs_s": [round(t, 2) for t in totals],
+        "failed_jobs": data["failed"],
+    }
+
+
+WHYLOGS = """
+import json, sys, tempfile, time, datetime as dt
+from pathlib import Path
+import duckdb
+from mlplatform.monitoring import profiles
+from mlplatform.monitoring.assets import monitoring_frame, profile_days, profile_input
+from mlplatform.resources import ProfileStore
+warehouse, start, end, repeats = sys.argv[1], *map(dt.date.fromisoformat, sys.argv[2:4]), int(sys.argv[4])
+with duckdb.connect(warehouse, read_only=True) as conn:
+    frame = monitoring_frame(conn, start, end)
+inputs = profile_input(frame)
+import whylogs as why
+out = {"rows": len(frame), "year": [], "daily": [], "why_log": []}
+for _ in range(repeats):
+    t = time.perf_counter(); profiles.profile(inputs); out["year"].append(time.perf_counter() - t)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter(); profile_days(frame, ProfileStore(path=tmp)); out["daily"].append(time.perf_counter() - t)
+t = time.perf_counter(); why.log(inputs).view(); out["why_log"].append(time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def whylogs_throughput(home: Path, start: dt.date, end: dt.date, repeats: int) -> dict:
+    result = measure([sys.executable, "-c", WHYLOGS, str(home / "warehouse.duckdb"), str(start), str(end),
+                      str(repeats)], env=home_env(home))
+    data = json.loads(result["stdout"].strip().splitlines()[-1])
+    rows = data["rows"]
+    return {
+        "rows": rows, "columns": 39,
+        "one_profile_rows_per_s": round(rows / median(data["year"])),
+        "daily_profiles_rows_per_s": round(rows / median(data["daily"])),
+        "why_log_rows_per_s": round(rows / median(data["why_log"])),
+        "speedup_vs_why_log": round(median(data["why_log"]) / median(data["year"]), 1),
+        "seconds": {k: [round(v, 2) for v in data[k]] for k in ("year", "daily", "why_log")},
+    }
+
+
+LOAD = """
+import json, time
+t0 = time.perf_counter()
+import mlplatform.definitions as d
+imported = time.perf_counter() - t0
+d.defs.get_repository_def().get_all_jobs()
+print(json.dumps({"import_s": imported, "load_s": time.perf_counter() - t0}))
+"""
+
+
+def code_location(home: Path, repeats: int) -> dict:
+    runs = []
+    for _ in range(repeats):
+        result = measure([sys.executable, "-c", LOAD], env=home_env(home))
+        data = json.loads(result["stdout"].strip().splitlines()[-1])
+        runs.append({**data, "process_s": result["seconds"]})
+    slowest = importtime(home)
+    return {
+        "seconds": round(median([r["load_s"] for r in runs]), 2),
+        "process_s": round(median([r["process_s"] for r in runs]), 2),
+        "runs_s": [round(r["load_s"], 2) for r in runs],
+        "slowest_imports_s": slowest,
+    }
+
+
+HEAVY = ["dagster", "dagster_dbt", "dbt", "dagster_duckdb", "duckdb", "pandas", "numpy", "sklearn", "mlflow",
+         "whylogs", "scipy", "pydantic", "sqlalchemy", "grpc"]
+
+
+def importtime(home: Path) -> dict[str, float]:
+    """Cumulative import seconds of the heavy packages when the code location is imported
+    (``-X importtime``; a package nested in another counts in both)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import mlplatform.definitions"],
+                            env=home_env(home), capture_output=True, text=True, check=True)
+    totals: dict[str, float] = {}
+    for line in result.stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit() and parts[2].strip() in HEAVY:
+            totals[parts[2].strip()] = max(totals.get(parts[2].strip(), 0), int(parts[1]) / 1e6)
+    return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def serving(home: Path, smoke: bool) -> dict:
+    code = (
+        "import json, sys\nsys.path.insert(0, sys.argv[1])\nfrom benchmarks.serving import run\n"
+        "from mlplatform.settings import apply_defaults\n"
+        "print(json.dumps(run(apply_defaults(), seconds=3 if sys.argv[2] == '1' else 30, smoke=sys.argv[2] == '1')))\n"
+    )
+    result = measure([sys.executable, "-c", code, str(ROOT), "1" if smoke else "0"], env=home_env(home))
+    data = json.loads(result["stdout"].strip().splitlines()[-1])
+    data.pop("machine", None)
+    return data
+
+
+def growth(workdir: Path, landing: Path, start: dt.date, end: dt.date, factor: int, one: dict) -> dict:
+    from benchmarks.synthetic import generate
+
+    big = workdir / f"landing-{factor}x-{start}-{end}"
+    if not (big / "done").exists():
+        shutil.rmtree(big, ignore_errors=True)
+        generate(landing, big, factor)
+        (big / "done").touch()
+    result = full_year(workdir, big, start, end, repeats=1, name=f"{factor}x")
+    return {
+        "factor": factor, "flights": result["flights"],
+        "pipeline_s": result["pipeline_s"], "time_ratio_vs_1x": round(result["pipeline_s"] / one["pipeline_s"], 2),
+        "pipeline_peak_rss_gib": result["pipeline_peak_rss_gib"],
+        "peak_rss_ratio_vs_1x": round(result["pipeline_peak_rss_gib"] / one["pipeline_peak_rss_gib"], 2),
+        "baseline_s": result["baseline_s"], "baseline_peak_rss_gib": result["baseline_peak_rss_gib"],
+        "slowest_steps_s": result["slowest_steps_s"],
+    }
+
+
+# ---------------------------------------------------------------------------- report
+
+def verdicts(results: dict) -> list[tuple[str, str, str, bool | None]]:
+    """(figure, measured, target, met) rows."""
+    rows = []
+    f = results.get("full_year")
+    if f:
+        rows.append(("Full year vs plain script", f"{f['pipeline_s']:.0f} s vs {f['baseline_s']:.1f} s = "
+                     f"**{f['ratio']:.1f}x**", "<= 3x", f["ratio"] <= 3))
+    d = results.get("one_day")
+    if d:
+        rows.append(("One new day -> predictions + drift verdict", f"**{d['seconds']:.1f} s**", "<= 5 s",
+                     d["seconds"] <= 5))
+    w = results.get("whylogs")
+    if w:
+        rows.append(("whylogs profiling, one profile of the year", f"**{w['one_profile_rows_per_s']:,} rows/s** "
+                     f"(why.log: {w['why_log_rows_per_s']:,})", ">= 300k rows/s", w["one_profile_rows_per_s"] >= 300_000))
+        rows.append(("whylogs profiling, the daily profiles of the year", f"{w['daily_profiles_rows_per_s']:,} rows/s",
+                     ">= 300k rows/s", w["daily_profiles_rows_per_s"] >= 300_000))
+    s = results.get("serving")
+    if s:
+        lat = s["scheduled"]["latency_ms"]
+        rows.append(("Serving p99 at 200 req/s, one worker", f"p50 {lat['p50']:.1f} ms, **p99 {lat['p99']:.1f} ms**, "
+                     f"{s['scheduled']['errors']} errors", "p99 <= 10 ms", s["target"]["met"]))
+    c = results.get("code_location")
+    if c:
+        rows.append(("Code-location load", f"**{c['seconds']:.2f} s** (process {c['process_s']:.2f} s)", "<= 3 s",
+                     c["seconds"] <= 3))
+    g = results.get("growth")
+    if g:
+        rows.append((f"Growth {g['factor']}x: time", f"{g['pipeline_s']:.0f} s = **{g['time_ratio_vs_1x']:.1f}x** of 1x",
+                     f"<= {g['factor']}x", g["time_ratio_vs_1x"] <= g["factor"]))
+        rows.append((f"Growth {g['factor']}x: peak RSS", f"**{g['pipeline_peak_rss_gib']:.2f} GiB** "
+                     f"(1x: {results['full_year']['pipeline_peak_rss_gib']:.2f} GiB)", "<= 2 GiB",
+                     g["pipeline_peak_rss_gib"] <= 2))
+    return rows
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `make bench` (`benchmarks/run.py`) on {m['date']}. What the figures mean and what",
+        "dominates each: `benchmarks/README.md`.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['platform']}.",
+        "Packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()) + ".",
+        f"Repeats: {results['repeats']} (medians; ratios taken within a repeat).",
+        "",
+        "| figure | measured | target | met |",
+        "|---|---|---|---|",
+    ]
+    for figure, measured, target, met in verdicts(results):
+        lines.append(f"| {figure} | {measured} | {target} | {'yes' if met else '**no**'} |")
+    f = results.get("full_year")
+    if f:
+        lines += ["", f"## Full year ({f['days']} days, {f['flights']:,} flights)", "",
+                  "| repeat | pipeline s | baseline s | ratio | pipeline peak RSS GiB | baseline peak RSS GiB |",
+                  "|---|---|---|---|---|---|"]
+        for i, r in enumerate(f["runs"], 1):
+            lines.append(f"| {i} | {r['pipeline_s']} | {r['baseline_s']} | {r['ratio']} | {r['pipeline_peak_rss_gib']}"
+                         f" | {r['baseline_peak_rss_gib']} |")
+        lines += ["", "Baseline parts (last repeat): " + ", ".join(
+            f"{k} {v} s" for k, v in f["runs"][-1]["baseline_parts_s"].items()) + ".", "",
+            "Slowest pipeline steps (last repeat): " + ", ".join(f"`{k}` {v} s" for k, v in f["slowest_steps_s"].items())
+            + "."]
+    d = results.get("one_day")
+    if d:
+        lines += ["", f"## One day ({d['day']})", "", "Per job (median): " + ", ".join(
+            f"`{k}` {v} s" for k, v in d["per_job_s"].items()) + f". Runs: {d['runs_s']} s."
+            + (f" Jobs that did not succeed: {', '.join(d['failed_jobs'])}." if d["failed_jobs"] else "")]
+    w = results.get("whylogs")
+    if w:
+        lines += ["", f"## whylogs ({w['rows']:,} rows x {w['columns']} columns)", "",
+                  f"One profile of the year: {w['one_profile_rows_per_s']:,} rows/s; the daily profiles as "
+                  f"`feature_profiles` makes them (one per day, saved, summarised): {w['daily_profiles_rows_per_s']:,} "
+                  f"rows/s; plain `why.log` on the year: {w['why_log_rows_per_s']:,} rows/s "
+                  f"({w['speedup_vs_why_log']}x slower than ours). Seconds: {w['seconds']}."]
+    c = results.get("code_location")
+    if c:
+        lines += ["", "## Code location", "", f"Import of `mlplatform.definitions` and repository build: runs "
+                  f"{c['runs_s']} s. Slowest top-level imports (-X importtime, cumulative s): "
+                  + ", ".join(f"`{k}` {v}" for k, v in c["slowest_imports_s"].items()) + "."]
+    g = results.get("growth")
+    if g:
+        lines += ["", f"## Growth ({g['factor']}x: {g['flights']:,} flights)", "",
+                  f"Pipeline {g['pipeline_s']} s ({g['time_ratio_vs_1x']}x of 1x), peak RSS {g['pipeline_peak_rss_gib']}"
+                  f" GiB ({g['peak_rss_ratio_vs_1x']}x of 1x); the plain script {g['baseline_s']} s, "
+                  f"{g['baseline_peak_rss_gib']} GiB. Slowest steps: "
+                  + ", ".join(f"`{k}` {v} s" for k, v in g["slowest_steps_s"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--factor", type=int, default=10)
+    parser.add_argument("--skip", default="", help="comma-separated figures to skip (growth, serving, ...)")
+    parser.add_argument("--smoke", action="store_true", help="two weeks, once, 2x growth: checks the code runs")
+    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("MLPLATFORM_HOME", ROOT / ".mlplatform"))
+                        / "bench")
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    start, end = dt.date(2013, 1, 1), dt.date(2013, 12, 31)
+    repeats, factor = args.repeats, args.factor
+    if args.smoke:
+        end, repeats, factor = dt.date(2013, 1, 14), 1, 2
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": machine(), "repeats": repeats, "window": f"{start}..{end}"}
+    print(f"benchmarks in {args.workdir}, {start}..{end}, {repeats} repeats", flush=True)
+    landing = replay(args.workdir, start, end)
+
+    def save() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / "results.md").write_text(markdown(results))
+
+    print("full year ...", flush=True)
+    results["full_year"] = full_year(args.workdir, landing, start, end, repeats)
+    save()
+    home = Path(results["full_year"]["home"])
+    if "one_day" not in skip:
+        print("one day ...", flush=True)
+        results["one_day"] = one_day(home, end - dt.timedelta(days=1), repeats)
+        save()
+    if "whylogs" not in skip:
+        print("whylogs ...", flush=True)
+        results["whylogs"] = whylogs_throughput(home, start, end, repeats)
+        save()
+    if "code_location" not in skip:
+        print("code location ...", flush=True)
+        results["code_location"] = code_location(home, max(repeats, 3))
+        save()
+    if "serving" not in skip:
+        print("serving ...", flush=True)
+        results["serving"] = serving(home, args.smoke)
+        save()
+    if "growth" not in skip:
+        print(f"growth {factor}x ...", flush=True)
+        results["growth"] = growth(args.workdir, landing, start, end, factor, results["full_year"])
+        save()
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The benchmark code runs (CI's smoke of `make bench`): no timing is asserted here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+
+import duckdb
+import pandas as pd
+import pytest
+
+from benchmarks import run as bench
+from benchmarks.synthetic import KEY, generate
+from mlplatform.ingest.contracts import FLIGHTS
+from mlplatform.ingest.load import load
+
+
+def test_synthetic_growth_has_distinct_keys_and_passes_the_contract(replayed, tmp_path):
+    source = tmp_path / "source"
+    (source / "flights").mkdir(parents=True)
+    for day in ("2013-01-01", "2013-01-02"):
+        shutil.copy(replayed / "flights" / f"{day}.csv", source / "flights")
+    written = generate(source, tmp_path / "big", factor=3, seed=1)
+    real = sum(len(pd.read_csv(p)) for p in (source / "flights").glob("*.csv"))
+    assert written == 3 * real
+    big = pd.read_csv(tmp_path / "big" / "flights" / "2013-01-01.csv")
+    assert not big.duplicated(KEY).any()
+    original = pd.read_csv(source / "flights" / "2013-01-01.csv")
+    copy = big.iloc[len(original):2 * len(original)].reset_index(drop=True)
+    assert (copy["arr_delay"] != original["arr_delay"]).mean() > 0.5  # jittered
+    assert copy["arr_delay"].isna().sum() == original["arr_delay"].isna().sum()  # cancellations kept
+    with duckdb.connect() as conn:
+        results = load(conn, FLIGHTS, tmp_path / "big", [dt.date(2013, 1, 1), dt.date(2013, 1, 2)])
+    assert sum(r.loaded for r in results) == written and sum(r.quarantined for r in results) == 0
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_every_figure(tmp_path, monkeypatch):
+    """`benchmarks/run.py --smoke` (two weeks, once) fills results.json and results.md. The serving
+    figure has its own smoke test (test_serving) and growth runs the same code as the full year."""
+    out = tmp_path / "out"
+    monkeypatch.delenv("MLPLATFORM_HOME", raising=False)
+    assert bench.main(["--smoke", "--skip", "serving,growth", "--workdir", str(tmp_path / "work"),
+                       "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    year = results["full_year"]
+    assert year["flights"] == year["runs"][0]["rows"]["features"] == year["runs"][0]["rows"]["predictions"] > 10_000
+    assert year["pipeline_s"] > 0 and year["baseline_s"] > 0 and year["ratio"] > 0
+    assert year["slowest_steps_s"] and all(v >= 0 for v in year["slowest_steps_s"].values())
+    # the baseline's features are the pipeline's, value for value
+    query = "SELECT * FROM features.flight_features ORDER BY flight_id"
+    with duckdb.connect(str(tmp_path / "work" / "baseline" / "warehouse.duckdb"), read_only=True) as conn:
+        baseline = conn.sql(query).df()
+    with duckdb.connect(str(tmp_path / "work" / "pipeline-1x" / "warehouse.duckdb"), read_only=True) as conn:
+        pipeline = conn.sql(query).df()
+    pd.testing.assert_frame_equal(baseline, pipeline)
+    assert results["one_day"]["seconds"] > 0 and set(results["one_day"]["per_job_s"]) == {
+        "daily_job", "predictions_job", "monitoring_job"}
+    assert results["whylogs"]["rows"] == year["flights"] and results["whylogs"]["one_profile_rows_per_s"] > 0
+    assert results["code_location"]["seconds"] > 0 and "dagster" in results["code_location"]["slowest_imports_s"]
+    text = (out / "results.md").read_text()
+    assert "| Full year vs plain script |" in text and "Machine:" in text
