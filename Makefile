@@ -68,9 +68,9 @@ serve: setup
 run: setup
 	$(BIN)/mlplatform run --start $(START) --end $(END) --replay
 
+# BENCH_ARGS, e.g. "--repeats 5" or "--skip growth" (see benchmarks/README.md)
 bench: setup
-	@test -f benchmarks/run.py || { echo "benchmarks are not written yet (issue 7): see benchmarks/README.md"; exit 1; }
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lock: install
 	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 --quiet -o requirements.lock

@@ -153,6 +153,7 @@ def run(landing: Path, sql_dir: Path, workdir: Path, start: dt.date, end: dt.dat
         delay_probability=estimator.predict_proba(m.model_input(everything))[:, 1]
     )
     conn.execute("CREATE SCHEMA IF NOT EXISTS predictions")
+    conn.register("scores", scores)
     conn.execute("CREATE TABLE predictions.flight_delay AS SELECT * FROM scores")
     timings["score"] = time.perf_counter() - t
     counts = {

@@ -76,7 +76,7 @@ def run_range(
         print(f"\n{job_name} {start}..{end}: {status} (run {result.run_id})", file=out)
         if rejected:
             print(f"  promotion gate: {rejected}", file=out)
-        print(summarize(instance, result.run_id), file=out)
+        print(summarize(instance, result), file=out)
         if not result.success and not rejected:
             ok = False
             for event in result.all_events:
@@ -97,22 +97,23 @@ def _has_champion() -> bool:
     return tracking.version_by_alias(CHAMPION) is not None
 
 
-def summarize(instance: DagsterInstance, run_id: str) -> str:
-    """Per asset: rows (of the last materialization), its step's seconds, check results."""
-    records = instance.all_logs(
-        run_id, of_type={DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_CHECK_EVALUATION}
-    )
+def summarize(instance: DagsterInstance, result) -> str:
+    """Per asset: rows (of the last materialization), its step's seconds, check results. Reads
+    the run's events from ``result`` (in memory) and only the step events from the instance: a
+    year's run has thousands of partition events, which take seconds to read back."""
     step_seconds: dict[str, float] = {}
-    for stat in instance.get_run_step_stats(run_id):
-        if stat.end_time and stat.start_time:
-            step_seconds[stat.step_key] = stat.end_time - stat.start_time
+    starts: dict[str, float] = {}
+    step_events = {DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE}
+    for record in instance.all_logs(result.run_id, of_type=step_events):
+        event = record.dagster_event
+        if event.event_type == DagsterEventType.STEP_START:
+            starts[event.step_key] = record.timestamp
+        elif event.step_key in starts:
+            step_seconds[event.step_key] = record.timestamp - starts[event.step_key]
     rows: dict[str, object] = {}
     steps: dict[str, str] = {}
     checks: dict[str, list[str]] = {}
-    for record in records:
-        event = record.dagster_event
-        if event is None:
-            continue
+    for event in result.all_events:
         if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
             mat = event.step_materialization_data.materialization
             key = mat.asset_key.to_user_string()

@@ -110,3 +110,36 @@ def test_fast_profile_counts_what_whylogs_counts():
         pd.testing.assert_series_equal(ours.loc[rows, column], theirs.loc[rows, column], rtol=1e-9)
     assert profiles.frequencies(fast, "c") == profiles.frequencies(slow, "c")
     assert profiles.quantiles(fast, "x", [0.5])[0] == pytest.approx(data.x.median(), abs=0.05)
+
+
+def test_daily_performance_is_the_training_metrics_per_day_and_version():
+    from mlplatform.monitoring.assets import SCORE, daily_performance
+    from mlplatform.training import model as m
+
+    n = 4_000
+    frame = pd.DataFrame({
+        "flight_date": pd.to_datetime(rng.choice(["2013-03-01", "2013-03-02"], n)),
+        "model_version": rng.choice(["1", "2"], n),
+        m.LABEL: rng.random(n) < 0.3,
+    })
+    frame[SCORE] = np.clip(frame[m.LABEL] * 0.3 + rng.random(n) * 0.7, 0, 1)
+    frame.loc[:9, SCORE] = np.nan  # not scored: left out
+    out = daily_performance(frame).set_index(["performance_date", "model_version"])
+    assert len(out) == 4 and out["rows"].sum() == n - 10
+    scored = frame[frame[SCORE].notna()]
+    for (day, version), group in scored.groupby([scored.flight_date.dt.date, "model_version"]):
+        expected = m.metrics(group[m.LABEL], group[SCORE])
+        assert out.loc[(day, version), "roc_auc"] == pytest.approx(expected["roc_auc"])
+        assert out.loc[(day, version), "log_loss"] == pytest.approx(expected["log_loss"])
+
+
+def test_a_saved_profile_reads_back_from_memory_until_the_file_changes(tmp_path):
+    path = tmp_path / "day.bin"
+    first = profiles.profile(frame(n=100))
+    profiles.save(first, path)
+    assert profiles.load(path) is first  # what this process just wrote
+    other = profiles.profile(frame(n=300))
+    path.write_bytes(other.serialize())  # rewritten by someone else
+    again = profiles.load(path)
+    assert again is not first and profiles.row_count(again, "x") == 300
+    assert profiles.load(path) is again

@@ -305,13 +305,16 @@ class PerformanceConfig(Config):
 
 def daily_performance(frame: "pd.DataFrame") -> "pd.DataFrame":
     """Realised ROC AUC and log loss per day and scoring model version."""
+    import numpy as np
     import pandas as pd
+    from sklearn.metrics import log_loss, roc_auc_score
 
     scored = frame[frame[m.LABEL].notna() & frame[SCORE].notna()]
     rows = []
     for (day, version), group in scored.groupby([scored["flight_date"].dt.date, "model_version"]):
-        result = m.metrics(group[m.LABEL], group[SCORE])
-        rows.append((day, str(version), len(group), result["roc_auc"], result["log_loss"]))
+        y, p = group[m.LABEL].astype(int).to_numpy(), np.clip(group[SCORE].to_numpy(dtype=float), 1e-6, 1 - 1e-6)
+        auc = float(roc_auc_score(y, p)) if len(set(y)) > 1 else float("nan")
+        rows.append((day, str(version), len(group), auc, float(log_loss(y, p, labels=[0, 1]))))
     return pd.DataFrame(rows, columns=["performance_date", "model_version", "rows", "roc_auc", "log_loss"])
 
 
