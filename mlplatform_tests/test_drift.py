@@ -143,3 +143,24 @@ def test_a_saved_profile_reads_back_from_memory_until_the_file_changes(tmp_path)
     again = profiles.load(path)
     assert again is not first and profiles.row_count(again, "x") == 300
     assert profiles.load(path) is again
+
+
+def test_profiles_of_groups_are_the_profiles_of_each_group():
+    """profile_groups() (one pass over the columns, a slice per day) gives each group the profile
+    that profile() gives its rows alone, whatever the order of the labels."""
+    n = 3_000
+    data = frame(n=n).assign(x=lambda f: f.x.where(rng.random(n) > 0.1),
+                             c=lambda f: f.c.astype(object).where(rng.random(n) > 0.1, None))
+    labels = rng.choice(["2013-01-03", "2013-01-01", "2013-01-02"], n)  # unsorted
+    groups = profiles.profile_groups(data, labels)
+    assert [label for label, _ in groups] == ["2013-01-01", "2013-01-02", "2013-01-03"]
+    for label, view in groups:
+        alone = profiles.profile(data[labels == label])
+        pd.testing.assert_frame_equal(profiles.summary(view), profiles.summary(alone))
+        assert profiles.frequencies(view, "c") == profiles.frequencies(alone, "c")
+        assert profiles.row_count(view, "x") == (labels == label).sum()
+
+
+def test_profile_refuses_what_it_cannot_sketch():
+    with pytest.raises(TypeError, match="'flag'"):
+        profiles.profile(pd.DataFrame({"flag": [True, False]}))

@@ -56,13 +56,21 @@ def wait(proc: subprocess.Popen, timeout: float = 600) -> int:
         raise
 
 
+def reader(home):
+    """A read-only connection that waits for a writer: after a SIGKILL of a run's process group
+    its dbt child may hold the warehouse's lock a moment longer than the run's own process."""
+    from mlplatform.resources import WarehouseReader
+
+    return WarehouseReader(database=str(home.warehouse), max_wait_seconds=30).get_connection()
+
+
 def day_counts(home, table: str, column: str) -> dict[D, int]:
-    with duckdb.connect(str(home.warehouse), read_only=True) as conn:
+    with reader(home) as conn:
         return dict(conn.execute(f"SELECT {column}, count(*) FROM {table} GROUP BY 1").fetchall())
 
 
 def duplicates(home, table: str, key: str) -> int:
-    with duckdb.connect(str(home.warehouse), read_only=True) as conn:
+    with reader(home) as conn:
         return conn.execute(f"SELECT count(*) - count(DISTINCT {key}) FROM {table}").fetchone()[0]
 
 

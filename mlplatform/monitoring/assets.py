@@ -119,9 +119,7 @@ def profile_days(frame: "pd.DataFrame", store: ProfileStore) -> "pd.DataFrame":
     import pandas as pd
 
     summaries = []
-    inputs = profile_input(frame)
-    for day, rows in inputs.groupby(frame["flight_date"].dt.date.to_numpy()):
-        view = profiles.profile(rows)
+    for day, view in profiles.profile_groups(profile_input(frame), frame["flight_date"].dt.date.to_numpy()):
         profiles.save(view, store.day(day))
         summaries.append(profiles.summary(view).assign(profile_date=day))
     if not summaries:

@@ -8,14 +8,10 @@ import time
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetKey, asset_check
 
 from mlplatform.resources import WarehouseReader
-from mlplatform.serving.features import (
-    Snapshot,
-    WarehouseUnavailable,
-    compile_online_features,
-)
-from mlplatform.serving.service import OnlineFeatures
-from mlplatform.serving.skew import compare, sample_offline
 from mlplatform.settings import Settings
+
+# The serving modules (pandas, numpy, duckdb) are imported by the check when it runs, not when the
+# code location loads.
 
 FEATURES_KEY = AssetKey(["features", "flight_features"])
 SAMPLE_ROWS = 500
@@ -31,6 +27,10 @@ SAMPLE_DAYS = 5  # the schedule of these days is precomputed, as the server does
     pool="warehouse_writer",  # it snapshots the warehouse: not while a run writes it
 )
 def online_features_match(warehouse_reader: WarehouseReader) -> AssetCheckResult:
+    from mlplatform.serving.features import compile_online_features
+    from mlplatform.serving.service import OnlineFeatures
+    from mlplatform.serving.skew import compare, sample_offline
+
     settings = Settings.from_env()
     compiled = compile_online_features(settings, settings.home / "dbt" / "online-check-target")
     with warehouse_reader.get_connection() as conn:
@@ -65,8 +65,10 @@ def online_features_match(warehouse_reader: WarehouseReader) -> AssetCheckResult
     )
 
 
-def _snapshot(settings: Settings, compiled, attempts: int = 6) -> Snapshot:
+def _snapshot(settings: Settings, compiled, attempts: int = 6):
     """A snapshot, waiting out another process's lock on the warehouse (a serving refresh)."""
+    from mlplatform.serving.features import Snapshot, WarehouseUnavailable
+
     for attempt in range(attempts):
         try:
             return Snapshot.load(settings.warehouse, compiled.relations)
