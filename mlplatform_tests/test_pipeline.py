@@ -175,14 +175,14 @@ def test_dbt_build_works_standalone(home, instance):
 
 
 def test_dbt_resource_knows_the_version_dbt_reports():
-    """DbtCli skips dagster-dbt's `dbt --version` subprocess: the version it assumes is the one
-    that subprocess reports, and the override is the attribute dagster-dbt actually reads."""
+    """DbtCli skips dagster-dbt's `dbt --version` subprocess and its in-process adapter: the version
+    it assumes is the one that subprocess reports, and the overrides are attributes dagster-dbt has."""
     from dagster_dbt import DbtCliResource
 
     from mlplatform.settings import dbt_executable
     from mlplatform.transform.assets import DbtCli, dbt_project
 
-    assert "_cli_version" in vars(DbtCliResource)
+    assert "_cli_version" in vars(DbtCliResource) and "_initialize_dbt_core_adapter" in vars(DbtCliResource)
     ours = DbtCli(project_dir=dbt_project(), dbt_executable=dbt_executable())
     theirs = DbtCliResource(project_dir=dbt_project(), dbt_executable=dbt_executable())
     assert ours._cli_version == theirs._cli_version

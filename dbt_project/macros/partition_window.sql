@@ -1,15 +1,31 @@
 {#
-  Daily partitions. Dagster runs a daily model for a window of days [min_date, max_date] passed
-  as vars; standalone, the window is every day. A daily model:
+  Daily partitions. Dagster runs a daily model for a window of days [min_date, max_date]; run
+  standalone, the window is every day. A daily model:
     config(materialized='incremental', incremental_strategy='append',
            pre_hook=replace_window('flight_date'), tags=['daily'])
   and filters its input with in_window('<date column>').
   The pre-hook deletes the window inside the model's transaction, so the window is replaced
   atomically and re-running it never duplicates rows.
+
+  The window comes from `--vars '{"min_date": .., "max_date": ..}'` when given, else from the
+  environment variables MLPLATFORM_MIN_DATE and MLPLATFORM_MAX_DATE, which is how Dagster passes
+  it, and it is read only when dbt executes (`execute`), not while it parses. Both keep dbt's
+  partial parsing: when --vars change dbt re-parses the whole project (dbt-core #6323), and when
+  an environment variable read at parse time changes it re-parses the files that read it; either
+  costs 1-2 s of every daily run here (benchmarks/README.md). At parse time the window is every
+  day, which only the SQL dbt compiles at execution would use.
 #}
+{% macro window_start() -%}
+    {%- if execute -%}{{ var("min_date", env_var("MLPLATFORM_MIN_DATE", "1900-01-01")) }}{%- else -%}1900-01-01{%- endif -%}
+{%- endmacro %}
+
+{% macro window_end() -%}
+    {%- if execute -%}{{ var("max_date", env_var("MLPLATFORM_MAX_DATE", "2999-12-31")) }}{%- else -%}2999-12-31{%- endif -%}
+{%- endmacro %}
+
 {% macro in_window(column, lookback_days=0) -%}
-    {{ column }} BETWEEN CAST('{{ var("min_date") }}' AS DATE) - INTERVAL {{ lookback_days }} DAY
-                     AND CAST('{{ var("max_date") }}' AS DATE)
+    {{ column }} BETWEEN CAST('{{ window_start() }}' AS DATE) - INTERVAL {{ lookback_days }} DAY
+                     AND CAST('{{ window_end() }}' AS DATE)
 {%- endmacro %}
 
 {% macro replace_window(column) -%}

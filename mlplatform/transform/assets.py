@@ -1,13 +1,15 @@
 """dbt models as Dagster assets (dagster-dbt).
 
 Two groups of dbt nodes: ``tag:reference`` (unpartitioned dimension tables) and ``tag:daily``
-(incremental by day). A daily run passes its window to dbt as ``--vars`` so that any range of
-days is one dbt invocation (``BackfillPolicy.single_run()``). dbt tests arrive as asset checks.
+(incremental by day). A daily run passes its window to dbt (``MLPLATFORM_MIN_DATE`` and
+``MLPLATFORM_MAX_DATE``, see ``macros/partition_window.sql``) so that any range of days is one dbt
+invocation (``BackfillPolicy.single_run()``). dbt tests arrive as asset checks.
 Row counts and column schemas are read from the warehouse after dbt exits (dbt holds DuckDB's
 single-writer lock while it runs).
 """
 
 
+import contextlib
 import json
 import os
 from functools import cached_property
@@ -33,7 +35,7 @@ from mlplatform.partitions import (
     single_run,
     window_of,
 )
-from mlplatform.settings import DBT_PROJECT_DIR, Settings
+from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
 from mlplatform.warehouse import table_metadata
 
 FEATURE_LOOKBACK_DAYS = 28  # dbt var feature_lookback_days
@@ -45,31 +47,51 @@ def dbt_project(settings: Settings | None = None) -> DbtProject:
     return DbtProject(project_dir=DBT_PROJECT_DIR, target_path=settings.home / "dbt" / "target")
 
 
+def prepare(project: DbtProject) -> None:
+    """dagster-dbt's preparation (``dbt parse``: the manifest and dbt's partial-parse state), then
+    a second ``dbt parse`` that leaves that state as dbt writes it.
+
+    dagster-dbt marks every seed as changed in the state, for projects that move after they are
+    prepared (a seed's absolute path is in it). Every dbt run then re-parses the seed, and dbt
+    validates what it re-parses against JSON schemas it builds for the occasion: ~1 s of each
+    daily run here (benchmarks/README.md, "One day"). This project runs where it was prepared:
+    the second parse re-parses the seed once and writes a state that later runs reuse whole."""
+    project.preparer.prepare(project)
+    DbtCliResource(project_dir=project, dbt_executable=dbt_executable()).cli(
+        ["parse", "--quiet"], target_path=project.target_path
+    ).wait()
+
+
 def ensure_manifest(project: DbtProject) -> Path:
-    """Parse the dbt project when its manifest is missing or older than any project file.
-    Under ``dagster dev`` dagster-dbt re-parses on every load instead."""
-    if os.getenv("DAGSTER_IS_DEV_CLI"):
-        project.prepare_if_dev()
-        return project.manifest_path
+    """Parse the dbt project when its manifest is missing or older than any project file, also
+    under ``dagster dev`` (where dagster-dbt's ``prepare_if_dev`` would parse at every load of the
+    code location, in every run's process too: seconds per run, for edits this check also sees)."""
     manifest = project.manifest_path
     newest = max(
         p.stat().st_mtime
         for p in DBT_PROJECT_DIR.rglob("*")
-        if p.suffix in {".sql", ".yml", ".yaml"} and "target" not in p.parts
+        if p.suffix in {".sql", ".yml", ".yaml", ".csv"} and "target" not in p.parts
     )
     if not manifest.exists() or manifest.stat().st_mtime < newest:
-        project.preparer.prepare(project)
+        prepare(project)
     return manifest
 
 
 class DbtCli(DbtCliResource):
-    """dagster-dbt's dbt resource, told dbt's version instead of asking for it.
+    """dagster-dbt's dbt resource without two costs of every ``cli()`` call that buy us nothing.
 
-    ``DbtCliResource`` runs ``dbt --version`` in a subprocess once per run (to tell dbt-core from
-    the Fusion engine): ~2.8 s on this machine, more than the dbt build of a day. The dbt it runs
-    is the dbt-core installed beside this interpreter (``settings.dbt_executable``), so the version
-    is the package's. Should dagster-dbt rename the attribute, the override is simply unused and
-    the subprocess comes back (slower, not wrong). test_pipeline checks both give the same version."""
+    - ``dbt --version`` in a subprocess (to tell dbt-core from the Fusion engine): ~2 s, more
+      than the dbt build of a day. The dbt it runs is the dbt-core installed beside this
+      interpreter (``settings.dbt_executable``), so the version is the package's.
+    - A dbt adapter set up in this process (profile, project, and a parse of dbt's ~500 base
+      macros: ~0.6 s), which only serves ``fetch_row_counts()``/``fetch_column_metadata()``; this
+      project reads row counts and schemas itself once dbt has exited (``_with_table_metadata``).
+    Both are private methods of ``DbtCliResource``: should dagster-dbt rename them, the overrides
+    are simply unused and the costs come back (slower, not wrong). test_pipeline checks that the
+    names exist and that the version is the one dbt reports."""
+
+    def _initialize_dbt_core_adapter(self, args):
+        return None
 
     @cached_property
     def _cli_version(self):
@@ -137,8 +159,36 @@ def _with_table_metadata(events, manifest: Mapping, warehouse: DuckDBResource, w
             yield event.with_metadata({**event.metadata, **metadata})
 
 
+WINDOW_ENV = ("MLPLATFORM_MIN_DATE", "MLPLATFORM_MAX_DATE")
+
+
+@contextlib.contextmanager
+def window_environment(start, end):
+    """The partition window as the environment variables the dbt macros read when they execute,
+    for the dbt process started inside the block. Not ``--vars``: a change of vars makes dbt
+    re-parse the whole project, ~2 s of every run (``macros/partition_window.sql``). Restored
+    afterwards; the steps of a run execute one at a time."""
+    saved = {name: os.environ.get(name) for name in WINDOW_ENV}
+    os.environ.update(dict(zip(WINDOW_ENV, (start.isoformat(), end.isoformat()))))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class DbtConfig(Config):
     full_refresh: bool = False  # rebuild the tables from scratch: use with the whole range of days
+
+
+def build_args(config: DbtConfig) -> list[str]:
+    """``dbt build``, without writing a manifest.json and run_results.json into each run's target
+    folder: nothing reads them (Dagster uses the manifest prepared at load and dbt's event
+    stream), and writing them is ~0.7 s and ~1.5 MB of every run. Each run's dbt.log stays."""
+    return ["build", "--no-write-json", *(["--full-refresh"] if config.full_refresh else [])]
 
 
 def build_dbt_assets(project: DbtProject):
@@ -157,7 +207,7 @@ def build_dbt_assets(project: DbtProject):
     def dbt_reference(
         context: AssetExecutionContext, config: DbtConfig, dbt: DbtCliResource, warehouse: DuckDBResource
     ):
-        invocation = dbt.cli(["build", *(["--full-refresh"] if config.full_refresh else [])], context=context)
+        invocation = dbt.cli(build_args(config), context=context)
         yield from _with_table_metadata(invocation.stream(), manifest, warehouse)
 
     @dbt_assets(
@@ -175,9 +225,8 @@ def build_dbt_assets(project: DbtProject):
         if config.full_refresh and (start, end) != (FIRST_DAY, LAST_DAY):
             raise Failure(f"full_refresh rebuilds the tables from the run's days only: run it over "
                           f"{FIRST_DAY}..{LAST_DAY}, not {start}..{end}")
-        dbt_vars = {"min_date": start.isoformat(), "max_date": end.isoformat()}
-        args = ["build", "--vars", json.dumps(dbt_vars), *(["--full-refresh"] if config.full_refresh else [])]
-        invocation = dbt.cli(args, context=context)
+        with window_environment(start, end):  # dagster-dbt starts dbt with this process's environment
+            invocation = dbt.cli(build_args(config), context=context)
         yield from _with_table_metadata(invocation.stream(), manifest, warehouse, (start, end))
 
     return [dbt_reference, dbt_daily]
