@@ -22,10 +22,29 @@ class LandingZone(ConfigurableResource):
         return Path(self.path)
 
 
-def warehouse_resource() -> DuckDBResource:
+MEMORY_LIMIT = Field(
+    "512MB",
+    description="DuckDB's memory limit (its default is 80% of the machine's memory); past it, DuckDB spills "
+    "to disk next to the warehouse. Set by MLPLATFORM_DUCKDB_MEMORY_LIMIT.",
+)
+
+
+class Warehouse(DuckDBResource):
     """Read-write connections, for steps that write (they also declare pool "warehouse_writer");
-    it retries while another process holds DuckDB's lock (about 100 s in all)."""
-    return DuckDBResource(database=EnvVar("MLPLATFORM_WAREHOUSE"))
+    it retries while another process holds DuckDB's lock (about 100 s in all). Dagster's
+    DuckDBResource, with DuckDB's memory limit set."""
+
+    memory_limit: str = MEMORY_LIMIT
+
+    @contextlib.contextmanager
+    def get_connection(self):
+        with super().get_connection() as conn:
+            conn.execute("SET memory_limit = ?", [self.memory_limit])
+            yield conn
+
+
+def warehouse_resource() -> Warehouse:
+    return Warehouse(database=EnvVar("MLPLATFORM_WAREHOUSE"), memory_limit=EnvVar("MLPLATFORM_DUCKDB_MEMORY_LIMIT"))
 
 
 class WarehouseReader(ConfigurableResource):
@@ -37,6 +56,7 @@ class WarehouseReader(ConfigurableResource):
     max_wait_seconds: float = Field(
         600.0, description="How long to wait for writers (a backfill of many runs hands the lock from one to the next)."
     )
+    memory_limit: str = MEMORY_LIMIT
 
     @contextlib.contextmanager
     def get_connection(self):
@@ -45,7 +65,7 @@ class WarehouseReader(ConfigurableResource):
         delay, waited = 0.1, 0.0
         while True:
             try:
-                conn = duckdb.connect(self.database, read_only=True)
+                conn = duckdb.connect(self.database, read_only=True, config={"memory_limit": self.memory_limit})
                 break
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower() or waited >= self.max_wait_seconds:
@@ -60,7 +80,7 @@ class WarehouseReader(ConfigurableResource):
 
 
 def warehouse_reader_resource() -> WarehouseReader:
-    return WarehouseReader(database=EnvVar("MLPLATFORM_WAREHOUSE"))
+    return WarehouseReader(database=EnvVar("MLPLATFORM_WAREHOUSE"), memory_limit=EnvVar("MLPLATFORM_DUCKDB_MEMORY_LIMIT"))
 
 
 def landing_resource() -> LandingZone:

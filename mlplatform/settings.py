@@ -11,6 +11,9 @@ MLPLATFORM_LANDING         landing zone (the upstream's daily files)   ``$HOME/l
 MLPLATFORM_MLFLOW_URI      MLflow tracking URI                         ``sqlite:///$HOME/mlflow/mlflow.db``
 MLPLATFORM_MLFLOW_ARTIFACTS MLflow artifact root                       ``$HOME/mlflow/artifacts``
 MLPLATFORM_PROFILES        whylogs profiles (daily and reference)      ``$HOME/profiles``
+MLPLATFORM_DUCKDB_MEMORY_LIMIT  DuckDB's memory limit in each process  ``512MB`` (DuckDB's own
+                           (Dagster's steps, dbt); past it DuckDB      default is 80% of RAM)
+                           spills to disk beside the warehouse
 DAGSTER_HOME               Dagster instance directory                  ``$HOME/dagster``, or
                                                                        ``$HOME/dagster-postgres``
 MLPLATFORM_DAGSTER_PG_URL  run, event and schedule storage on           unset: SQLite files under
@@ -42,6 +45,7 @@ class Settings:
     profiles: Path
     dagster_home: Path
     dagster_pg_url: str | None = None  # Dagster's storage on PostgreSQL instead of SQLite
+    duckdb_memory_limit: str = "512MB"
 
     @classmethod
     def from_env(cls, env: os._Environ | dict | None = None) -> "Settings":
@@ -66,6 +70,7 @@ class Settings:
             profiles=Path(env.get("MLPLATFORM_PROFILES") or home / "profiles"),
             dagster_home=Path(env.get("DAGSTER_HOME") or default_dagster_home),
             dagster_pg_url=pg_url,
+            duckdb_memory_limit=env.get("MLPLATFORM_DUCKDB_MEMORY_LIMIT") or "512MB",
         )
 
     def as_env(self) -> dict[str, str]:
@@ -76,6 +81,7 @@ class Settings:
             "MLPLATFORM_MLFLOW_URI": self.mlflow_uri,
             "MLPLATFORM_MLFLOW_ARTIFACTS": str(self.mlflow_artifacts),
             "MLPLATFORM_PROFILES": str(self.profiles),
+            "MLPLATFORM_DUCKDB_MEMORY_LIMIT": self.duckdb_memory_limit,
             "DAGSTER_HOME": str(self.dagster_home),
         }
 

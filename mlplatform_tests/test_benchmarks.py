@@ -48,6 +48,10 @@ def test_bench_smoke_writes_every_figure(tmp_path, monkeypatch):
     assert year["flights"] == year["runs"][0]["rows"]["features"] == year["runs"][0]["rows"]["predictions"] > 10_000
     assert year["pipeline_s"] > 0 and year["baseline_s"] > 0 and year["ratio"] > 0
     assert year["slowest_steps_s"] and all(v >= 0 for v in year["slowest_steps_s"].values())
+    # memory per step, from the sampled timeline: the dbt step's child is dbt
+    peaks = year["step_peak_rss_gib"]
+    assert peaks and all(p["process"] > 0.05 for p in peaks.values())
+    assert peaks["daily_job.dbt_daily"]["child"] > 0.05
     # the baseline's features are the pipeline's, value for value
     query = "SELECT * FROM features.flight_features ORDER BY flight_id"
     with duckdb.connect(str(tmp_path / "work" / "baseline" / "warehouse.duckdb"), read_only=True) as conn:
@@ -55,9 +59,13 @@ def test_bench_smoke_writes_every_figure(tmp_path, monkeypatch):
     with duckdb.connect(str(tmp_path / "work" / "pipeline-1x" / "warehouse.duckdb"), read_only=True) as conn:
         pipeline = conn.sql(query).df()
     pd.testing.assert_frame_equal(baseline, pipeline)
-    assert results["one_day"]["seconds"] > 0 and set(results["one_day"]["per_job_s"]) == {
-        "daily_job", "predictions_job", "monitoring_job"}
+    day = results["one_day"]
+    assert day["seconds"] > 0 and set(day["per_job_s"]) == {"daily_job", "predictions_job", "monitoring_job"}
+    assert "daily_job.dbt_daily" in day["per_step_s"] and 0 < day["dbt_process_s"]["start_s"] < day["dbt_process_s"]["build_s"]
+    assert results["whylogs"]["one_row_profile_ms"] > 0
+    assert results["dagster_floor"]["ms_per_partition"] > 0 and results["dagster_floor"]["full_year_floor_s"] > 0
     assert results["whylogs"]["rows"] == year["flights"] and results["whylogs"]["one_profile_rows_per_s"] > 0
     assert results["code_location"]["seconds"] > 0 and "dagster" in results["code_location"]["slowest_imports_s"]
     text = (out / "results.md").read_text()
     assert "| Full year vs plain script |" in text and "Machine:" in text
+    assert text.count("**What dominates") == 3

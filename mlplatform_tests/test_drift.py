@@ -164,3 +164,13 @@ def test_profiles_of_groups_are_the_profiles_of_each_group():
 def test_profile_refuses_what_it_cannot_sketch():
     with pytest.raises(TypeError, match="'flag'"):
         profiles.profile(pd.DataFrame({"flag": [True, False]}))
+
+
+def test_a_reference_computed_once_compares_as_the_view_does(reference):
+    """drift_report compares many days with one drift.Reference (its bins computed once): the
+    same report as with the profile view itself, day after day."""
+    once = drift.Reference(reference)
+    for current in (frame(), frame(mean=0.3, weights=(0.1, 0.2, 0.3, 0.4))):
+        view = profiles.profile(current)
+        expected = drift.compare(reference, view, ["x"], ["c"], drift.Thresholds())
+        pd.testing.assert_frame_equal(drift.compare(once, view, ["x"], ["c"], drift.Thresholds()), expected)

@@ -220,3 +220,27 @@ def test_readers_wait_for_a_writer_then_read(home):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_warehouse_connections_keep_to_the_memory_limit(home, monkeypatch):
+    """Every DuckDB connection of the platform runs under MLPLATFORM_DUCKDB_MEMORY_LIMIT (DuckDB's
+    own default is 80% of the machine): the writers' and readers' resources, and dbt's profile."""
+    import subprocess
+
+    from mlplatform.resources import warehouse_reader_resource, warehouse_resource
+    from mlplatform.settings import DBT_PROJECT_DIR, dbt_executable
+
+    monkeypatch.setenv("MLPLATFORM_DUCKDB_MEMORY_LIMIT", "300MB")
+    limit = "SELECT current_setting('memory_limit')"
+    with warehouse_resource().process_config_and_initialize().get_connection() as conn:
+        assert conn.execute(limit).fetchone()[0] == "286.1 MiB"
+        conn.execute("CREATE TABLE t AS SELECT 1 AS x")
+    with warehouse_reader_resource().process_config_and_initialize().get_connection() as conn:
+        assert conn.execute(limit).fetchone()[0] == "286.1 MiB"
+    done = subprocess.run(
+        [dbt_executable(), "show", "--inline", limit, "--output", "json", "--quiet", "--profiles-dir", str(DBT_PROJECT_DIR),
+         "--target-path", str(home.home / "dbt-show")],
+        cwd=DBT_PROJECT_DIR, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "286.1 MiB" in done.stdout

@@ -4,8 +4,7 @@ Every source row ends in exactly one of ``raw.<source>`` (passes every rule) or
 ``quarantine.<source>`` (breaks one; ``_rule`` and ``_reason`` say which and why). A day is
 replaced as a whole: its rows in both tables are deleted and re-inserted in the same
 transaction, so a re-run never duplicates and a crash never leaves half a day.
-All files of a run are read before anything is written: one unreadable file rejects the
-run and writes nothing.
+One unreadable file rejects the run and writes nothing (see ``load``).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 from mlplatform.ingest.contracts import Contract
 from mlplatform.ingest.landing import MissingLandingFile, find_file
 from mlplatform.ingest.parse import LandingFileError, read_rows, typed
+from mlplatform.warehouse import STAGING_SCHEMA
 
 if TYPE_CHECKING:
     import duckdb
@@ -64,8 +64,10 @@ class PartitionLoad:
 
 
 def table_ddl(contract: Contract, schema: str) -> str:
+    """The raw table of a source, or with schema ``quarantine`` (or the loader's staging schema)
+    the same columns plus ``_rule`` and ``_reason``."""
     columns = dict(contract.columns) | LINEAGE_COLUMNS
-    if schema == "quarantine":
+    if schema != "raw":
         columns |= QUARANTINE_COLUMNS
     body = ", ".join(f'"{name}" {kind}' for name, kind in columns.items())
     return f"CREATE TABLE IF NOT EXISTS {schema}.{contract.name} ({body})"
@@ -146,6 +148,11 @@ def pause_before_commit(name: str) -> None:
         time.sleep(600)
 
 
+# Files are parsed this many days at a time: a day's rows as Python strings take ~40x their size
+# on disk, and a year of the 10x benchmark parsed at once took 9 GB.
+READ_DAYS = 7
+
+
 def load(
     conn: duckdb.DuckDBPyConnection,
     contract: Contract,
@@ -153,44 +160,65 @@ def load(
     days: list[dt.date] | None = None,
     ingested_at: dt.datetime | None = None,
 ) -> list[PartitionLoad]:
-    """Load the given days (or the reference snapshot when ``days`` is None) in one transaction."""
+    """Load the given days (or the reference snapshot when ``days`` is None) in one transaction.
+
+    The files are read and classified a week at a time into a staging table
+    (``_loading.<source>``); when any file is rejected, the rest are still read (to report every
+    bad file), the staging table is dropped and nothing is written. Then one transaction replaces
+    the days in raw and quarantine from the staging table. (Inserting the weeks inside that
+    transaction instead would hold every uncommitted row in memory: DuckDB keeps a transaction's
+    small appends in memory until it commits, 2 GB for a year of the 10x benchmark.)"""
     ingested_at = ingested_at or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     targets = sorted(days) if contract.partitioned else [None]
-    paths, batch = _read_all(contract, landing, targets)
-    batch["_ingested_at"] = ingested_at
-
     ensure_tables(conn, contract)
     columns = ", ".join(f'"{c}"' for c in [*contract.columns, *LINEAGE_COLUMNS])
-    conn.execute("BEGIN TRANSACTION")
+    staging = f"{STAGING_SCHEMA}.{contract.name}"
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {STAGING_SCHEMA}")
+    conn.execute(f"DROP TABLE IF EXISTS {staging}")  # what a killed load left behind
+    conn.execute(table_ddl(contract, STAGING_SCHEMA))
+    staged = f"{columns}, _rule, _reason"
+    paths, errors = {}, []
     try:
-        for schema in ("raw", "quarantine"):
-            if contract.partitioned:
-                conn.execute(
-                    f"DELETE FROM {schema}.{contract.name} WHERE _partition_date IN (SELECT unnest(?::DATE[]))",
-                    [targets],
-                )
-            else:
-                conn.execute(f"DELETE FROM {schema}.{contract.name}")
-        conn.register("batch", batch)
-        conn.execute(f"CREATE OR REPLACE TEMP TABLE classified AS {_classify_sql(contract)}")
-        conn.unregister("batch")
-        conn.execute(
-            f"INSERT INTO raw.{contract.name} ({columns}) "
-            f"SELECT {columns} FROM classified WHERE _rule IS NULL"
-        )
-        conn.execute(
-            f"INSERT INTO quarantine.{contract.name} ({columns}, _rule, _reason) "
-            f"SELECT {columns}, _rule, _reason FROM classified WHERE _rule IS NOT NULL"
-        )
-        counts = conn.execute(
-            "SELECT _source_file, coalesce(_rule, ''), count(*) FROM classified GROUP BY ALL"
-        ).fetchall()
-        conn.execute("DROP TABLE classified")
-        pause_before_commit(contract.name)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+        for i in range(0, len(targets), READ_DAYS):
+            try:
+                read, batch = _read_all(contract, landing, targets[i : i + READ_DAYS])
+            except RejectedFiles as exc:
+                errors.extend(exc.errors)
+                continue
+            paths.update(read)
+            if errors:
+                continue  # nothing will be written: only look for more bad files
+            batch["_ingested_at"] = ingested_at
+            conn.register("batch", batch)
+            conn.execute(f"INSERT INTO {staging} ({staged}) SELECT {staged} FROM ({_classify_sql(contract)})")
+            conn.unregister("batch")
+            del batch
+        if errors:
+            raise RejectedFiles(errors)
+        counts = conn.execute(f"SELECT _source_file, coalesce(_rule, ''), count(*) FROM {staging} GROUP BY ALL").fetchall()
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            for schema in ("raw", "quarantine"):
+                if contract.partitioned:
+                    conn.execute(
+                        f"DELETE FROM {schema}.{contract.name} WHERE _partition_date IN (SELECT unnest(?::DATE[]))",
+                        [targets],
+                    )
+                else:
+                    conn.execute(f"DELETE FROM {schema}.{contract.name}")
+            conn.execute(f"INSERT INTO raw.{contract.name} ({columns}) SELECT {columns} FROM {staging} WHERE _rule IS NULL")
+            conn.execute(
+                f"INSERT INTO quarantine.{contract.name} ({columns}, _rule, _reason) "
+                f"SELECT {columns}, _rule, _reason FROM {staging} WHERE _rule IS NOT NULL"
+            )
+            conn.execute(f"DROP TABLE {staging}")
+            pause_before_commit(contract.name)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.execute(f"DROP TABLE IF EXISTS {staging}")
     by_file = {}
     for day, path in paths.items():
         by_file[str(path) if path else day] = PartitionLoad(contract.name, day, str(path) if path else None)

@@ -31,12 +31,13 @@ from pydantic import Field
 
 from mlplatform.automation import on_new_data
 from mlplatform.monitoring import drift, profiles
-from mlplatform.partitions import daily_partitions, days_between, single_run, window_of
+from mlplatform.partitions import chunks, daily_partitions, days_between, single_run, window_of
 from mlplatform.predictions.assets import flight_delay_predictions
 from mlplatform.resources import ProfileStore, WarehouseReader
 from mlplatform.training import model as m
 from mlplatform.training.assets import RANGE_TAG, champion_model
 from mlplatform.training.tracking import CHAMPION, MlflowTracking
+from mlplatform.warehouse import replace_window
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,18 +82,16 @@ CREATE TABLE IF NOT EXISTS monitoring.model_performance (
 def replace_days(conn, table: str, date_column: str, frame: "pd.DataFrame", start: dt.date, end: dt.date) -> None:
     """Replace the days start..end of a monitoring table with ``frame``, in one transaction."""
     conn.execute(MONITORING_DDL)
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        conn.execute(f"DELETE FROM {table} WHERE {date_column} BETWEEN ? AND ?", [start, end])
-        if len(frame):
-            conn.register("replacement", frame)
-            columns = ", ".join(frame.columns)
-            conn.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM replacement")
-            conn.unregister("replacement")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    replace_window(conn, table, date_column, start, end, [frame])
+
+
+def concat(parts: list["pd.DataFrame"]) -> "pd.DataFrame":
+    """The parts (of a range read a month at a time) as one frame; empty parts are left out
+    (pandas deprecates concatenating them), all of them empty give the first."""
+    import pandas as pd
+
+    filled = [part for part in parts if len(part)]
+    return pd.concat(filled, ignore_index=True) if filled else parts[0]
 
 
 def monitoring_frame(conn, start: dt.date, end: dt.date) -> "pd.DataFrame":
@@ -118,14 +117,12 @@ def profile_days(frame: "pd.DataFrame", store: ProfileStore) -> "pd.DataFrame":
     """Profile each day of ``frame``, store the profiles, return their summaries."""
     import pandas as pd
 
+    columns = ["profile_date", "feature", "rows", "nulls", "mean", "stddev", "min", "q25", "median", "q75", "max"]
     summaries = []
     for day, view in profiles.profile_groups(profile_input(frame), frame["flight_date"].dt.date.to_numpy()):
         profiles.save(view, store.day(day))
         summaries.append(profiles.summary(view).assign(profile_date=day))
-    if not summaries:
-        return pd.DataFrame()
-    out = pd.concat(summaries, ignore_index=True)
-    return out[["profile_date", "feature", "rows", "nulls", "mean", "stddev", "min", "q25", "median", "q75", "max"]]
+    return pd.concat(summaries, ignore_index=True)[columns] if summaries else pd.DataFrame(columns=columns)
 
 
 @asset(
@@ -139,12 +136,16 @@ def profile_days(frame: "pd.DataFrame", store: ProfileStore) -> "pd.DataFrame":
 )
 def feature_profiles(context: AssetExecutionContext, warehouse: DuckDBResource, profile_store: ProfileStore):
     start, end = window_of(context)
+    rows, summaries = 0, []
     with warehouse.get_connection() as conn:
-        frame = monitoring_frame(conn, start, end)
-        summary = profile_days(frame, profile_store)
+        for a, b in chunks(start, end):  # a month at a time: memory follows a month, not the range
+            frame = monitoring_frame(conn, a, b)
+            rows += len(frame)
+            summaries.append(profile_days(frame, profile_store))
+        summary = concat(summaries)
         replace_days(conn, "monitoring.feature_profiles", "profile_date", summary, start, end)
     return MaterializeResult(metadata={
-        "dagster/row_count": len(frame),
+        "dagster/row_count": rows,
         "days_profiled": summary["profile_date"].nunique() if len(summary) else 0,
         "profiles": MetadataValue.path(str(profile_store.day(start).parent)),
     })
@@ -169,14 +170,19 @@ def reference_profile(
         raise Failure("no champion model yet: materialize the training group first")
     start, end = (dt.date.fromisoformat(d) for d in champion.tags[RANGE_TAG].split(".."))
     estimator = mlflow.load_model(str(champion.version))
-    with warehouse_reader.get_connection() as conn:
-        frame = monitoring_frame(conn, start, end)
-    # the champion's own scores on its training window: what its output normally looks like
-    frame[SCORE] = estimator.predict_proba(m.model_input(frame))[:, 1] if len(frame) else []
-    if frame.empty:
+    views, days = [], 0
+    for a, b in chunks(start, end):  # a month at a time, merged: memory follows a month
+        with warehouse_reader.get_connection() as conn:  # (the read lock only while reading)
+            frame = monitoring_frame(conn, a, b)
+        if frame.empty:
+            continue
+        # the champion's own scores on its training window: what its output normally looks like
+        frame[SCORE] = m.predict(estimator, frame)
+        days += frame["flight_date"].nunique()
+        views.append(profiles.profile(profile_input(frame)))
+    if not views:
         raise Failure(f"no data to profile in the champion's training window {start}..{end}")
-    days = frame["flight_date"].nunique()
-    reference = profiles.profile(profile_input(frame))
+    reference = profiles.merge(views)
     path = profiles.save(reference, profile_store.reference(mlflow.registered_model, str(champion.version)))
     context.log.info("reference profile of version %s: %d days", champion.version, days)
     return MaterializeResult(metadata={
@@ -248,7 +254,7 @@ def drift_report(
     path = profile_store.reference(mlflow.registered_model, str(champion.version))
     if not path.exists():
         raise Failure(f"no reference profile for version {champion.version}: materialize monitoring/reference_profile")
-    reference = profiles.load(path)
+    reference = drift.Reference(profiles.load(path))  # its bins computed once for all the days
     thresholds = drift.Thresholds(config.psi_threshold, config.js_threshold, config.drifted_share)
     missing = [str(d) for d in days_between(start, end) if not profile_store.day(d).exists()]
     if missing:
@@ -334,8 +340,8 @@ def model_performance(
 ):
     start, end = window_of(context)
     with warehouse.get_connection() as conn:
-        frame = monitoring_frame(conn, start, end)
-    daily = daily_performance(frame)
+        parts = [daily_performance(monitoring_frame(conn, a, b)) for a, b in chunks(start, end)]
+    daily = concat(parts)
     client = mlflow.client()
     expected = {}
     for version in daily["model_version"].unique():

@@ -54,10 +54,15 @@ def js_distance(expected: np.ndarray, actual: np.ndarray) -> float:
 def numeric_bins(reference, current, column: str, bins: int = 10) -> tuple[np.ndarray, np.ndarray] | None:
     import numpy as np
 
-    cuts = np.unique(profiles.quantiles(reference, column, np.linspace(0, 1, bins + 1)[1:-1]))
+    def reference_bins():
+        view = _view(reference)
+        cuts = np.unique(profiles.quantiles(view, column, np.linspace(0, 1, bins + 1)[1:-1]))
+        return cuts, (profiles.pmf(view, column, cuts) if cuts.size else None)
+
+    cuts, expected = _cached(reference, ("deciles", column, bins), reference_bins)
     if cuts.size == 0:
         return None
-    expected, actual = profiles.pmf(reference, column, cuts), profiles.pmf(current, column, cuts)
+    actual = profiles.pmf(current, column, cuts)
     if np.isnan(actual).any():
         return None
     return expected, actual
@@ -66,10 +71,12 @@ def numeric_bins(reference, current, column: str, bins: int = 10) -> tuple[np.nd
 def categorical_bins(reference, current, column: str) -> tuple[np.ndarray, np.ndarray] | None:
     import numpy as np
 
-    ref, cur = profiles.frequencies(reference, column), profiles.frequencies(current, column)
+    ref = _cached(reference, ("frequencies", column), lambda: profiles.frequencies(_view(reference), column))
+    cur = profiles.frequencies(current, column)
     if not ref or not cur:
         return None
-    ref_n, cur_n = profiles.row_count(reference, column), profiles.row_count(current, column)
+    ref_n = _cached(reference, ("rows", column), lambda: profiles.row_count(_view(reference), column))
+    cur_n = profiles.row_count(current, column)
     values = sorted(ref)
     expected = np.array([ref[v] for v in values] + [max(ref_n - sum(ref.values()), 0)], float)
     actual = np.array([cur.get(v, 0.0) for v in values] + [max(cur_n - sum(cur.get(v, 0.0) for v in values), 0)], float)
@@ -86,18 +93,45 @@ def _has_values(view, column: str) -> bool:
 def ks_statistic(reference, current, column: str) -> float | None:
     import numpy as np
 
-    cuts = np.unique(profiles.quantiles(reference, column, np.linspace(0.01, 0.99, 99)))
+    def reference_cdf():
+        view = _view(reference)
+        cuts = np.unique(profiles.quantiles(view, column, np.linspace(0.01, 0.99, 99)))
+        return cuts, (np.cumsum(profiles.pmf(view, column, cuts))[:-1] if cuts.size else None)
+
+    cuts, ref_cdf = _cached(reference, ("percentiles", column), reference_cdf)
     if cuts.size == 0:
         return None
-    ref_cdf = np.cumsum(profiles.pmf(reference, column, cuts))[:-1]
     cur = profiles.pmf(current, column, cuts)
     if np.isnan(cur).any():
         return None
     return float(np.max(np.abs(ref_cdf - np.cumsum(cur)[:-1])))
 
 
+class Reference:
+    """A reference profile with what ``compare`` reads of it computed once, for every day it is
+    compared with (a year's drift report compares 365 days with one reference)."""
+
+    def __init__(self, view):
+        self.view = view
+        self._cache: dict = {}
+
+    def cached(self, key, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+
+def _cached(reference, key, compute):
+    return reference.cached(key, compute) if isinstance(reference, Reference) else compute()
+
+
+def _view(profile):
+    return profile.view if isinstance(profile, Reference) else profile
+
+
 def compare(reference, current, numeric: list[str], categorical: list[str], thresholds: Thresholds) -> pd.DataFrame:
-    """One row per feature and measure: feature, metric, value, threshold, drifted."""
+    """One row per feature and measure: feature, metric, value, threshold, drifted. ``reference``
+    is a profile view, or a ``Reference`` of one to compare many days with."""
     import numpy as np
     import pandas as pd
 
@@ -107,7 +141,7 @@ def compare(reference, current, numeric: list[str], categorical: list[str], thre
             reference, current, column
         )
         if binned is None:
-            if _has_values(reference, column) and not _has_values(current, column):
+            if _has_values(_view(reference), column) and not _has_values(current, column):
                 # the feature vanished (all null): the largest drift there is, not a missing row
                 rows.append((column, "psi", float("inf"), thresholds.psi))
             continue

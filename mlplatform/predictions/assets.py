@@ -17,11 +17,11 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 
 from mlplatform.automation import on_new_data
-from mlplatform.partitions import daily_partitions, single_run, window_of
+from mlplatform.partitions import chunks, daily_partitions, single_run, window_of
 from mlplatform.training import model as m
 from mlplatform.training.assets import champion_model
 from mlplatform.training.tracking import CHAMPION, MlflowTracking
-from mlplatform.warehouse import table_metadata
+from mlplatform.warehouse import replace_window, table_metadata
 
 PREDICTIONS_DDL = """
 CREATE SCHEMA IF NOT EXISTS predictions;
@@ -35,25 +35,33 @@ CREATE TABLE IF NOT EXISTS predictions.flight_delay (
 """
 
 
-def write_predictions(conn, frame, probability, version: str, start: dt.date, end: dt.date) -> int:
-    """Replace the days start..end of predictions.flight_delay in one transaction."""
+def write_predictions(conn, batches, version: str, start: dt.date, end: dt.date) -> tuple[int, float]:
+    """Replace the days start..end of predictions.flight_delay in one transaction with
+    ``batches``, an iterable of (frame with flight_id and flight_date, probabilities), scored a
+    chunk at a time (``warehouse.replace_window``). Returns the rows written and the sum of
+    their probabilities."""
     scored_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    out = frame[["flight_id", "flight_date"]].assign(
-        delay_probability=probability, model_version=str(version), scored_at=scored_at
-    )
+    total = 0.0
+
+    def frames():
+        nonlocal total
+        for frame, probability in batches:
+            total += float(probability.sum())
+            yield frame[["flight_id", "flight_date"]].assign(
+                delay_probability=probability, model_version=str(version), scored_at=scored_at
+            )
+
     conn.execute(PREDICTIONS_DDL)
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        conn.execute("DELETE FROM predictions.flight_delay WHERE flight_date BETWEEN ? AND ?", [start, end])
-        conn.register("scored", out)
-        conn.execute("INSERT INTO predictions.flight_delay SELECT flight_id, flight_date, delay_probability, "
-                     "model_version, scored_at FROM scored")
-        conn.unregister("scored")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return len(out)
+    rows = replace_window(conn, "predictions.flight_delay", "flight_date", start, end, frames())
+    return rows, total
+
+
+def score(conn, estimator, start: dt.date, end: dt.date):
+    """(flights, probabilities) of start..end, a month at a time."""
+    for a, b in chunks(start, end):
+        frame = m.load_frame(conn, a, b, labelled=False)
+        if len(frame):
+            yield frame, m.predict(estimator, frame)
 
 
 @asset(
@@ -79,12 +87,10 @@ def flight_delay_predictions(
         raise Failure("no champion model yet: materialize the training group first")
     estimator = mlflow.load_model(champion.version)
     with warehouse.get_connection() as conn:
-        frame = m.load_frame(conn, start, end, labelled=False)
-        probability = estimator.predict_proba(m.model_input(frame))[:, 1] if len(frame) else []
-        rows = write_predictions(conn, frame, probability, champion.version, start, end)
+        rows, total = write_predictions(conn, score(conn, estimator, start, end), champion.version, start, end)
         metadata = table_metadata(conn, "predictions", "flight_delay", rows)
     return MaterializeResult(metadata={
         **metadata,
         "model_version": champion.version,
-        "mean_delay_probability": MetadataValue.float(float(probability.mean()) if rows else float("nan")),
+        "mean_delay_probability": MetadataValue.float(total / rows if rows else float("nan")),
     })

