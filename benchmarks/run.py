@@ -470,6 +470,54 @@ def serving(home: Path, smoke: bool) -> dict:
     return data
 
 
+PROFILE = """
+import sys, datetime as dt
+from pathlib import Path
+from pyinstrument import Profiler
+out, what, start, end = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+profiler = Profiler(interval=0.005)
+if what == "full_year":
+    profiler.start()
+    from mlplatform.cli import main
+    main(["run", "--start", start, "--end", end])
+else:  # one day: its three jobs, after a first run that loads what a warm process has loaded
+    from dagster import DagsterInstance
+    from mlplatform.definitions import defs
+    from mlplatform.pipeline import QUIET, RANGE_END_TAG, RANGE_START_TAG
+    instance = DagsterInstance.get()
+    for profiled in (False, True):
+        if profiled:
+            profiler.start()
+        for job in ("daily_job", "predictions_job", "monitoring_job"):
+            defs.resolve_job_def(job).execute_in_process(instance=instance, run_config=QUIET, raise_on_error=False,
+                                                         tags={RANGE_START_TAG: end, RANGE_END_TAG: end})
+profiler.stop()
+# frames under 1% of the time are folded away; Dagster's event storage and dagster-dbt's wait for
+# dbt stay visible among the library frames pyinstrument hides
+processor = {"filter_threshold": 0.01, "show_regex": r".*(dagster/_core/storage|dagster_dbt/core).*"}
+out.write_text(profiler.output_text(unicode=True, color=False, processor_options=processor))
+out.with_suffix(".flat.txt").write_text(profiler.output_text(unicode=True, color=False, flat=True))
+print(profiler.last_session.duration)
+"""
+
+
+def profile(workdir: Path, landing: Path, start: dt.date, end: dt.date, out: Path) -> dict:
+    """pyinstrument profiles of the two figures whose targets Dagster's and dbt's fixed costs
+    decide: the full year (a fresh home, as ``full_year``) and one day (warm, as ``one_day``),
+    into ``out/full_year.txt`` and ``out/one_day.txt`` (call trees, frames under 1% folded) and
+    ``*.flat.txt`` (functions by their own time). The dbt process appears as the wait for its
+    output; whylogs' per-profile cost is ``whylogs``'s ``one_row_profile_ms``."""
+    out.mkdir(parents=True, exist_ok=True)
+    home = fresh_home(workdir, "profile", landing)
+    seconds = {}
+    for what, day in (("full_year", end), ("one_day", end - dt.timedelta(days=1))):
+        result = subprocess.run([sys.executable, "-c", PROFILE, str(out / f"{what}.txt"), what, str(start), str(day)],
+                                env=home_env(home), check=True, capture_output=True, text=True)
+        seconds[what] = round(float(result.stdout.strip().splitlines()[-1]), 2)
+    return {"seconds": seconds, "files": sorted(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+                                                 for p in out.glob("*.txt"))}
+
+
 def growth(workdir: Path, landing: Path, start: dt.date, end: dt.date, factor: int, one: dict) -> dict:
     from benchmarks.synthetic import generate
 
@@ -669,6 +717,10 @@ def main(argv: list[str] | None = None) -> int:
     if "growth" not in skip:
         print(f"growth {factor}x ...", flush=True)
         results["growth"] = growth(args.workdir, landing, start, end, factor, results["full_year"])
+        save()
+    if "profile" not in skip:
+        print("profiles ...", flush=True)
+        results["profile"] = profile(args.workdir, landing, start, end, args.out / "profiles")
         save()
     print(markdown(results))
     return 0

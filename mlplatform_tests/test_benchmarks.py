@@ -66,6 +66,10 @@ def test_bench_smoke_writes_every_figure(tmp_path, monkeypatch):
     assert results["dagster_floor"]["ms_per_partition"] > 0 and results["dagster_floor"]["full_year_floor_s"] > 0
     assert results["whylogs"]["rows"] == year["flights"] and results["whylogs"]["one_profile_rows_per_s"] > 0
     assert results["code_location"]["seconds"] > 0 and "dagster" in results["code_location"]["slowest_imports_s"]
+    # pyinstrument's profiles of the full year and one day, where Dagster's event storage shows
+    tree, flat = ((out / "profiles" / name).read_text() for name in ("full_year.txt", "full_year.flat.txt"))
+    assert "run_range" in tree and "store_event" in tree and "SqliteEventLogStorage.store_event" in flat
+    assert "dbt_daily" in (out / "profiles" / "one_day.txt").read_text()
     text = (out / "results.md").read_text()
     assert "| Full year vs plain script |" in text and "Machine:" in text
     assert text.count("**What dominates") == 3

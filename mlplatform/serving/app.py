@@ -181,7 +181,7 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
         if not started.is_set() and start_service:
             raise NotReady("starting: compiling the feature SQL and loading the warehouse and the champion")
         flights = [f.model_dump() for f in flights]
-        if service.is_quick(flights):  # a lookup and the trees: cheaper inline than a thread hop
+        if service.is_quick(flights):  # lookups: cheaper inline than a thread hop
             out = service.predict(flights, explain=explain, batch=batch)
         else:  # a query or a big batch: off the event loop
             out = await run_in_threadpool(service.predict, flights, explain=explain, batch=batch)
