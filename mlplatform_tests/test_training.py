@@ -155,9 +155,16 @@ def test_training_run_is_tracked_registered_and_promoted(features_home, instance
     with duckdb.connect(str(home.warehouse), read_only=True) as conn:
         sample = m.load_frame(conn, D(2013, 2, 1), D(2013, 2, 1))
     assert loaded.predict_proba(m.model_input(sample)).shape == (len(sample), 2)
+    # the gate's scores, read and scored a few days at a time, are the model's on the whole window
+    with duckdb.connect(str(home.warehouse), read_only=True) as conn:
+        window = m.load_frame(conn, D(2013, 1, 31), D(2013, 2, 6))
+        scored = m.score_window(conn, {"1": loaded}, D(2013, 1, 31), D(2013, 2, 6), days=3)
+    assert scored.carrier.tolist() == window.carrier.tolist() and scored[m.LABEL].tolist() == window[m.LABEL].tolist()
+    np.testing.assert_array_equal(scored["1"].to_numpy(), loaded.predict_proba(m.model_input(window))[:, 1])
 
     record = query(home, "SELECT * FROM monitoring.model_promotions")
     assert len(record) == 1 and record.decision[0] == "promoted" and record.champion_version.isna()[0]
+    assert record.challenger_roc_auc[0] == pytest.approx(m.metrics(window[m.LABEL], scored["1"])["roc_auc"], abs=1e-12)
     assert record.applied_at.notna()[0] and "baseline" in record.reason[0]
     meta = result.asset_materializations_for_node("flight_delay_model")[0].metadata
     assert meta["model_version"].value == "1" and "sched_dep_time" in meta["feature_importance"].value

@@ -182,11 +182,11 @@ class PromotionConfig(Config):
                                        self.baseline_auc_margin)
 
 
-def evaluate_version(mlflow: MlflowTracking, version: str, frame: "pd.DataFrame", min_rows: int, threshold: float):
-    estimator = mlflow.load_model(version)
-    probability = m.predict(estimator, frame)
+def evaluation(version: str, scored: "pd.DataFrame", min_rows: int, threshold: float) -> promotion.Evaluation:
+    """A version's metrics and per-carrier AUC from ``m.score_window``'s frame."""
+    probability = scored[version].to_numpy()
     return promotion.Evaluation(
-        version, m.metrics(frame[m.LABEL], probability, threshold), m.segment_auc(frame, probability, "carrier", min_rows)
+        version, m.metrics(scored[m.LABEL], probability, threshold), m.segment_auc(scored, probability, "carrier", min_rows)
     )
 
 
@@ -222,20 +222,24 @@ def model_evaluation(
                 f"{champion_train_end}, the evaluation window ends {eval_end}; land later days or set eval_end"
             )
     threshold = float(mlflow.client().get_run(challenger.run_id).data.params.get("threshold", 0.5))
+    versions = [challenger.version]
+    if champion is not None and champion.version != challenger.version:
+        versions.append(champion.version)
+    estimators = {version: mlflow.load_model(version) for version in versions}
     with warehouse.get_connection() as conn:
-        frame = m.load_frame(conn, eval_start, eval_end)
-    if frame.empty:
+        scored = m.score_window(conn, estimators, eval_start, eval_end)
+    if scored.empty:
         raise Failure(f"no labelled flights in the evaluation window {eval_start}..{eval_end}")
     rule = config.rule()
-    challenger_eval = evaluate_version(mlflow, challenger.version, frame, rule.min_segment_rows, threshold)
+    challenger_eval = evaluation(challenger.version, scored, rule.min_segment_rows, threshold)
     champion_eval = None
-    if champion is not None and champion.version != challenger.version:
-        champion_eval = evaluate_version(mlflow, champion.version, frame, rule.min_segment_rows, threshold)
+    if len(versions) > 1:
+        champion_eval = evaluation(champion.version, scored, rule.min_segment_rows, threshold)
     if champion is not None and champion.version == challenger.version:
         decision = promotion.Decision(True, f"version {challenger.version} is already the champion")
     else:
         train_rate = mlflow.client().get_run(challenger.run_id).data.metrics["train_positive_rate"]
-        base = promotion.baseline(train_rate, float(frame[m.LABEL].mean()))
+        base = promotion.baseline(train_rate, float(scored[m.LABEL].mean()))
         decision = promotion.decide(challenger_eval, champion_eval, base, rule)
         with warehouse.get_connection() as conn:
             promotion.record(conn, mlflow.registered_model, challenger_eval, champion_eval, decision,
@@ -247,7 +251,7 @@ def model_evaluation(
         "decision": "promote" if decision.promote else "reject",
         "reason": decision.reason,
         "eval_window": f"{eval_start}..{eval_end}",
-        "eval_rows": len(frame),
+        "eval_rows": len(scored),
         "challenger_roc_auc": MetadataValue.float(round(challenger_eval.metrics["roc_auc"], 5)),
         "challenger_log_loss": MetadataValue.float(round(challenger_eval.metrics["log_loss"], 5)),
     }
