@@ -627,8 +627,10 @@ def markdown(results: dict) -> str:
                       f"an experiment only) it is {fl['ms_per_partition_sync_off']} ms: the rest is Dagster's and "
                       f"SQLAlchemy's Python per event. The year records "
                       f"{fl['full_year_materializations']:,} partition materializations (every daily asset, every day), "
-                      f"so **{fl['full_year_floor_s']} s** of the {f['pipeline_s']:.0f} s is this floor, more than 3x the "
-                      f"plain script ({3 * f['baseline_s']:.0f} s) by itself. Everything else the platform does (ingestion "
+                      f"so **{fl['full_year_floor_s']} s** of the {f['pipeline_s']:.0f} s is this floor, "
+                      f"{fl['full_year_floor_s'] / f['baseline_s']:.1f}x the plain script by itself: within 3x "
+                      f"({3 * f['baseline_s']:.0f} s), all the rest would have "
+                      f"{3 * f['baseline_s'] - fl['full_year_floor_s']:.0f} s. Everything else the platform does (ingestion "
                       f"with contracts and quarantine, dbt and its tests, MLflow, whylogs, drift, checks) takes "
                       f"{rest:.0f} s = {rest / f['baseline_s']:.1f}x the plain script."]
     d = results.get("one_day")

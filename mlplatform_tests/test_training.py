@@ -210,6 +210,28 @@ def test_gate_rejects_a_worse_challenger_and_promotes_a_better_one(features_home
     assert history.version.tolist() == ["1", "4"] and history.champion_until.notna().tolist() == [True, False]
 
 
+def test_training_sample_is_capped_and_stable(features_home, instance):
+    """max_train_rows: a window with more labelled flights trains on a hash sample of about that
+    many, the same flights whatever else the window holds, and says so in MLflow."""
+    with duckdb.connect(str(features_home.warehouse), read_only=True) as conn:
+        available = m.count_rows(conn, D(2013, 1, 1), D(2013, 1, 30))
+        whole = m.load_frame(conn, D(2013, 1, 1), D(2013, 1, 30), max_rows=available)
+        sample = m.load_frame(conn, D(2013, 1, 1), D(2013, 1, 30), max_rows=available // 4)
+        half = m.load_frame(conn, D(2013, 1, 1), D(2013, 1, 15), max_rows=available // 4,
+                            available=available)  # the same share of the hash range as the month's
+    assert len(whole) == available
+    assert abs(len(sample) - available // 4) < 0.05 * available
+    assert set(sample.flight_id) < set(whole.flight_id)
+    assert set(half.flight_id) == set(sample.flight_id[sample.flight_date <= pd.Timestamp(2013, 1, 15)])
+
+    result = run_job(instance, "training_job", run_config=training_config(**GOOD, max_train_rows=available // 4))
+    assert result.success, failures(result)
+    mlflow = tracking(features_home)
+    params = mlflow.client().get_run(mlflow.version_by_alias(CHALLENGER).run_id).data.params
+    assert params["train_rows_available"] == str(available)
+    assert int(params["train_rows"]) < available // 3 and params["max_train_rows"] == str(available // 4)
+
+
 @pytest.mark.slow
 def test_predictions_replace_their_partition(features_home, instance):
     home = features_home

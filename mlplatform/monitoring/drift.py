@@ -54,12 +54,13 @@ def js_distance(expected: np.ndarray, actual: np.ndarray) -> float:
 def numeric_bins(reference, current, column: str, bins: int = 10) -> tuple[np.ndarray, np.ndarray] | None:
     import numpy as np
 
-    def reference_bins():
-        view = _view(reference)
-        cuts = np.unique(profiles.quantiles(view, column, np.linspace(0, 1, bins + 1)[1:-1]))
-        return cuts, (profiles.pmf(view, column, cuts) if cuts.size else None)
+    ref = Reference.of(reference)
 
-    cuts, expected = _cached(reference, ("deciles", column, bins), reference_bins)
+    def reference_bins():
+        cuts = np.unique(profiles.quantiles(ref.view, column, np.linspace(0, 1, bins + 1)[1:-1]))
+        return cuts, (profiles.pmf(ref.view, column, cuts) if cuts.size else None)
+
+    cuts, expected = ref.cached(("deciles", column, bins), reference_bins)
     if cuts.size == 0:
         return None
     actual = profiles.pmf(current, column, cuts)
@@ -71,11 +72,12 @@ def numeric_bins(reference, current, column: str, bins: int = 10) -> tuple[np.nd
 def categorical_bins(reference, current, column: str) -> tuple[np.ndarray, np.ndarray] | None:
     import numpy as np
 
-    ref = _cached(reference, ("frequencies", column), lambda: profiles.frequencies(_view(reference), column))
+    reference = Reference.of(reference)
+    ref = reference.cached(("frequencies", column), lambda: profiles.frequencies(reference.view, column))
     cur = profiles.frequencies(current, column)
     if not ref or not cur:
         return None
-    ref_n = _cached(reference, ("rows", column), lambda: profiles.row_count(_view(reference), column))
+    ref_n = reference.cached(("rows", column), lambda: profiles.row_count(reference.view, column))
     cur_n = profiles.row_count(current, column)
     values = sorted(ref)
     expected = np.array([ref[v] for v in values] + [max(ref_n - sum(ref.values()), 0)], float)
@@ -93,12 +95,13 @@ def _has_values(view, column: str) -> bool:
 def ks_statistic(reference, current, column: str) -> float | None:
     import numpy as np
 
-    def reference_cdf():
-        view = _view(reference)
-        cuts = np.unique(profiles.quantiles(view, column, np.linspace(0.01, 0.99, 99)))
-        return cuts, (np.cumsum(profiles.pmf(view, column, cuts))[:-1] if cuts.size else None)
+    ref = Reference.of(reference)
 
-    cuts, ref_cdf = _cached(reference, ("percentiles", column), reference_cdf)
+    def reference_cdf():
+        cuts = np.unique(profiles.quantiles(ref.view, column, np.linspace(0.01, 0.99, 99)))
+        return cuts, (np.cumsum(profiles.pmf(ref.view, column, cuts))[:-1] if cuts.size else None)
+
+    cuts, ref_cdf = ref.cached(("percentiles", column), reference_cdf)
     if cuts.size == 0:
         return None
     cur = profiles.pmf(current, column, cuts)
@@ -115,18 +118,15 @@ class Reference:
         self.view = view
         self._cache: dict = {}
 
+    @classmethod
+    def of(cls, reference) -> "Reference":
+        """``reference`` itself, or a profile view wrapped for one comparison."""
+        return reference if isinstance(reference, cls) else cls(reference)
+
     def cached(self, key, compute):
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]
-
-
-def _cached(reference, key, compute):
-    return reference.cached(key, compute) if isinstance(reference, Reference) else compute()
-
-
-def _view(profile):
-    return profile.view if isinstance(profile, Reference) else profile
 
 
 def compare(reference, current, numeric: list[str], categorical: list[str], thresholds: Thresholds) -> pd.DataFrame:
@@ -135,13 +135,14 @@ def compare(reference, current, numeric: list[str], categorical: list[str], thre
     import numpy as np
     import pandas as pd
 
+    reference = Reference.of(reference)
     rows = []
     for column in [*numeric, *categorical]:
         binned = numeric_bins(reference, current, column) if column in numeric else categorical_bins(
             reference, current, column
         )
         if binned is None:
-            if _has_values(_view(reference), column) and not _has_values(current, column):
+            if _has_values(reference.view, column) and not _has_values(current, column):
                 # the feature vanished (all null): the largest drift there is, not a missing row
                 rows.append((column, "psi", float("inf"), thresholds.psi))
             continue

@@ -105,11 +105,8 @@ def flight_delay_model(
 
     with warehouse_reader.get_connection() as conn:
         (train_start, train_end), (eval_start, eval_end) = windows(conn, config)
-        available = conn.execute(
-            f"SELECT count(*) FROM {m.FEATURE_TABLE} WHERE flight_date BETWEEN ? AND ? AND {m.LABEL} IS NOT NULL",
-            [train_start, train_end],
-        ).fetchone()[0]
-        frame = m.load_frame(conn, train_start, train_end, max_rows=config.max_train_rows)
+        available = m.count_rows(conn, train_start, train_end)
+        frame = m.load_frame(conn, train_start, train_end, max_rows=config.max_train_rows, available=available)
     params = config.hyperparameters()
     validation_days = min(config.validation_days, max(1, ((train_end - train_start).days + 1) // 4))
     estimator, validation, valid, importance = m.fit(frame, params, validation_days, config.threshold)
@@ -186,7 +183,9 @@ def evaluation(version: str, scored: "pd.DataFrame", min_rows: int, threshold: f
     """A version's metrics and per-carrier AUC from ``m.score_window``'s frame."""
     probability = scored[version].to_numpy()
     return promotion.Evaluation(
-        version, m.metrics(scored[m.LABEL], probability, threshold), m.segment_auc(scored, probability, "carrier", min_rows)
+        version,
+        m.metrics(scored[m.LABEL], probability, threshold),
+        m.segment_auc(scored, probability, "carrier", min_rows),
     )
 
 

@@ -73,15 +73,27 @@ MAX_TRAIN_ROWS = 500_000
 SAMPLE_BUCKETS = 1_000_000
 
 
-def load_frame(conn, start: dt.date, end: dt.date, labelled: bool = True, max_rows: int | None = None) -> pd.DataFrame:
+def _window(start: dt.date, end: dt.date, labelled: bool) -> str:
+    return "flight_date BETWEEN ? AND ?" + (f" AND {LABEL} IS NOT NULL" if labelled else "")
+
+
+def count_rows(conn, start: dt.date, end: dt.date, labelled: bool = True) -> int:
+    """How many rows ``load_frame`` reads for start..end without a sample."""
+    return conn.execute(f"SELECT count(*) FROM {FEATURE_TABLE} WHERE {_window(start, end, labelled)}",
+                        [start, end]).fetchone()[0]
+
+
+def load_frame(conn, start: dt.date, end: dt.date, labelled: bool = True, max_rows: int | None = None,
+               available: int | None = None) -> pd.DataFrame:
     """Rows of the feature table for flights dated start..end; only labelled ones by default
     (cancelled and diverted flights have no label). With ``max_rows``, a window with more rows
     gives a sample of about that many: the flights whose hashed id falls in the first share of
-    the hash range, so the same flight is in or out whatever else the window holds."""
-    where = "flight_date BETWEEN ? AND ?" + (f" AND {LABEL} IS NOT NULL" if labelled else "")
+    the hash range, so the same flight is in or out whatever else the window holds.
+    ``available``: ``count_rows`` of the window, when the caller has it already."""
+    where = _window(start, end, labelled)
     params: list = [start, end]
     if max_rows is not None:
-        available = conn.execute(f"SELECT count(*) FROM {FEATURE_TABLE} WHERE {where}", params).fetchone()[0]
+        available = count_rows(conn, start, end, labelled) if available is None else available
         if available > max_rows:
             where += " AND hash(flight_id) % ? < ?"
             params += [SAMPLE_BUCKETS, int(SAMPLE_BUCKETS * max_rows / available)]
@@ -107,8 +119,8 @@ def model_input(frame: pd.DataFrame) -> pd.DataFrame:
 def score_window(conn, estimators: dict, start: dt.date, end: dt.date, days: int | None = None) -> pd.DataFrame:
     """The labelled flights of start..end (in ``load_frame``'s order) with each estimator's delay
     probability: ``carrier``, the label and one column per key of ``estimators``. Read and scored
-    a month (or ``days``) at a time, keeping only those columns: memory stays a month of feature rows whatever
-    the window (a quarter of the 10x benchmark's rows at once took 2 GiB)."""
+    a month (or ``days``) at a time, keeping only those columns: memory stays a month of feature
+    rows whatever the window (a quarter of the 10x benchmark's rows at once took 2 GiB)."""
     import pandas as pd
 
     from mlplatform.partitions import CHUNK_DAYS, chunks
