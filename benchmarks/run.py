@@ -291,7 +291,8 @@ import json, statistics, sys, time
 t0 = time.perf_counter()
 from dagster import DagsterInstance
 from mlplatform.definitions import defs
-from mlplatform.pipeline import QUIET, RANGE_END_TAG, RANGE_START_TAG
+from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
+from mlplatform.pipeline import QUIET
 loaded = time.perf_counter() - t0
 day, repeats, jobs = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 instance = DagsterInstance.get()
@@ -495,7 +496,8 @@ if what == "full_year":
 else:  # one day: its three jobs, after a first run that loads what a warm process has loaded
     from dagster import DagsterInstance
     from mlplatform.definitions import defs
-    from mlplatform.pipeline import QUIET, RANGE_END_TAG, RANGE_START_TAG
+    from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
+from mlplatform.pipeline import QUIET
     instance = DagsterInstance.get()
     for profiled in (False, True):
         if profiled:

@@ -16,6 +16,7 @@ from dagster import (
 )
 
 from mlplatform.ingest.assets import raw_assets
+from mlplatform.ingest.sensors import landing_sensor
 from mlplatform.monitoring.assets import monitoring_assets, reference_profile
 from mlplatform.monitoring.sensors import sensors
 from mlplatform.operations import dead_run_sensor
@@ -89,7 +90,7 @@ defs = Definitions(
     assets=[*raw_assets, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets],
     asset_checks=[online_features_match],
     jobs=[reference_job, daily_job, training_job, predictions_job, monitoring_job],
-    sensors=[*sensors, automation_sensor, dead_run_sensor],
+    sensors=[landing_sensor, *sensors, automation_sensor, dead_run_sensor],
     resources={
         "warehouse": warehouse_resource(),
         "warehouse_reader": warehouse_reader_resource(),

@@ -21,8 +21,8 @@ from typing import TextIO
 from dagster import DagsterInstance, RunRequest, build_sensor_context
 
 from mlplatform.monitoring.drifted import land_drifted_days
-from mlplatform.partitions import days_between
-from mlplatform.pipeline import QUIET, RANGE_END_TAG, RANGE_START_TAG, gate_rejection
+from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG, days_between
+from mlplatform.pipeline import QUIET, gate_rejection
 
 # Three months of training data: a regularised model (the year's default overfits them).
 DEMO_TRAINING = {"learning_rate": 0.05, "max_iter": 60, "min_samples_leaf": 100, "eval_days": 14,
@@ -51,8 +51,8 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
              severity: float = 1.0) -> bool:
     from mlplatform.definitions import defs
     from mlplatform.ingest.landing import replay
+    from mlplatform.ingest.sensors import landing_sensor
     from mlplatform.monitoring.sensors import (
-        landing_sensor,
         retraining_baseline,
         retraining_decision,
     )

@@ -18,6 +18,10 @@ daily_partitions = DailyPartitionsDefinition(
     start_date=FIRST_DAY.isoformat(), end_date=(LAST_DAY + dt.timedelta(days=1)).isoformat()
 )
 
+# The run tags with which Dagster (a backfill, the UI, our sensors) names a ranged run's partitions.
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+
 # A backfill of any range is one run and one step per asset, not one run per day.
 single_run = BackfillPolicy.single_run()
 

@@ -14,8 +14,8 @@ from typing import TextIO
 
 from dagster import DagsterEventType, DagsterInstance
 
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
+from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
+
 
 MAIN_JOBS = ("reference_job", "daily_job", "training_job", "predictions_job", "monitoring_job")
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}

@@ -16,6 +16,7 @@ import duckdb
 import pytest
 
 from mlplatform.ingest.landing import replay
+from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
 from mlplatform.settings import Settings
 
 # Real days with real quirks: the first days of the year, the 1,048 mph wind reading
@@ -74,8 +75,6 @@ def source_rows(name: str, day: dt.date):
     return frame[(frame.year == day.year) & (frame.month == day.month) & (frame.day == day.day)]
 
 
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 def run_job(instance, name, start=None, end=None, run_config=None):

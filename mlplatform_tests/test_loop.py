@@ -7,7 +7,9 @@ import pytest
 from dagster import DagsterEventType, RunRequest, build_sensor_context
 
 from mlplatform.monitoring.drifted import land_drifted_days
-from mlplatform.monitoring.sensors import RANGE_END_TAG, RANGE_START_TAG, landing_sensor, retraining_sensor
+from mlplatform.ingest.sensors import landing_sensor
+from mlplatform.monitoring.sensors import retraining_sensor
+from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
 from mlplatform_tests.conftest import D, failures, run_job
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,11 @@ from dagster import (
     build_sensor_context,
 )
 
+from mlplatform.ingest import sensors as landing
+from mlplatform.ingest.sensors import landing_sensor
 from mlplatform.monitoring import sensors
-from mlplatform.monitoring.sensors import landing_sensor, retraining_decision, retraining_sensor
+from mlplatform.monitoring.sensors import retraining_decision, retraining_sensor
+from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
 
 
 def tick(sensor, instance, cursor):
@@ -43,8 +46,8 @@ def test_landing_sensor_requests_changed_days_once(home):
             os.utime(path, ns=(time.time_ns(), time.time_ns() + 2_000_000))
         changed = tick(landing_sensor, instance, quiet.cursor)
         (request,) = changed.run_requests  # two contiguous days: one ranged run
-        assert request.tags[sensors.RANGE_START_TAG] == "2013-01-02"
-        assert request.tags[sensors.RANGE_END_TAG] == "2013-01-03"
+        assert request.tags[RANGE_START_TAG] == "2013-01-02"
+        assert request.tags[RANGE_END_TAG] == "2013-01-03"
         assert set(request.asset_selection) == {AssetKey("raw_flights"), AssetKey("raw_weather")}
 
         # while its run has not finished, the same files start no second run
@@ -71,7 +74,7 @@ def launch(instance, request, status):
 
 
 def test_contiguous_ranges():
-    assert sensors.contiguous_ranges(["2013-01-05", "2013-01-01", "2013-01-02", "2013-01-02"]) == [
+    assert landing.contiguous_ranges(["2013-01-05", "2013-01-01", "2013-01-02", "2013-01-02"]) == [
         ("2013-01-01", "2013-01-02"), ("2013-01-05", "2013-01-05")]
 
 
