@@ -177,9 +177,13 @@ def test_null_spike_and_quarantine_share(home, warehouse):
     load(warehouse, FLIGHTS, home.landing, [D(2013, 1, d) for d in range(1, 12)])
     day = D(2013, 1, 11)
     assert checks.null_rate_spike(warehouse, FLIGHTS, day, day).passed
+    assert checks.nulls_explained(warehouse, FLIGHTS, day, day).passed
     warehouse.execute("UPDATE raw.flights SET tailnum = NULL WHERE _partition_date = ?", [day])
     outcome = checks.null_rate_spike(warehouse, FLIGHTS, day, day)
     assert not outcome.passed and "2013-01-11 tailnum: 100% null" in outcome.description
+    # tailnum is missing only on cancelled flights: on flights that departed, the day is blocked
+    outcome = checks.nulls_explained(warehouse, FLIGHTS, day, day)
+    assert not outcome.passed and "2013-01-11 tailnum: 100% null vs 0% trailing" in outcome.description
     assert checks.quarantine_share(warehouse, FLIGHTS, day, day, 0.05).passed
     warehouse.execute(
         "INSERT INTO quarantine.flights SELECT *, 'x', 'y' FROM raw.flights WHERE _partition_date = ? LIMIT 100", [day]

@@ -34,10 +34,18 @@ OWNERS = ["team:data-platform"]
 
 class IngestConfig(Config):
     max_quarantine_share: float = Field(
-        0.05, description="Largest share of a day's rows that may be quarantined before the day is blocked."
+        checks.MAX_QUARANTINE_SHARE,
+        description="Largest share of a day's rows that may be quarantined before the day is blocked.",
     )
     null_spike_tolerance: float = Field(
-        0.30, description="Warn when a column's null rate exceeds its trailing 14-day mean by this much."
+        checks.NULL_SPIKE_TOLERANCE,
+        description=f"Warn when a column's null rate exceeds its trailing {checks.TRAILING_DAYS}-day mean "
+        "by this much.",
+    )
+    max_unexplained_null_share: float = Field(
+        checks.MAX_UNEXPLAINED_NULL_SHARE,
+        description="Block a day when a column is null in more than this share of its rows without an explanation "
+        "from the contract (cancellations, for flights); columns with their own limit in the contract keep it.",
     )
 
 
@@ -56,9 +64,14 @@ CHECKS: list[tuple[str, bool, str, CheckFn]] = [
 DAILY_CHECKS: list[tuple[str, bool, str, CheckFn]] = [
     ("rows_match_partition", True, "Every row's date is its partition's day.",
      lambda conn, c, s, e, cfg: checks.rows_in_partition(conn, c, s, e)),
-    ("no_null_rate_spike", False, "No column's null rate jumps against the trailing 14 days (warns).",
+    ("nulls_are_explained", True, "No column is null in more of a day's rows than its limit beyond what the "
+     "contract explains (cancellations, for flights): a null wave on flights that departed blocks the day.",
+     lambda conn, c, s, e, cfg: checks.nulls_explained(conn, c, s, e, cfg.max_unexplained_null_share)),
+    ("no_null_rate_spike", False,
+     f"No column's null rate jumps against the trailing {checks.TRAILING_DAYS} days (warns).",
      lambda conn, c, s, e, cfg: checks.null_rate_spike(conn, c, s, e, tolerance=cfg.null_spike_tolerance)),
-    ("row_count_sane", False, "Each day has rows, within 0.5x-2x of the trailing median (warns).",
+    ("row_count_sane", False,
+     f"Each day has rows, within 0.5x-2x of the trailing {checks.TRAILING_DAYS}-day median (warns).",
      lambda conn, c, s, e, cfg: checks.row_count_sane(conn, c, s, e)),
 ]
 
