@@ -20,6 +20,10 @@ PORT  ?= 3000
 SERVE_PORT ?= 8000
 START ?= 2013-01-01
 END   ?= 2013-12-31
+# `make ui` delivers history up to this day on its first start; later days come with `make deliver`
+HISTORY_END ?= 2013-03-31
+DAYS  ?= 1
+DRIFT ?=
 
 # Bytecode is compiled at install: this environment may set PYTHONDONTWRITEBYTECODE, and then
 # every process (the code location, each dbt run) would compile dagster, dbt and pandas from
@@ -28,12 +32,13 @@ UV_SYNC := $(BIN)/uv pip sync --quiet --compile-bytecode
 # The install is redone when the lock, the project metadata or the install command change.
 STAMP := $(VENV)/.installed-$(shell (cat requirements.lock pyproject.toml; echo '$(UV_SYNC)') 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help setup install home ui test system-deps run serve bench lock clean-home
+.PHONY: help setup install home ui test system-deps run serve bench lock clean-home deliver
 
 help:
-	@echo "make ui      set up (idempotent) and start the Dagster UI on http://$(HOST):$(PORT)"
+	@echo "make ui      set up (idempotent) and start the Dagster UI on http://$(HOST):$(PORT) and the MLflow UI"
 	@echo "make test    set up and run the test suite"
 	@echo "make run START=YYYY-MM-DD END=YYYY-MM-DD   headless run of the whole graph for a range"
+	@echo "make deliver DAYS=N [DRIFT=weather|schedule|all]   deliver the next days into the landing zone"
 	@echo "make serve   serve the champion model over HTTP on http://$(HOST):$(SERVE_PORT) (after make run)"
 	@echo "make bench   run the benchmarks, write benchmarks/results.{md,json}"
 	@echo "make lock    re-resolve requirements.lock from pyproject.toml"
@@ -56,9 +61,11 @@ home: install
 
 setup: home
 
+# The Dagster UI and the MLflow UI (MLPLATFORM_MLFLOW_UI_URL, default http://127.0.0.1:5000), logs in
+# $(MLPLATFORM_HOME)/logs; Ctrl-C stops both (mlplatform/services.py). exec: no shell stays between.
 ui: setup
-	$(BIN)/mlplatform replay --if-empty
-	$(BIN)/dagster dev -w workspace.yaml --host $(HOST) --port $(PORT)
+	$(BIN)/mlplatform replay --if-empty --end $(HISTORY_END)
+	exec $(BIN)/mlplatform ui --host $(HOST) --port $(PORT)
 
 # Debian's chromium and postgresql-15 for the browser and PostgreSQL tests (installed when missing)
 system-deps:
@@ -66,6 +73,9 @@ system-deps:
 
 test: system-deps setup
 	$(BIN)/python -m pytest
+
+deliver: setup
+	$(BIN)/mlplatform deliver --days $(DAYS) $(if $(DRIFT),--drift $(DRIFT))
 
 serve: setup
 	$(BIN)/mlplatform serve --host $(HOST) --port $(SERVE_PORT)

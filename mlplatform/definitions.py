@@ -6,6 +6,8 @@ environment (``mlplatform.settings``); defaults live under ``MLPLATFORM_HOME``.
 
 from __future__ import annotations
 
+import os
+
 from dagster import (
     AssetSelection,
     AutomationConditionSensorDefinition,
@@ -78,12 +80,13 @@ monitoring_job = define_asset_job(
 )
 
 # Declarative automation: every asset with an automation condition follows its inputs. On by
-# default; it runs in the Dagster daemon (`dagster dev` starts one).
+# default; it runs in the Dagster daemon (`dagster dev` starts one), every
+# MLPLATFORM_AUTOMATION_INTERVAL_SECONDS (30; the daemon ticks at most every 5 s).
 automation_sensor = AutomationConditionSensorDefinition(
     "automation_sensor",
     target=AssetSelection.all(),
     default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=int(os.getenv("MLPLATFORM_AUTOMATION_INTERVAL_SECONDS", "30")),
 )
 
 defs = Definitions(

@@ -20,9 +20,10 @@ from typing import TextIO
 
 from dagster import DagsterInstance, RunRequest, build_sensor_context
 
+from mlplatform.keys import TRIGGER_TAG
 from mlplatform.monitoring.drifted import land_drifted_days
 from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG, days_between
-from mlplatform.pipeline import QUIET, gate_rejection
+from mlplatform.pipeline import QUIET, status_of
 
 # Three months of training data: a regularised model (the year's default overfits them).
 DEMO_TRAINING = {"learning_rate": 0.05, "max_iter": 60, "min_samples_leaf": 100, "eval_days": 14,
@@ -34,11 +35,10 @@ def _run(defs, instance, job: str, out: TextIO, start=None, end=None, run_config
     config = {**QUIET, **(run_config or {})}
     result = defs.resolve_job_def(job).execute_in_process(instance=instance, tags=tags, run_config=config,
                                                           raise_on_error=False)
-    rejected = gate_rejection(result) if not result.success else None
-    status = "SUCCESS" if result.success else ("CHALLENGER REJECTED" if rejected else "FAILURE")
+    status, rejected = status_of(result)
     span = f" {start}..{end}" if start else ""
     print(f"  {job}{span}: {status}" + (f" ({rejected})" if rejected else ""), file=out)
-    if not result.success and not rejected:
+    if not result.success:
         raise SystemExit(f"{job} failed; see run {result.run_id} in the UI")
     return result
 
@@ -63,7 +63,7 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
     start, end = dt.date(2013, 1, 1), drift_start - dt.timedelta(days=1)
     print(f"1. replay and build {start}..{end}, train a champion", file=out)
     replay(settings.landing, start, end)
-    landing_cursor = landing_sensor(build_sensor_context(instance=instance, cursor=None)).cursor
+    landing_cursor = landing_sensor(build_sensor_context(instance=instance, cursor=None, definitions=defs)).cursor
     _run(defs, instance, "reference_job", out)
     _run(defs, instance, "daily_job", out, start, end)
     _run(defs, instance, "training_job", out, run_config=training_config())
@@ -76,12 +76,12 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
     land_drifted_days(settings.landing, targets, targets, severity)
 
     print("3. landing sensor", file=out)
-    result = landing_sensor(build_sensor_context(instance=instance, cursor=landing_cursor))
+    result = landing_sensor(build_sensor_context(instance=instance, cursor=landing_cursor, definitions=defs))
     for request in result.run_requests or []:
         first, last = request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]
         print(f"  requested ingestion of {first}..{last} (run key {request.run_key[:60]}...)", file=out)
         for job in ("daily_job", "predictions_job", "monitoring_job"):
-            _run(defs, instance, job, out, first, last, tags={"mlplatform/trigger": "landing"})
+            _run(defs, instance, job, out, first, last, tags={TRIGGER_TAG: "landing"})
 
     print("4. drift", file=out)
     import duckdb
@@ -102,7 +102,7 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
     if not isinstance(outcome, RunRequest):
         print(f"  no retraining: {outcome.skip_message}", file=out)
         return False
-    print(f"  retraining requested: {outcome.tags['mlplatform/trigger'][:200]}", file=out)
+    print(f"  retraining requested: {outcome.tags[TRIGGER_TAG][:200]}", file=out)
     # the new champion candidate trains on everything up to the drifted days and is judged on them
     config = training_config()
     config["ops"]["flight_delay_model"]["config"] = {**DEMO_TRAINING, "eval_days": days}

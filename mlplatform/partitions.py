@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import warnings
+from typing import NamedTuple
 
 from dagster import BackfillPolicy, BetaWarning, DailyPartitionsDefinition
 
@@ -24,6 +25,23 @@ RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 # A backfill of any range is one run and one step per asset, not one run per day.
 single_run = BackfillPolicy.single_run()
+
+
+class Window(NamedTuple):
+    """A span of days, both ends included: a training window, an evaluation window."""
+
+    start: dt.date
+    end: dt.date
+
+    def __str__(self) -> str:
+        return f"{self.start}..{self.end}"
+
+    def as_json(self) -> dict[str, str]:
+        return {"start": self.start.isoformat(), "end": self.end.isoformat()}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "Window":
+        return cls(dt.date.fromisoformat(value["start"]), dt.date.fromisoformat(value["end"]))
 
 
 def days_between(start: dt.date, end: dt.date) -> list[dt.date]:

@@ -14,6 +14,7 @@ from typing import TextIO
 
 from dagster import DagsterEventType, DagsterInstance
 
+from mlplatform.keys import CHAMPION_MODEL, MODEL_EVALUATION
 from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
 
 
@@ -22,16 +23,24 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def gate_rejection(result) -> str | None:
-    """The promotion gate's reason when that (and nothing else) is why a training run failed."""
-    failed = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
-    if [e.step_key for e in failed] != ["model_evaluation"]:
-        return None
+    """The promotion gate's reason when the run's model_evaluation rejected the challenger (a
+    successful run: a rejection is a decision, not a failure)."""
     for event in result.all_events:
-        if event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
-            evaluation = event.event_specific_data
-            if evaluation.check_name == "promotion_gate" and not evaluation.passed:
-                return evaluation.description
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            materialization = event.step_materialization_data.materialization
+            if materialization.asset_key == MODEL_EVALUATION:
+                metadata = materialization.metadata
+                if getattr(metadata.get("decision"), "value", None) == "REJECTED":
+                    return metadata["reason"].value
     return None
+
+
+def status_of(result) -> tuple[str, str | None]:
+    """('SUCCESS' | 'CHALLENGER REJECTED' | 'FAILURE', the gate's reason when rejected)."""
+    if not result.success:
+        return "FAILURE", None
+    rejected = gate_rejection(result)
+    return ("CHALLENGER REJECTED", rejected) if rejected else ("SUCCESS", None)
 
 
 def run_range(
@@ -62,7 +71,7 @@ def run_range(
         tags = {}
         if job.partitions_def is not None:
             tags = {RANGE_START_TAG: start.isoformat(), RANGE_END_TAG: end.isoformat()}
-        if job_name in ("predictions_job", "monitoring_job") and not _has_champion():
+        if job_name in ("predictions_job", "monitoring_job") and not _has_champion(instance):
             print(f"\n{job_name}: skipped, there is no champion model yet", file=out)
             continue
         run_config = dict(QUIET)
@@ -71,13 +80,12 @@ def run_range(
             run_config["ops"] = {op: {"config": {"full_refresh": True}}}
         with open(log_path, "a") as log, contextlib.redirect_stdout(log):
             result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False, run_config=run_config)
-        rejected = gate_rejection(result) if not result.success else None
-        status = "SUCCESS" if result.success else ("CHALLENGER REJECTED" if rejected else "FAILURE")
+        status, rejected = status_of(result)
         print(f"\n{job_name} {start}..{end}: {status} (run {result.run_id})", file=out)
         if rejected:
             print(f"  promotion gate: {rejected}", file=out)
         print(summarize(instance, result), file=out)
-        if not result.success and not rejected:
+        if not result.success:
             ok = False
             for event in result.all_events:
                 if event.event_type == DagsterEventType.STEP_FAILURE:
@@ -88,13 +96,9 @@ def run_range(
     return ok
 
 
-def _has_champion() -> bool:
-    from mlplatform.settings import Settings
-    from mlplatform.training.tracking import CHAMPION, MlflowTracking
-
-    settings = Settings.from_env()
-    tracking = MlflowTracking(tracking_uri=settings.mlflow_uri, artifact_root=str(settings.mlflow_artifacts))
-    return tracking.version_by_alias(CHAMPION) is not None
+def _has_champion(instance: DagsterInstance) -> bool:
+    """Whether champion_model was ever materialized (predictions score with what it promoted)."""
+    return instance.get_latest_materialization_event(CHAMPION_MODEL) is not None
 
 
 def summarize(instance: DagsterInstance, result) -> str:

@@ -10,6 +10,9 @@ MLPLATFORM_WAREHOUSE       DuckDB warehouse file                       ``$HOME/w
 MLPLATFORM_LANDING         landing zone (the upstream's daily files)   ``$HOME/landing``
 MLPLATFORM_MLFLOW_URI      MLflow tracking URI                         ``sqlite:///$HOME/mlflow/mlflow.db``
 MLPLATFORM_MLFLOW_ARTIFACTS MLflow artifact root                       ``$HOME/mlflow/artifacts``
+MLPLATFORM_MLFLOW_UI_URL   the MLflow UI: ``mlplatform ui`` (``make    ``http://127.0.0.1:5000``, or
+                           ui``) serves it there, asset metadata       the tracking server when
+                           links runs to it                            MLPLATFORM_MLFLOW_URI is http(s)
 MLPLATFORM_PROFILES        whylogs profiles (daily and reference)      ``$HOME/profiles``
 MLPLATFORM_DUCKDB_MEMORY_LIMIT  DuckDB's memory limit in each process  ``512MB`` (DuckDB's own
                            (Dagster's steps, dbt); past it DuckDB      default is 80% of RAM)
@@ -33,6 +36,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
+MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlplatform ui` serves the MLflow UI unless told otherwise
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Settings:
     landing: Path
     mlflow_uri: str
     mlflow_artifacts: Path
+    mlflow_ui_url: str
     profiles: Path
     dagster_home: Path
     dagster_pg_url: str | None = None  # Dagster's storage on PostgreSQL instead of SQLite
@@ -61,12 +66,16 @@ class Settings:
             )
         # one instance directory per storage: switching the variable never mixes the two
         default_dagster_home = home / ("dagster-postgres" if pg_url else "dagster")
+        mlflow_uri = env.get("MLPLATFORM_MLFLOW_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+        # a tracking server is its own UI; a local store gets the one `mlplatform ui` starts
+        remote = mlflow_uri.startswith(("http://", "https://"))
         return cls(
             home=home,
             warehouse=Path(env.get("MLPLATFORM_WAREHOUSE") or home / "warehouse.duckdb"),
             landing=Path(env.get("MLPLATFORM_LANDING") or home / "landing"),
-            mlflow_uri=env.get("MLPLATFORM_MLFLOW_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+            mlflow_uri=mlflow_uri,
             mlflow_artifacts=Path(env.get("MLPLATFORM_MLFLOW_ARTIFACTS") or mlflow_dir / "artifacts"),
+            mlflow_ui_url=(env.get("MLPLATFORM_MLFLOW_UI_URL") or (mlflow_uri if remote else MLFLOW_UI_URL)).rstrip("/"),
             profiles=Path(env.get("MLPLATFORM_PROFILES") or home / "profiles"),
             dagster_home=Path(env.get("DAGSTER_HOME") or default_dagster_home),
             dagster_pg_url=pg_url,
@@ -80,6 +89,7 @@ class Settings:
             "MLPLATFORM_LANDING": str(self.landing),
             "MLPLATFORM_MLFLOW_URI": self.mlflow_uri,
             "MLPLATFORM_MLFLOW_ARTIFACTS": str(self.mlflow_artifacts),
+            "MLPLATFORM_MLFLOW_UI_URL": self.mlflow_ui_url,
             "MLPLATFORM_PROFILES": str(self.profiles),
             "MLPLATFORM_DUCKDB_MEMORY_LIMIT": self.duckdb_memory_limit,
             "DAGSTER_HOME": str(self.dagster_home),

@@ -113,24 +113,37 @@ def test_fast_profile_counts_what_whylogs_counts():
 
 
 def test_daily_performance_is_the_training_metrics_per_day_and_version():
-    from mlplatform.monitoring.assets import SCORE, daily_performance
+    """Per day and version: the day's metrics, and the ROC AUC of its trailing window, pooled over
+    the flights the same version scored, never reaching into the version's training window."""
+    import datetime as dt
+
+    from mlplatform.monitoring.assets import daily_performance
     from mlplatform.training import model as m
 
-    n = 4_000
-    frame = pd.DataFrame({
-        "flight_date": pd.to_datetime(rng.choice(["2013-03-01", "2013-03-02"], n)),
-        "model_version": rng.choice(["1", "2"], n),
-        m.LABEL: rng.random(n) < 0.3,
-    })
-    frame[SCORE] = np.clip(frame[m.LABEL] * 0.3 + rng.random(n) * 0.7, 0, 1)
-    frame.loc[:9, SCORE] = np.nan  # not scored: left out
-    out = daily_performance(frame).set_index(["performance_date", "model_version"])
-    assert len(out) == 4 and out["rows"].sum() == n - 10
-    scored = frame[frame[SCORE].notna()]
-    for (day, version), group in scored.groupby([scored.flight_date.dt.date, "model_version"]):
-        expected = m.metrics(group[m.LABEL], group[SCORE])
+    n = 8_000
+    days = pd.to_datetime(["2013-03-01", "2013-03-02", "2013-03-03", "2013-03-04"])
+    scores = pd.DataFrame({"flight_date": rng.choice(days, n), "model_version": rng.choice(["1", "2"], n),
+                           "label": (rng.random(n) < 0.3).astype(int)})
+    scores["score"] = np.clip(scores["label"] * 0.3 + rng.random(n) * 0.7, 0, 1)
+    train_ends = {"1": dt.date(2013, 2, 28), "2": dt.date(2013, 3, 1)}  # version 2 trained on March 1
+    out = daily_performance(scores, dt.date(2013, 3, 2), dt.date(2013, 3, 4), train_ends, trailing_days=2)
+    out = out.set_index(["performance_date", "model_version"])
+    assert len(out) == 6 and out["rows"].sum() == (scores.flight_date > days[0]).sum()  # March 1 is before start
+    for (day, version), group in scores.groupby([scores.flight_date.dt.date, "model_version"]):
+        if day == dt.date(2013, 3, 1):
+            continue
+        expected = m.metrics(group["label"], group["score"])
         assert out.loc[(day, version), "roc_auc"] == pytest.approx(expected["roc_auc"])
         assert out.loc[(day, version), "log_loss"] == pytest.approx(expected["log_loss"])
+        first = max(day - dt.timedelta(days=1), train_ends[version] + dt.timedelta(days=1))
+        window = scores[(scores.model_version == version) & (scores.flight_date.dt.date >= first)
+                        & (scores.flight_date.dt.date <= day)]
+        assert out.loc[(day, version), "window_start"] == first
+        assert out.loc[(day, version), "window_rows"] == len(window)
+        assert out.loc[(day, version), "window_roc_auc"] == pytest.approx(
+            m.metrics(window["label"], window["score"])["roc_auc"])
+    # version 2's window on March 2 is March 2 alone: March 1 is its training data
+    assert out.loc[(dt.date(2013, 3, 2), "2"), "window_rows"] == out.loc[(dt.date(2013, 3, 2), "2"), "rows"]
 
 
 def test_a_saved_profile_reads_back_from_memory_until_the_file_changes(tmp_path):
@@ -174,3 +187,30 @@ def test_a_reference_computed_once_compares_as_the_view_does(reference):
         view = profiles.profile(current)
         expected = drift.compare(reference, view, ["x"], ["c"], drift.Thresholds())
         pd.testing.assert_frame_equal(drift.compare(once, view, ["x"], ["c"], drift.Thresholds()), expected)
+
+
+def test_a_day_is_judged_after_the_models_window_with_enough_labelled_flights():
+    import datetime as dt
+
+    from mlplatform.monitoring.assets import MIN_LABELLED_FLIGHTS, drift_verdict, not_judged
+
+    day, end = dt.date(2013, 2, 7), dt.date(2013, 1, 30)
+    assert not_judged(day, 900, end, MIN_LABELLED_FLIGHTS) == ""
+    assert not_judged(end, 900, end, 200) == "inside the model's training window (up to 2013-01-30)"
+    assert not_judged(day, 150, end, 200) == "150 labelled flights (fewer than 200)"
+    assert not_judged(day, 900, None, 200) == "the model's training window is unknown"
+
+    out = pd.DataFrame({
+        "feature": ["a", "b", "c", "w"], "metric": "psi", "value": [0.5, 0.4, 0.1, 3.0], "threshold": 0.25,
+        "drifted": [True, True, False, True], "judged": [True, True, True, False],
+    })
+    assert drift.judged_features(out) == 3
+    verdict = drift_verdict(day, out, 900, end, drift.Thresholds(), 200)
+    assert verdict["judged"] and verdict["drift_detected"] and verdict["note"] == ""
+    assert (verdict["judged_features"], verdict["drifted_features"]) == (3, 2)
+    assert verdict["drifted_share"] == pytest.approx(2 / 3) and verdict["threshold"] == 0.3
+    # the same report on a day of the training window, or with few labels: reported, not judged
+    for inside in (drift_verdict(end, out, 900, end, drift.Thresholds(), 200),
+                   drift_verdict(day, out, 20, end, drift.Thresholds(), 200)):
+        assert not inside["judged"] and not inside["drift_detected"] and inside["note"]
+        assert inside["drifted_share"] == pytest.approx(2 / 3)

@@ -6,10 +6,12 @@ import duckdb
 import pytest
 from dagster import DagsterEventType, RunRequest, build_sensor_context
 
+from mlplatform.definitions import defs
 from mlplatform.monitoring.drifted import land_drifted_days
 from mlplatform.ingest.sensors import landing_sensor
 from mlplatform.monitoring.sensors import retraining_sensor
 from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
+from mlplatform.pipeline import status_of
 from mlplatform_tests.conftest import D, failures, run_job
 
 pytestmark = pytest.mark.slow
@@ -44,12 +46,12 @@ def test_drift_triggers_retraining_through_the_gate(features_home, instance):
     assert query(home, "SELECT count(*) FROM monitoring.model_performance WHERE rows > 500")[0][0] == 7
 
     # the sensors start watching: what happened so far is history
-    baseline = landing_sensor(build_sensor_context(instance=instance, cursor=None)).cursor
+    baseline = landing_sensor(build_sensor_context(instance=instance, cursor=None, definitions=defs)).cursor
     retrain_baseline = retraining_sensor(build_sensor_context(instance=instance, cursor=None)).cursor
     # the landing sensor sees three drifted days arrive and asks for one ranged run
     targets = [D(2013, 2, 7), D(2013, 2, 8), D(2013, 2, 9)]
     land_drifted_days(home.landing, targets, targets, severity=1.0)
-    (request,) = landing_sensor(build_sensor_context(instance=instance, cursor=baseline)).run_requests
+    (request,) = landing_sensor(build_sensor_context(instance=instance, cursor=baseline, definitions=defs)).run_requests
     start, end = request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]
     assert (start, end) == ("2013-02-07", "2013-02-09")
     for job in ("daily_job", "predictions_job", "monitoring_job"):
@@ -66,8 +68,6 @@ def test_drift_triggers_retraining_through_the_gate(features_home, instance):
     tick = retraining_sensor(build_sensor_context(instance=instance, cursor=retrain_baseline))
     (retrain,) = tick.run_requests
     assert isinstance(retrain, RunRequest) and "drift_report[2013-02-0" in retrain.tags["mlplatform/trigger"]
-    from mlplatform.definitions import defs
-
     config = {"ops": {"flight_delay_model": {"config": {**TRAIN, "eval_days": 3}}}}
     result = defs.resolve_job_def("training_job").execute_in_process(
         instance=instance, run_config=config, tags=retrain.tags, raise_on_error=False)
@@ -78,7 +78,8 @@ def test_drift_triggers_retraining_through_the_gate(features_home, instance):
     version, champion, decision, reason, eval_start = decisions[1]
     assert (version, champion, str(eval_start)) == ("2", "1", "2013-02-07")
     assert decision in ("promoted", "rejected") and reason
-    assert result.success == (decision == "promoted")
+    assert result.success, failures(result)  # a rejection is a decision, not a failure
+    assert status_of(result)[0] == ("SUCCESS" if decision == "promoted" else "CHALLENGER REJECTED")
     run = instance.get_run_by_id(result.run_id)
     assert run.tags["mlplatform/trigger"] == retrain.tags["mlplatform/trigger"]
     # nothing new happened: the sensor stays quiet

@@ -8,7 +8,10 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-from dagster import DagsterEventType
+from dagster import AssetCheckSeverity, DagsterEventType
+
+from mlplatform import keys
+from mlplatform.pipeline import status_of
 
 from mlplatform.training import model as m
 from mlplatform.training import promotion
@@ -124,12 +127,14 @@ def test_training_run_is_tracked_registered_and_promoted(features_home, instance
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert (params["train_start"], params["train_end"]) == ("2013-01-01", "2013-01-30")
     assert (params["eval_start"], params["eval_end"]) == ("2013-01-31", "2013-02-06")
-    assert params["max_iter"] == "60" and params["n_features"] == str(len(m.FEATURES))
+    # at most the configured boosting iterations: the number with the lowest validation log loss
+    assert params["max_iter_allowed"] == "60" and 1 <= int(params["max_iter"]) <= 60
+    assert params["n_features"] == str(len(m.FEATURES))
     for name in ("val_roc_auc", "val_log_loss", "val_precision", "val_recall", "val_brier", "val_ece"):
         assert name in metrics
     assert 0.5 < metrics["val_roc_auc"] <= 1.0
     assert tags["dagster.run_id"] == result.run_id
-    assert tags["mlplatform.partition_range"] == "2013-01-01..2013-01-30"
+    assert (tags["mlplatform.train_start"], tags["mlplatform.train_end"]) == ("2013-01-01", "2013-01-30")
     assert len(tags["git.commit"]) in (40, 7) and tags["git.dirty"] in ("true", "false")
     with duckdb.connect(str(home.warehouse), read_only=True) as conn:
         train = m.load_frame(conn, D(2013, 1, 1), D(2013, 1, 30))
@@ -178,22 +183,31 @@ def test_gate_rejects_a_worse_challenger_and_promotes_a_better_one(features_home
     assert first.success, failures(first)
     assert alias(mlflow, CHAMPION) == "1"
 
+    # a rejection is a decision: the run succeeds, model_evaluation says REJECTED and why, the
+    # gate's check warns, approved_challenger is not materialized and champion_model is skipped
     worse = run_job(instance, "training_job", run_config=training_config(**WEAK))
-    assert not worse.success
+    assert worse.success, failures(worse)
+    assert status_of(worse)[0] == "CHALLENGER REJECTED"
     gate = next(e.event_specific_data for e in worse.all_events
                 if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION)
-    assert gate.check_name == "promotion_gate" and not gate.passed
+    assert gate.check_name == "promotion_gate" and not gate.passed and gate.severity == AssetCheckSeverity.WARN
+    assert gate.description.startswith("REJECTED: ROC AUC")
+    evaluation = worse.asset_materializations_for_node("model_evaluation")
+    assert [e.asset_key for e in evaluation] == [keys.MODEL_EVALUATION]
+    assert evaluation[0].metadata["decision"].value == "REJECTED"
+    assert evaluation[0].metadata["challenger_version"].value == "2"
+    skipped = {e.step_key for e in worse.all_events if e.event_type == DagsterEventType.STEP_SKIPPED}
     started = {e.step_key for e in worse.all_events if e.event_type == DagsterEventType.STEP_START}
-    assert "champion_model" not in started
+    assert skipped == {"champion_model", "monitoring__reference_profile"} and "champion_model" not in started
     assert alias(mlflow, CHAMPION) == "1"
     assert alias(mlflow, CHALLENGER) == "2"
 
-    # Better overall (about +0.03 ROC AUC), and every carrier improves, ExpressJet (EV) only by
-    # about 0.002: a rule that wants every carrier to gain 0.01 rejects it for that segment ...
+    # Better overall (about +0.02 ROC AUC), and every carrier improves, United (UA) only by about
+    # 0.013: a rule that wants every carrier to gain 0.02 rejects it for that segment ...
     strict = training_config(**GOOD)
-    strict["ops"]["model_evaluation"] = {"config": {"segment_tolerance": -0.01}}
+    strict["ops"]["model_evaluation"] = {"config": {"segment_tolerance": -0.02}}
     regressed = run_job(instance, "training_job", run_config=strict)
-    assert not regressed.success and alias(mlflow, CHAMPION) == "1"
+    assert status_of(regressed)[0] == "CHALLENGER REJECTED" and alias(mlflow, CHAMPION) == "1"
     # ... and the default rule promotes the same kind of challenger.
     better = run_job(instance, "training_job", run_config=training_config(**GOOD))
     assert better.success, failures(better)
@@ -204,7 +218,7 @@ def test_gate_rejects_a_worse_challenger_and_promotes_a_better_one(features_home
     assert decisions.decision.tolist() == ["promoted", "rejected", "rejected", "promoted"]
     assert decisions.champion_version.tolist()[1:] == ["1", "1", "1"]
     assert decisions.challenger_roc_auc[1] < decisions.champion_roc_auc[1]
-    assert "carriers regress beyond -0.01: EV" in decisions.reason[2]
+    assert "carriers regress beyond -0.02: UA" in decisions.reason[2]
     assert decisions.challenger_roc_auc[2] >= decisions.champion_roc_auc[2] + 0.002
     history = query(home, "SELECT version, champion_until FROM monitoring.champion_history ORDER BY champion_from")
     assert history.version.tolist() == ["1", "4"] and history.champion_until.notna().tolist() == [True, False]

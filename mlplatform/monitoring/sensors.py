@@ -1,25 +1,53 @@
 """Sensors of the model's loop: retraining on drift or degradation, and run-failure alerts.
 (The landing zone's sensor is ``mlplatform.ingest.sensors``.)
 
-* ``retraining_sensor``: a drift report with drift, or a performance report with a degraded
-  day, materialized since the last tick starts ``training_job`` (train, evaluate, gate),
-  at most once per cooldown and never while a training run is in progress. Its first tick
-  records the reports so far as seen.
-* ``alert_on_run_failure``: every failed run becomes a row of ``monitoring.alerts`` and a log
-  line, and is POSTed to ``MLPLATFORM_ALERT_WEBHOOK`` when that is set.
+``retraining_sensor`` starts ``training_job`` (train, evaluate, gated promotion) when days after
+the champion's training window drifted or the champion did worse on them. Its rule:
+
+* **Signals are days**, read from each day's own row in the warehouse, never from a range's
+  shared metadata: ``monitoring.drift_days.drift_detected`` and
+  ``monitoring.model_performance.degraded``. A day counts when both of its reports exist and were
+  made against the current champion (its reference profile, its predictions), when it is after
+  the champion's training window (the version's tags ``mlplatform.train_start``/``_end``) and when it
+  has at least ``MIN_LABELLED_FLIGHTS`` labelled flights (``MLPLATFORM_MIN_LABELLED_FLIGHTS``).
+  Backfilled history inside the champion's window is never a signal.
+* **A signal is consumed** by a training run that reached the gate's decision (a row of
+  ``monitoring.model_promotions``, promoted or rejected) with the day in its data (from its
+  training start to its evaluation end); a consumed day does not ask again. A promoted
+  challenger is the new champion: days are then judged against its window and reference.
+* **The cooldown** (``MLPLATFORM_RETRAIN_COOLDOWN_SECONDS``, 6 h) counts only from a promotion
+  made by a retraining this sensor requested. A rejected, failed or manual training sets none,
+  so it never blocks the retraining that drift asks for. Nothing is requested while a training
+  run is queued or running, nor when no day after the champion's training window is labelled.
+* **A failed retraining is not repeated** for exactly the same signals (the skip names the run;
+  re-execute it from the UI); a new signal day asks anew.
+* **The retraining trains on the signal days**: the request's run config makes the evaluation
+  window the later half of the labelled days from the first signal day on (the gate needs
+  held-out days after the champion's window, and training is what comes before evaluation),
+  so the earlier signal days are training data. When the signal is the last labelled day alone
+  it is the evaluation window, and the run's tag ``mlplatform/retrain_windows`` says so; when
+  that would leave the challenger exactly the champion's training data, the sensor waits for a
+  later labelled day instead.
+
+Every skip names the days, the signal and the reason (the sensor's tick list in the UI). Each
+tick decides from the warehouse and the registry as they are, not from a cursor of reports
+seen: a restart, a lost cursor or a re-made report changes nothing.
+
+``alert_on_run_failure``: every failed run becomes a row of ``monitoring.alerts`` and a log
+line, and is POSTed to ``MLPLATFORM_ALERT_WEBHOOK`` when that is set.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import time
 import urllib.request
+from dataclasses import dataclass, field
 
 from dagster import (
-    AssetKey,
-    AssetRecordsFilter,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunFailureSensorContext,
@@ -32,81 +60,249 @@ from dagster import (
     sensor,
 )
 
+from mlplatform.ingest.sensors import contiguous_ranges
+from mlplatform import keys
+from mlplatform.keys import REQUESTED_BY_TAG, RUN_KEY_TAG, TRIGGER_TAG, WINDOWS_TAG
+from mlplatform.monitoring.assets import MIN_LABELLED_FLIGHTS
 from mlplatform.settings import Settings
+from mlplatform.training import model as m
+from mlplatform.training.tracking import CHAMPION, TRAIN_START_TAG, MlflowTracking, training_window
 
-DRIFT_KEY = AssetKey(["monitoring", "drift_report"])
-PERFORMANCE_KEY = AssetKey(["monitoring", "model_performance"])
 RETRAIN_COOLDOWN_SECONDS = int(os.getenv("MLPLATFORM_RETRAIN_COOLDOWN_SECONDS", str(6 * 3600)))
+RETRAINING_INTERVAL_SECONDS = int(os.getenv("MLPLATFORM_RETRAINING_SENSOR_INTERVAL_SECONDS", "60"))
+SENSOR_NAME = "retraining_sensor"
+IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+               DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+DRIFT_REPORT = keys.DRIFT_REPORT.to_user_string()
+PERFORMANCE_REPORT = keys.MODEL_PERFORMANCE.to_user_string()
 
 
 # --- retraining ---------------------------------------------------------------------------
 
-def _new_signals(instance, key: AssetKey, flag: str, after: int | None) -> tuple[list[str], int | None]:
-    """Materializations of ``key`` after storage id ``after`` whose metadata ``flag`` is true."""
-    records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=key, after_storage_id=after), limit=1000, ascending=True
-    ).records
-    latest = max((r.storage_id for r in records), default=after)
-    signals = []
-    for record in records:
-        materialization = record.asset_materialization
-        value = materialization.metadata.get(flag) if materialization else None
-        if getattr(value, "value", value) is True:
-            signals.append(f"{key.to_user_string()}[{materialization.partition or '-'}] {flag}")
-    return signals, latest
+def days_text(days) -> str:
+    """[2013-02-07, 2013-02-08, 2013-02-10] -> '2013-02-07..2013-02-08, 2013-02-10'."""
+    ranges = contiguous_ranges([str(d) for d in days])
+    text = ", ".join(a if a == b else f"{a}..{b}" for a, b in ranges[:6])
+    return text + (f" and {len(ranges) - 6} more range(s)" if len(ranges) > 6 else "")
+
+
+def _exists(conn, schema: str, table: str) -> bool:
+    return conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                        [schema, table]).fetchone()[0] > 0
+
+
+@dataclass
+class Reports:
+    """What the warehouse says about the days after the champion's training window."""
+    last_labelled: dt.date | None
+    drift: dict = field(default_factory=dict)        # day -> description, drifted days only
+    degraded: dict = field(default_factory=dict)     # day -> description, degraded days only
+    drift_days: set = field(default_factory=set)     # days with a judged drift report
+    performance_days: set = field(default_factory=set)
+    few_labels: set = field(default_factory=set)     # reported days with too few labelled flights
+    decisions: list = field(default_factory=list)    # (version, decision, decided_at, applied_at, eval_end, run_id)
+
+
+def read_reports(conn, champion: str, train_end: dt.date, min_labelled: int, model_name: str) -> Reports:
+    """The per-day verdicts of the champion's reports after ``train_end`` and the gate's decisions."""
+    last = conn.execute(f"SELECT max(flight_date) FROM {m.FEATURE_TABLE} WHERE {m.LABEL} IS NOT NULL").fetchone()[0]
+    reports = Reports(last)
+    if _exists(conn, "monitoring", "drift_days"):
+        for day, detected, drifted, judged, labelled in conn.execute(
+            "SELECT drift_date, drift_detected, drifted_features, judged_features, labelled_flights "
+            "FROM monitoring.drift_days WHERE reference_version = ? AND drift_date > ?", [champion, train_end],
+        ).fetchall():
+            if labelled < min_labelled:
+                reports.few_labels.add(day)
+                continue
+            reports.drift_days.add(day)
+            if detected:
+                reports.drift[day] = f"{DRIFT_REPORT}[{day}] drift ({drifted}/{judged} features)"
+    if _exists(conn, "monitoring", "model_performance"):
+        for day, degraded, rows, auc, expected, since in conn.execute(
+            "SELECT performance_date, degraded, rows, coalesce(window_roc_auc, roc_auc), expected_roc_auc, "
+            "coalesce(window_start, performance_date) FROM monitoring.model_performance "
+            # a day the report did not judge (too few flights in its trailing window) is reported, not degraded
+            "WHERE model_version = ? AND performance_date > ?", [champion, train_end],
+        ).fetchall():
+            if rows < min_labelled:
+                reports.few_labels.add(day)
+                continue
+            reports.performance_days.add(day)
+            if degraded:
+                reports.degraded[day] = (f"{PERFORMANCE_REPORT}[{day}] degraded "
+                                         f"(ROC AUC {auc:.3f} over {since}..{day}, validation {expected:.3f})")
+    if _exists(conn, "monitoring", "model_promotions"):
+        reports.decisions = conn.execute(
+            "SELECT challenger_version, decision, decided_at, applied_at, eval_end, dagster_run_id "
+            "FROM monitoring.model_promotions WHERE model_name = ? ORDER BY decided_at", [model_name],
+        ).fetchall()
+    return reports
+
+
+def open_warehouse(path: str, wait_seconds: float = 10.0):
+    """A read-only connection, or None when writers kept the warehouse locked ``wait_seconds``."""
+    import duckdb
+
+    delay, waited = 0.1, 0.0
+    while True:
+        try:
+            return duckdb.connect(path, read_only=True)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or waited >= wait_seconds:
+                if "lock" in str(exc).lower():
+                    return None
+                raise
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 2.0)
+
+
+def retraining_windows(signal_days: list[dt.date], last_labelled: dt.date, champion_end: dt.date) -> tuple[dict, str] | None:
+    """(TrainingConfig overrides, a note on where the signal days went), or None when the
+    challenger would train on exactly the champion's data. The evaluation window is the later
+    half of the labelled days from the first signal day on; training is everything before it."""
+    first = min(signal_days)
+    eval_days = max(1, ((last_labelled - first).days + 1) // 2)
+    eval_start = last_labelled - dt.timedelta(days=eval_days - 1)
+    train_end = eval_start - dt.timedelta(days=1)
+    if train_end <= champion_end:
+        return None
+    trained = [d for d in signal_days if d <= train_end]
+    evaluated = [d for d in signal_days if d > train_end]
+    note = f"training up to {train_end}, evaluation {eval_start}..{last_labelled}"
+    if trained:
+        note += f"; signal days in training: {days_text(trained)}"
+    if evaluated:
+        note += (f"; signal days in the evaluation window: {days_text(evaluated)} (the last labelled days: the gate "
+                 f"needs held-out days after the champion's window, and training comes before evaluation)")
+    return {"eval_end": str(last_labelled), "eval_days": eval_days}, note
+
+
+def _training_starts(tracking: MlflowTracking, versions) -> dict[str, dt.date | None]:
+    client, out = tracking.client(), {}
+    for version in set(versions):
+        model_version = client.get_model_version(tracking.registered_model, version)
+        window = training_window(model_version)
+        out[version] = window.start if window else None
+    return out
+
+
+def tracking_from(settings: Settings) -> MlflowTracking:
+    """The MLflow resource as the code location configures it, outside a run."""
+    return MlflowTracking(tracking_uri=settings.mlflow_uri, artifact_root=str(settings.mlflow_artifacts))
+
+
+def _utc_seconds(when: dt.datetime) -> float:
+    return when.replace(tzinfo=dt.timezone.utc).timestamp()
 
 
 def retraining_baseline(instance) -> dict:
-    """A cursor that treats every report so far as seen (history does not retrain)."""
-    _, drift_id = _new_signals(instance, DRIFT_KEY, "drift_detected", None)
-    _, perf_id = _new_signals(instance, PERFORMANCE_KEY, "degraded", None)
-    return {"drift": drift_id, "performance": perf_id, "pending": []}
+    """The sensor's starting cursor. The decision reads the warehouse's state on every tick, so
+    there is nothing to record: history inside the champion's window is never a signal."""
+    return {}
 
 
-MAX_PENDING = 50
+def retraining_decision(instance, cursor: dict, now: float, cooldown: float, settings: Settings | None = None,
+                        min_labelled: int = MIN_LABELLED_FLIGHTS) -> tuple[RunRequest | SkipReason, dict]:
+    """What the retraining sensor does on a tick (see the module's docstring), and its next cursor."""
+    settings = settings or Settings.from_env()
+    tracking = tracking_from(settings)
+    cursor = dict(cursor or {})
+    champion = tracking.version_by_alias(CHAMPION)
+    if champion is None:
+        return SkipReason("no champion model yet: nothing to judge new days against"), cursor
+    version = str(champion.version)
+    window = training_window(champion)
+    if window is None:
+        return SkipReason(f"champion v{version} has no tag {TRAIN_START_TAG} (its training window): new days cannot be "
+                          "told from its training data; register it through training_job"), cursor
+    train_start, train_end = window
+    conn = open_warehouse(str(settings.warehouse)) if settings.warehouse.exists() else None
+    if conn is None:
+        return SkipReason("the warehouse is busy (a run is writing) or absent: looking again next tick"), cursor
+    with conn:
+        reports = read_reports(conn, version, train_end, min_labelled, tracking.registered_model)
+    champion_text = f"champion v{version} (trained on {train_start}..{train_end})"
+    if reports.last_labelled is None or reports.last_labelled <= train_end:
+        return SkipReason(f"no labelled day after the training window of {champion_text}; last labelled day "
+                          f"{reports.last_labelled or 'none'}: nothing new to retrain on"), cursor
+    judged = reports.drift_days & reports.performance_days
+    waiting = (reports.drift_days | reports.performance_days) - judged
+    signals = {d: [t for t in (reports.drift.get(d), reports.degraded.get(d)) if t] for d in judged}
+    signals = {d: texts for d, texts in signals.items() if texts}
+    notes = []
+    if waiting:
+        notes.append(f"waiting for both reports of {days_text(sorted(waiting))}")
+    if reports.few_labels:
+        notes.append(f"not judged (fewer than {min_labelled} labelled flights): {days_text(sorted(reports.few_labels))}")
+    suffix = f"; {'; '.join(notes)}" if notes else ""
+    if not signals:
+        span = f" ({days_text(sorted(judged))})" if judged else ""
+        return SkipReason(f"no drift or degradation on the {len(judged)} judged day(s){span} after the training "
+                          f"window of {champion_text}{suffix}"), cursor
 
+    starts = _training_starts(tracking, [d[0] for d in reports.decisions])
+    covered = {}
+    for challenger, decision, _, _, eval_end, _ in reports.decisions:
+        for day in signals:
+            if starts.get(challenger) and eval_end and starts[challenger] <= day <= eval_end:
+                covered[day] = f"v{challenger} ({decision})"
+    fresh = sorted(d for d in signals if d not in covered)
+    described = "; ".join(t for d in sorted(signals) for t in signals[d])
+    if not fresh:
+        by = sorted(set(covered.values()))
+        return SkipReason(f"{described[:300]}: already in the data of the training of {', '.join(by)}{suffix}"), cursor
+    what = "; ".join(t for d in fresh for t in signals[d])
+    short = f"{len(fresh)} signal day(s) {days_text(fresh)}"
 
-def retraining_decision(instance, cursor: dict, now: float, cooldown: float) -> tuple[RunRequest | SkipReason, dict]:
-    """What the retraining sensor does on a tick, and its next cursor."""
-    drift, drift_id = _new_signals(instance, DRIFT_KEY, "drift_detected", cursor.get("drift"))
-    perf, perf_id = _new_signals(instance, PERFORMANCE_KEY, "degraded", cursor.get("performance"))
-    pending = (cursor.get("pending", []) + drift + perf)[-MAX_PENDING:]
-    seen = {**cursor, "drift": drift_id, "performance": perf_id}
-    if not pending:
-        return SkipReason("no drift or degradation since the last tick"), {**seen, "pending": []}
-    active = instance.get_runs(
-        RunsFilter(job_name="training_job", statuses=[DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED,
-                                                      DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]),
-        limit=1,
-    )
+    active = instance.get_runs(RunsFilter(job_name="training_job", statuses=IN_PROGRESS), limit=1)
     if active:
-        return SkipReason(f"training run {active[0].run_id} is in progress; {len(pending)} signal(s) wait"), {
-            **seen, "pending": pending}
-    last = cursor.get("last_request")
-    if last is not None and now - last < cooldown:
-        return SkipReason(f"cooldown: last retraining requested {int(now - last)}s ago (cooldown {int(cooldown)}s); "
-                          f"{len(pending)} signal(s) wait"), {**seen, "pending": pending}
+        return SkipReason(f"training run {active[0].run_id} is in progress; waiting: {short}"), cursor
+    promoted_by_sensor = [
+        (_utc_seconds(applied or decided), challenger, run_id)
+        for challenger, decision, decided, applied, _, run_id in reports.decisions
+        if decision == "promoted" and run_id and (run := instance.get_run_by_id(run_id)) is not None
+        and run.tags.get(REQUESTED_BY_TAG) == SENSOR_NAME
+    ]
+    if promoted_by_sensor and now - max(promoted_by_sensor)[0] < cooldown:
+        when, challenger, run_id = max(promoted_by_sensor)
+        return SkipReason(f"cooldown: the retraining run {run_id} promoted v{challenger} {int(now - when)}s ago "
+                          f"(cooldown {int(cooldown)}s, MLPLATFORM_RETRAIN_COOLDOWN_SECONDS); waiting: {short}"), cursor
+    windows = retraining_windows(fresh, reports.last_labelled, train_end)
+    if windows is None:
+        return SkipReason(f"{short}: the last labelled day, right after the champion's window; a challenger would "
+                          f"train on the champion's own data and be judged on it: waiting for a later labelled day"
+                          ), cursor
+    overrides, note = windows
+    key = f"retrain:v{version}:{days_text(fresh)[:60]}:{hashlib.sha1(what.encode()).hexdigest()[:10]}"
+    previous = instance.get_runs(RunsFilter(tags={RUN_KEY_TAG: key}), limit=1)
+    if previous and previous[0].status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
+        return SkipReason(f"the retraining for {short} (run {previous[0].run_id}) ended "
+                          f"{previous[0].status.value}: re-execute it from the UI; a new signal day asks again"), cursor
     request = RunRequest(
-        run_key=f"retrain:{drift_id}:{perf_id}",
-        tags={"mlplatform/trigger": "; ".join(pending)[:1000]},
+        run_key=key,
+        run_config={"ops": {"flight_delay_model": {"config": overrides}}},
+        tags={TRIGGER_TAG: what[:1000], REQUESTED_BY_TAG: SENSOR_NAME, WINDOWS_TAG: note[:1000]},
     )
-    return request, {**seen, "pending": [], "last_request": now}
+    return request, {**cursor, "last_request": {"run_key": key, "at": now}}
 
 
 @sensor(
-    name="retraining_sensor",
+    name=SENSOR_NAME,
     job_name="training_job",
-    minimum_interval_seconds=60,
+    minimum_interval_seconds=RETRAINING_INTERVAL_SECONDS,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Starts training_job (train, evaluate, gated promotion) on drift or degraded performance, "
-    "with a cooldown, never while a training run is in progress.",
+    description="Starts training_job (train, evaluate, gated promotion) when days after the champion's training "
+    "window drifted or its realised performance on them degraded, read day by day from monitoring.drift_days and "
+    "monitoring.model_performance (days with at least MLPLATFORM_MIN_LABELLED_FLIGHTS labelled flights). A day is "
+    "consumed by a training run whose data covered it, promoted or rejected; the cooldown counts only from a "
+    "promotion this sensor's retraining made, so a rejected retraining never blocks the next; never while a "
+    "training run is in progress. The run trains on the signal days (its evaluation window is the later half of "
+    "the labelled days from the first signal day; tag mlplatform/retrain_windows).",
 )
 def retraining_sensor(context: SensorEvaluationContext):
-    if not context.cursor:
-        cursor = retraining_baseline(context.instance)
-        return SensorResult(skip_reason=SkipReason("first tick: earlier reports recorded as seen"),
-                            cursor=json.dumps(cursor))
-    cursor = json.loads(context.cursor)
+    cursor = json.loads(context.cursor) if context.cursor else retraining_baseline(context.instance)
     outcome, cursor = retraining_decision(context.instance, cursor, time.time(), RETRAIN_COOLDOWN_SECONDS)
     if isinstance(outcome, SkipReason):
         return SensorResult(skip_reason=outcome, cursor=json.dumps(cursor))

@@ -7,20 +7,19 @@ import datetime as dt
 
 from dagster import (
     AssetExecutionContext,
-    AssetKey,
     AssetSelection,
-    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 from dagster_duckdb import DuckDBResource
 
+from mlplatform import keys
 from mlplatform.automation import on_new_data
+from mlplatform.lineage import upstream_metadata
 from mlplatform.partitions import chunks, daily_partitions, single_run, window_of
 from mlplatform.training import model as m
-from mlplatform.training.assets import champion_model
-from mlplatform.training.tracking import CHAMPION, MlflowTracking
+from mlplatform.training.tracking import MlflowTracking
 from mlplatform.warehouse import replace_window, table_metadata
 
 PREDICTIONS_DDL = """
@@ -65,32 +64,32 @@ def score(conn, estimator, start: dt.date, end: dt.date):
 
 
 @asset(
-    key=AssetKey(["predictions", "flight_delay"]),
+    key=keys.PREDICTIONS,
     group_name="predictions",
-    deps=[AssetKey(["features", "flight_features"]), champion_model],
+    deps=[keys.FEATURES, keys.CHAMPION_MODEL],
     partitions_def=daily_partitions,
     backfill_policy=single_run,
     kinds={"scikit-learn", "duckdb"},
     owners=["team:ml-platform"],
     tags={"daily": ""},
     # new days are scored as their features arrive; a new champion does not re-score history
-    automation_condition=on_new_data(ignore=AssetSelection.assets(champion_model)),
+    automation_condition=on_new_data(ignore=AssetSelection.assets(keys.CHAMPION_MODEL)),
     description="Delay probability of every flight of the day (cancelled ones included) by the champion model.",
-    pool="warehouse_writer",
+    pool=keys.WAREHOUSE_POOL,
 )
 def flight_delay_predictions(
     context: AssetExecutionContext, warehouse: DuckDBResource, mlflow: MlflowTracking
 ) -> MaterializeResult:
     start, end = window_of(context)
-    champion = mlflow.version_by_alias(CHAMPION)
-    if champion is None:
-        raise Failure("no champion model yet: materialize the training group first")
-    estimator = mlflow.load_model(champion.version)
+    # the version champion_model promoted (its materialization), not whatever the alias says now
+    version = str(upstream_metadata(context, keys.CHAMPION_MODEL,
+                                    "no champion model yet: materialize the training group first")["model_version"])
+    estimator = mlflow.load_model(version)
     with warehouse.get_connection() as conn:
-        rows, total = write_predictions(conn, score(conn, estimator, start, end), champion.version, start, end)
+        rows, total = write_predictions(conn, score(conn, estimator, start, end), version, start, end)
         metadata = table_metadata(conn, "predictions", "flight_delay", rows)
     return MaterializeResult(metadata={
         **metadata,
-        "model_version": champion.version,
+        "model_version": version,
         "mean_delay_probability": MetadataValue.float(total / rows if rows else float("nan")),
     })

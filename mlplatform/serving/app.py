@@ -6,24 +6,30 @@
     GET  /metrics                       Prometheus text format
     GET  /openapi.json, /docs           the schema
 
-Client errors are 422 with one entry per field (FastAPI's format), including carriers and
-airports the warehouse does not know; 503 says why the service cannot predict yet.
+Client errors are 422 with one entry per field at fault (FastAPI's format: loc, msg, type), all
+of a request's at once: malformed fields as well as dates, carriers and airports the warehouse
+does not serve. The OpenAPI schema states the same: once a warehouse snapshot is loaded, the
+served dates, carriers, origins and destinations are enums and origin != dest is a ``not``; the
+schema is restated whenever the snapshot changes. 503 says why the service cannot predict yet.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: the routes' models are made in create_app, and FastAPI
+# must see them as objects, not names to resolve in this module
+import copy
 import datetime as dt
 import logging
 import math
 import os
+import re
 import threading
 import time
 from contextlib import asynccontextmanager
+from typing import Annotated, Any, Callable
 
 from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -32,10 +38,21 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
-from mlplatform.serving.service import InvalidFlight, NotReady, PredictionService
+from mlplatform.serving.features import Snapshot
+from mlplatform.serving.service import CHECKED_FIELDS, InvalidFlight, NotReady, PredictionService, unserved
 
 log = logging.getLogger("mlplatform.serving")
 MAX_BATCH = 10_000
@@ -45,43 +62,139 @@ EXAMPLE = {
 }
 
 
+ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+CODE_PATTERN = {"carrier": r"^[A-Z0-9]{2}$", "origin": r"^[A-Z]{3}$", "dest": r"^[A-Z]{3}$"}
+
+
+def _iso_date(value):
+    """Only a string YYYY-MM-DD is a date: not a number (pydantic reads 0 and "0" as 1970-01-01),
+    not a timestamp, not a datetime."""
+    if not (isinstance(value, str) and ISO_DATE.fullmatch(value)):
+        raise PydanticCustomError("date_format", "must be a date as a string YYYY-MM-DD")
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError as exc:
+        raise PydanticCustomError("date_format", "not a calendar date: {reason}", {"reason": str(exc)}) from None
+
+
+def _json_integer(value):
+    """A JSON integer: a number without a fraction (JSON Schema's ``integer`` admits 14.0), never a
+    string or a boolean (pydantic's lax mode would read "14" and true as integers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise PydanticCustomError("int_from_float", "Input should be a valid integer, got a number with a "
+                                                        "fractional part")
+        return int(value)
+    return value
+
+
+def _json_number(value):
+    """A JSON number, never a string or a boolean."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+# every local time as HHMM (0 = 00:00, 2359 = 23:59): the schema lists them, the server checks them
+HHMM = [h * 100 + m for h in range(24) for m in range(60)]
+# (the schema is given whole: pydantic would state the bounds of a type with a before-validator as
+# "ge"/"le", which JSON Schema does not know)
+Hhmm = Annotated[JsonInt, Field(ge=0, le=2359), WithJsonSchema({"type": "integer", "enum": HHMM})]
+JsonNumber = Annotated[float, BeforeValidator(_json_number)]
+Miles = Annotated[JsonNumber, Field(ge=1, le=12_000), WithJsonSchema({"type": "number", "minimum": 1,
+                                                                       "maximum": 12_000})]
+
+
 class Flight(BaseModel):
-    """A flight as known before departure."""
+    """A flight as known before departure. What the warehouse serves (the dates, carriers and
+    airports) is checked by the subclass ``served_models`` makes, and stated by ``/openapi.json``."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE]})
 
-    flight_date: dt.date = Field(ge=dt.date(1970, 1, 1), le=dt.date(2100, 12, 31), description="Local date of departure.")
-    carrier: str = Field(pattern=r"^[A-Z0-9]{2}$", description="Two-character airline code, e.g. UA.")
-    flight_number: int = Field(ge=1, le=9999, strict=True)
-    origin: str = Field(pattern=r"^[A-Z]{3}$", description="FAA code of the departure airport (EWR, JFK, LGA).")
-    dest: str = Field(pattern=r"^[A-Z]{3}$", description="FAA code of the destination airport.")
-    sched_dep_time: int = Field(ge=0, le=2359, strict=True, description="Scheduled departure, local HHMM (515 = 05:15).")
+    flight_date: Annotated[dt.date, BeforeValidator(_iso_date)] = Field(
+        description="Local date of departure, YYYY-MM-DD: one of the days the warehouse serves, from its first "
+                    "day of flights to the end of its holiday calendar (listed as an enum once it is loaded).")
+    carrier: str = Field(pattern=CODE_PATTERN["carrier"],
+                         description="Two-character airline code, e.g. UA: one in the warehouse's airlines table.")
+    flight_number: JsonInt = Field(ge=1, le=9999)
+    origin: str = Field(pattern=CODE_PATTERN["origin"],
+                        description="FAA code of the departure airport: one the warehouse has departures from (EWR, JFK, LGA).")
+    dest: str = Field(pattern=CODE_PATTERN["dest"],
+                      description="FAA code of the destination airport: one the warehouse knows, not the origin.")
+    sched_dep_time: Hhmm = Field(description="Scheduled departure, local HHMM (515 = 05:15).")
     tailnum: str | None = Field(None, min_length=1, max_length=10, pattern=r"^[A-Z0-9]+$")
-    sched_arr_time: int | None = Field(
-        None, ge=0, le=2359, strict=True, description="Scheduled arrival, HHMM; looked up in the published schedule when absent."
+    sched_arr_time: Hhmm | None = Field(
+        None, description="Scheduled arrival, HHMM; looked up in the published schedule when absent."
     )
-    distance_miles: float | None = Field(
-        None, gt=0, le=12_000, description="Looked up in the schedule (or the great-circle distance) when absent."
+    distance_miles: Miles | None = Field(
+        None, description="Looked up in the schedule (or the great-circle distance) when absent."
     )
 
     @field_validator("sched_dep_time", "sched_arr_time")
     @classmethod
     def _hhmm(cls, value: int | None) -> int | None:
         if value is not None and value % 100 > 59:
-            raise ValueError("must be a time as HHMM with minutes 00-59")
+            raise PydanticCustomError("time_format", "must be a time as HHMM with minutes 00-59")
         return value
 
     @field_validator("dest")
     @classmethod
     def _not_origin(cls, value: str, info: ValidationInfo) -> str:
         if value == info.data.get("origin"):
-            raise ValueError("must differ from origin")
+            raise PydanticCustomError("same_as_origin", "must differ from origin")
         return value
 
 
 class Batch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     flights: list[Flight] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+def served_models(current: Callable[[], Snapshot | None]) -> tuple[type[Flight], type[Batch]]:
+    """``Flight`` and ``Batch`` that also check the dates, carriers and airports against the
+    snapshot ``current()`` returns (``unserved``), while the request is parsed: so one 422 lists
+    every field at fault, whatever kind of fault. Without a snapshot nothing is checked here (the
+    request then gets the 503 that says why)."""
+
+    def served(cls, value, info: ValidationInfo):
+        snapshot = current()
+        problem = unserved(snapshot, info.field_name, value) if snapshot is not None else None
+        if problem:
+            raise PydanticCustomError(problem[0], problem[1])
+        return value
+
+    served_flight = create_model(
+        "Flight", __base__=Flight, __module__=__name__,
+        __validators__={"_served": field_validator(*CHECKED_FIELDS)(classmethod(served))},
+    )
+    served_batch = create_model(
+        "Batch", __base__=Batch, __module__=__name__,
+        flights=(list[served_flight], Field(min_length=1, max_length=MAX_BATCH)),
+    )
+    return served_flight, served_batch
+
+
+def served_schema(schema: dict, snapshot: Snapshot | None) -> dict:
+    """The OpenAPI schema with what ``snapshot`` serves stated in it: the dates, carriers, origins
+    and destinations as enums (exactly the values the server accepts), and origin != dest."""
+    if snapshot is None or snapshot.served_dates is None:
+        return schema
+    schema = copy.deepcopy(schema)
+    flight = schema["components"]["schemas"]["Flight"]
+    low, high = snapshot.served_dates
+    days = [(low + dt.timedelta(days=i)).isoformat() for i in range((high - low).days + 1)]
+    flight["properties"]["flight_date"]["enum"] = days
+    known = {"carrier": snapshot.carriers, "origin": snapshot.origins, "dest": snapshot.airports}
+    for name, codes in known.items():
+        flight["properties"][name]["enum"] = sorted(c for c in codes if re.fullmatch(CODE_PATTERN[name], c))
+    flight["not"] = {"anyOf": [
+        {"properties": {"origin": {"const": code}, "dest": {"const": code}}, "required": ["origin", "dest"]}
+        for code in flight["properties"]["origin"]["enum"]
+    ]}
+    return schema
 
 
 class Prediction(BaseModel):
@@ -98,6 +211,26 @@ class Prediction(BaseModel):
 
 class Predictions(BaseModel):
     predictions: list[Prediction]
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description='Where: ["body", <field>] or ["body", "flights", <index>, <field>].')
+    msg: str
+    type: str = Field(description="The kind of error, e.g. missing, date_format, unknown_carrier, same_as_origin.")
+    input: Any = None
+    ctx: dict | None = None
+
+
+class ClientErrors(BaseModel):
+    detail: list[FieldError] = Field(description="Every field at fault, each once.")
+
+
+class Unreadable(BaseModel):
+    detail: str = Field(description="FastAPI's answer to a body it cannot decode.")
+
+
+class Unavailable(BaseModel):
+    detail: str = Field(description="Why the service cannot predict yet.")
 
 
 class Metrics:
@@ -148,6 +281,18 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
         lifespan=lifespan,
     )
     app.state.service, app.state.metrics = service, metrics
+    ServedFlight, ServedBatch = served_models(lambda: service.features.snapshot)
+    stated: list = [None, None]  # the snapshot the schema was last stated for, and that schema
+
+    def openapi() -> dict:
+        """FastAPI's schema with what the current snapshot serves (``served_schema``), restated
+        when the snapshot changes."""
+        snapshot = service.features.snapshot
+        if stated[1] is None or stated[0] is not snapshot:
+            stated[:] = [snapshot, served_schema(FastAPI.openapi(app), snapshot)]
+        return stated[1]
+
+    app.openapi = openapi
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
@@ -177,7 +322,7 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
     async def invalid(request: Request, exc: InvalidFlight):
         return JSONResponse({"detail": exc.errors}, status_code=422)
 
-    async def _predict(flights: list[Flight], explain: bool, batch: bool) -> list[dict]:
+    async def _predict(flights: list[BaseModel], explain: bool, batch: bool) -> list[dict]:
         if not started.is_set() and start_service:
             raise NotReady("starting: compiling the feature SQL and loading the warehouse and the champion")
         flights = [f.model_dump() for f in flights]
@@ -190,22 +335,26 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
         return out
 
     @app.post("/predict", response_model=Prediction, response_model_exclude_none=True,
-              responses={422: {"description": "Invalid flight"}, 503: {"description": "No champion or warehouse yet"}})
-    async def predict(flight: Flight, explain: bool = Query(False, description="Also return the feature vector.")):
+              responses={400: {"model": Unreadable, "description": "The body is not text (not UTF-8)"},
+                         422: {"model": ClientErrors, "description": "Invalid flight"},
+                         503: {"model": Unavailable, "description": "No champion or warehouse yet"}})
+    async def predict(flight: ServedFlight, explain: bool = Query(False, description="Also return the feature vector.")):
         return (await _predict([flight], explain, batch=False))[0]
 
     @app.post("/predict/batch", response_model=Predictions, response_model_exclude_none=True,
-              responses={422: {"description": "Invalid flights"}, 503: {"description": "No champion or warehouse yet"}})
-    async def predict_batch(body: Batch, explain: bool = Query(False, description="Also return the feature vectors.")):
+              responses={400: {"model": Unreadable, "description": "The body is not text (not UTF-8)"},
+                         422: {"model": ClientErrors, "description": "Invalid flights"},
+                         503: {"model": Unavailable, "description": "No champion or warehouse yet"}})
+    async def predict_batch(body: ServedBatch, explain: bool = Query(False, description="Also return the feature vectors.")):
         return {"predictions": await _predict(body.flights, explain, batch=True)}
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Not ready: the reasons say why"}})
     def health():
         state = service.health() if started.is_set() or not start_service else {
             "ready": False, "reasons": ["starting"], "model": None, "features": None}
         return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     def prometheus():
         model = service.champion.model
         metrics.model_version.set(int(model.version) if model and model.version.isdigit() else 0)

@@ -137,6 +137,16 @@ class Snapshot:
     holidays: tuple[dt.date | None, dt.date | None]  # the holiday calendar's first and last day
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def served_dates(self) -> tuple[dt.date, dt.date] | None:
+        """The flight dates the server predicts for: from the warehouse's first day of flights to
+        the end of its holiday calendar (``days_to_holiday`` is computed from the calendar, so past
+        it that feature would be wrong, not just missing), or to its last day of flights if that is
+        later. None while the warehouse has no flights."""
+        if self.first_flight_date is None:
+            return None
+        return self.first_flight_date, max(self.holidays[1] or self.last_flight_date, self.last_flight_date)
+
     def features(self, sql: str, requests: pd.DataFrame) -> pd.DataFrame:
         with self.lock:  # one DuckDB connection: one query at a time
             return compute_features(self.conn, sql, requests)

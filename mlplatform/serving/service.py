@@ -189,20 +189,17 @@ class OnlineFeatures:
         return Vectors.stack(parts)
 
     def validate(self, flights: list[dict], snapshot: Snapshot, batch: bool = False) -> None:
-        """Carriers and airports must be known to the warehouse: an unknown one is the client's
-        error (422), not a prediction from features that are all missing."""
+        """Dates, carriers and airports must be ones the warehouse serves: anything else is the
+        client's error (422), not a prediction from features that are all missing. The HTTP layer
+        checks the same (``unserved``) while it parses a request; this catches a snapshot that
+        changed in between, and callers without the HTTP layer."""
         errors = []
         for i, f in enumerate(flights):
             loc = ("body", "flights", i) if batch else ("body",)
-            checks = [
-                ("carrier", snapshot.carriers, "unknown_carrier", "unknown carrier {!r}: not in the airlines table"),
-                ("origin", snapshot.origins, "unknown_origin",
-                 "unknown origin {!r}: the model serves departures from " + ", ".join(sorted(snapshot.origins))),
-                ("dest", snapshot.airports, "unknown_airport", "unknown destination airport {!r}"),
-            ]
-            for field, known, kind, message in checks:
-                if f[field] not in known:
-                    errors.append({"loc": [*loc, field], "msg": message.format(f[field]), "type": kind, "input": f[field]})
+            for field in CHECKED_FIELDS:
+                problem = unserved(snapshot, field, f[field])
+                if problem:
+                    errors.append({"loc": [*loc, field], "msg": problem[1], "type": problem[0], "input": f[field]})
         if errors:
             raise InvalidFlight(errors)
 
@@ -215,6 +212,29 @@ class OnlineFeatures:
             "scheduled_flights": len(self.scheduled.index) if self.scheduled else 0,
             "error": self.error,
         }
+
+
+CHECKED_FIELDS = ("flight_date", "carrier", "origin", "dest")  # the fields checked against the warehouse
+
+
+def unserved(snapshot: Snapshot, field: str, value) -> tuple[str, str] | None:
+    """Why the warehouse of ``snapshot`` cannot serve this value of one of ``CHECKED_FIELDS``, as
+    (error type, message), or None when it can."""
+    if field == "flight_date":
+        served = snapshot.served_dates
+        if served is None:
+            return "date_not_served", "the warehouse has no flights yet"
+        if not served[0] <= value <= served[1]:
+            return ("date_not_served", f"{value} is not a day this server predicts for: {served[0]}..{served[1]} "
+                    "(the warehouse's first day of flights to the end of its holiday calendar)")
+    elif field == "carrier" and value not in snapshot.carriers:
+        return "unknown_carrier", f"unknown carrier {value!r}: not in the airlines table"
+    elif field == "origin" and value not in snapshot.origins:
+        return ("unknown_origin",
+                f"unknown origin {value!r}: the model serves departures from {', '.join(sorted(snapshot.origins))}")
+    elif field == "dest" and value not in snapshot.airports:
+        return "unknown_airport", f"unknown destination airport {value!r}"
+    return None
 
 
 def _key(flight: dict) -> tuple:

@@ -1,43 +1,88 @@
 """Training, evaluation and promotion as assets: thin glue over ``model`` and ``promotion``.
 
-    features/flight_features -> flight_delay_model -> model_evaluation -> champion_model
+    features/flight_features -> flight_delay_model -> model_evaluation -> approved_challenger
+                                                                       -> champion_model
 
 ``flight_delay_model`` trains on every labelled day before the evaluation window, logs the run
 to MLflow, registers a new version of ``flight_delay`` and points the ``challenger`` alias at
-it. ``model_evaluation`` scores challenger and champion on the evaluation window and records
-the decision; its blocking check ``promotion_gate`` passes only when the rule says promote,
-and only then does ``champion_model`` run and move the ``champion`` alias.
+it. ``model_evaluation`` scores that version (read from its upstream's materialization, never
+from the alias: ``mlplatform.lineage``) and the champion on the evaluation window and records
+the decision. A rejection is a decision, not a failure: the run succeeds, ``model_evaluation``
+says REJECTED and why (its check ``promotion_gate`` warns), and ``approved_challenger`` is not
+materialized, so ``champion_model`` is skipped. An approval materializes
+``approved_challenger``, and ``champion_model`` moves the ``champion`` alias to that version,
+as the run's last side effect.
 """
 
 import datetime as dt
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dagster import (
     AssetCheckResult,
+    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    AssetKey,
+    AssetSpec,
     Config,
     Failure,
     MaterializeResult,
     MetadataValue,
     asset,
+    multi_asset,
 )
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from mlplatform import keys
+from mlplatform.lineage import upstream_metadata
+from mlplatform.partitions import Window
 from mlplatform.resources import WarehouseReader
 from mlplatform.training import model as m
 from mlplatform.training import promotion
-from mlplatform.training.tracking import CHALLENGER, CHAMPION, MlflowTracking, git_state
+from mlplatform.training.tracking import (
+    CHALLENGER,
+    CHAMPION,
+    TRAIN_END_TAG,
+    TRAIN_START_TAG,
+    MlflowTracking,
+    git_state,
+    training_window,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-FEATURES_KEY = AssetKey(["features", "flight_features"])
 OWNERS = ["team:ml-platform"]
-RANGE_TAG = "mlplatform.partition_range"
+GROUP = "training"
+# Fewer labelled days cannot make a first model worth keeping: three weeks to train (the last of
+# them to validate) and a week to evaluate.
+MIN_LABELLED_DAYS = 28
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A registered model version as the training graph passes it on: in its assets'
+    materialization metadata (``metadata``/``from_metadata``)."""
+
+    version: str
+    run_id: str  # its MLflow run
+    train: Window
+    evaluation: Window
+
+    def metadata(self) -> dict:
+        return {
+            "model_version": self.version,
+            "mlflow_run_id": self.run_id,
+            "train_window": MetadataValue.json(self.train.as_json()),
+            "eval_window": MetadataValue.json(self.evaluation.as_json()),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "TrainedModel":
+        return cls(str(metadata["model_version"]), str(metadata["mlflow_run_id"]),
+                   Window.from_json(metadata["train_window"]), Window.from_json(metadata["eval_window"]))
 
 
 class TrainingConfig(Config):
@@ -54,7 +99,8 @@ class TrainingConfig(Config):
     )
     # hyperparameters; their defaults are the model's (one place: model.Hyperparameters)
     learning_rate: float = m.Hyperparameters.learning_rate
-    max_iter: int = m.Hyperparameters.max_iter
+    max_iter: int = Field(m.Hyperparameters.max_iter, description="Most boosting iterations; training keeps the "
+                          "number with the lowest validation log loss.")
     max_leaf_nodes: int = m.Hyperparameters.max_leaf_nodes
     min_samples_leaf: int = m.Hyperparameters.min_samples_leaf
     l2_regularization: float = m.Hyperparameters.l2_regularization
@@ -68,20 +114,30 @@ class TrainingConfig(Config):
         )
 
 
-def windows(conn, config: TrainingConfig) -> tuple[tuple[dt.date, dt.date], tuple[dt.date, dt.date]]:
+def windows(conn, config: TrainingConfig) -> tuple[Window, Window]:
     """(training window, evaluation window). The evaluation window is the last ``eval_days``
-    labelled days, or the last quarter of them when there are fewer than twice as many."""
-    first, last = conn.execute(
-        f"SELECT min(flight_date), max(flight_date) FROM {m.FEATURE_TABLE} WHERE {m.LABEL} IS NOT NULL"
+    labelled days, or the last quarter of them when there are fewer than twice as many. Fewer
+    than ``MIN_LABELLED_DAYS`` labelled days are refused with what to backfill."""
+    first, last, days = conn.execute(
+        f"SELECT min(flight_date), max(flight_date), count(DISTINCT flight_date) FROM {m.FEATURE_TABLE} "
+        f"WHERE {m.LABEL} IS NOT NULL"
     ).fetchone()
     if first is None:
-        raise Failure("features.flight_features has no labelled rows: materialize the daily assets first")
+        raise Failure("features.flight_features has no labelled rows: materialize the reference assets, then "
+                      f"backfill daily_job over at least {MIN_LABELLED_DAYS} days (README, Quick start)")
     eval_end = dt.date.fromisoformat(config.eval_end) if config.eval_end else last
     span = (eval_end - first).days + 1
+    if days < MIN_LABELLED_DAYS or span < MIN_LABELLED_DAYS:
+        raise Failure(
+            f"too little history to train: features.flight_features has {days} labelled day(s) ({first}..{last})"
+            f"{f', {span} up to the evaluation end {eval_end}' if config.eval_end else ''}; training needs at least "
+            f"{MIN_LABELLED_DAYS} (three weeks to train and validate, one to evaluate): backfill daily_job from "
+            f"{first} to {first + dt.timedelta(days=MIN_LABELLED_DAYS - 1)} or later (README, Quick start)"
+        )
     eval_days = config.eval_days if span >= 2 * config.eval_days else max(1, span // 4)
     eval_start = eval_end - dt.timedelta(days=eval_days - 1)
     train_start = dt.date.fromisoformat(config.train_start) if config.train_start else first
-    return (train_start, eval_start - dt.timedelta(days=1)), (eval_start, eval_end)
+    return Window(train_start, eval_start - dt.timedelta(days=1)), Window(eval_start, eval_end)
 
 
 def _markdown(series: "pd.Series", label: str) -> str:
@@ -89,8 +145,9 @@ def _markdown(series: "pd.Series", label: str) -> str:
 
 
 @asset(
-    group_name="training",
-    deps=[FEATURES_KEY],
+    key=keys.FLIGHT_DELAY_MODEL,
+    group_name=GROUP,
+    deps=[keys.FEATURES],
     kinds={"scikit-learn", "mlflow"},
     owners=OWNERS,
     description="A HistGradientBoosting classifier of is_delayed, trained on every labelled day before the "
@@ -104,26 +161,28 @@ def flight_delay_model(
     from mlflow.models import infer_signature
 
     with warehouse_reader.get_connection() as conn:
-        (train_start, train_end), (eval_start, eval_end) = windows(conn, config)
-        available = m.count_rows(conn, train_start, train_end)
-        frame = m.load_frame(conn, train_start, train_end, max_rows=config.max_train_rows, available=available)
-    params = config.hyperparameters()
-    validation_days = min(config.validation_days, max(1, ((train_end - train_start).days + 1) // 4))
-    estimator, validation, valid, importance = m.fit(frame, params, validation_days, config.threshold)
+        train, evaluation = windows(conn, config)
+        available = m.count_rows(conn, train.start, train.end)
+        frame = m.load_frame(conn, train.start, train.end, max_rows=config.max_train_rows, available=available)
+    validation_days = min(config.validation_days, max(1, ((train.end - train.start).days + 1) // 4))
+    estimator, validation, valid, importance, params = m.fit(frame, config.hyperparameters(), validation_days,
+                                                             config.threshold)
     data_version = m.content_hash(frame)
     commit, dirty = git_state()
     tags = {
         "dagster.run_id": context.run.run_id,
         "dagster.asset": context.asset_key.to_user_string(),
-        RANGE_TAG: f"{train_start}..{train_end}",
+        TRAIN_START_TAG: str(train.start),
+        TRAIN_END_TAG: str(train.end),
         "git.commit": commit,
         "git.dirty": str(dirty).lower(),
         "data.version": data_version,
     }
-    with mlflow.start_run(run_name=f"train {train_start}..{train_end}", tags=tags) as run:
+    with mlflow.start_run(run_name=f"train {train}", tags=tags) as run:
         mlflow_api.log_params({
-            **params.as_dict(), "train_start": str(train_start), "train_end": str(train_end),
-            "eval_start": str(eval_start), "eval_end": str(eval_end), "validation_days": validation_days,
+            **params.as_dict(), "max_iter_allowed": config.max_iter,
+            "train_start": str(train.start), "train_end": str(train.end),
+            "eval_start": str(evaluation.start), "eval_end": str(evaluation.end), "validation_days": validation_days,
             "threshold": config.threshold, "train_rows": len(frame), "train_rows_available": available,
             "max_train_rows": config.max_train_rows, "n_features": len(m.FEATURES),
         })
@@ -144,23 +203,20 @@ def flight_delay_model(
             pip_requirements=m.pip_requirements(),
         )
         run_id = run.info.run_id
-    version = str(info.registered_model_version)
+    trained = TrainedModel(str(info.registered_model_version), run_id, train, evaluation)
     client = mlflow.client()
-    for key, value in {**tags, "eval_start": str(eval_start), "eval_end": str(eval_end)}.items():
-        client.set_model_version_tag(mlflow.registered_model, version, key, value)
-    mlflow.set_alias(CHALLENGER, version)
-    context.log.info("registered %s version %s (validation ROC AUC %.4f)", mlflow.registered_model, version,
-                     validation["roc_auc"])
-    url = mlflow.run_url(run_id)
+    for key, value in tags.items():
+        client.set_model_version_tag(mlflow.registered_model, trained.version, key, value)
+    mlflow.set_alias(CHALLENGER, trained.version)  # for people and serving; the graph passes the version on
+    context.log.info("registered %s version %s (validation ROC AUC %.4f, %d boosting iterations)",
+                     mlflow.registered_model, trained.version, validation["roc_auc"], params.max_iter)
     return MaterializeResult(
         metadata={
-            "model_version": version,
-            "mlflow_run_id": run_id,
-            **({"mlflow_run": MetadataValue.url(url)} if url else {}),
-            "train_window": f"{train_start}..{train_end}",
-            "eval_window": f"{eval_start}..{eval_end}",
+            **trained.metadata(),
+            **mlflow.run_link(run_id),
             "train_rows": len(frame),
             "train_rows_available": available,
+            "boosting_iterations": params.max_iter,
             "data_version": data_version,
             **{f"val_{k}": MetadataValue.float(round(v, 5)) for k, v in validation.items() if k != "rows"},
             "feature_importance": MetadataValue.md(_markdown(importance.head(15), "permutation AUC drop")),
@@ -169,10 +225,15 @@ def flight_delay_model(
 
 
 class PromotionConfig(Config):
-    min_auc_gain: float = Field(0.002, description="ROC AUC the challenger must gain over the champion.")
-    segment_tolerance: float = Field(0.02, description="Largest ROC AUC loss allowed in any carrier.")
-    min_segment_rows: int = Field(500, description="Carriers with fewer evaluation flights are not judged.")
-    baseline_auc_margin: float = Field(0.05, description="First model: ROC AUC above 0.5 by this much.")
+    # the defaults are the rule's (one place: promotion.PromotionRule)
+    min_auc_gain: float = Field(promotion.PromotionRule.min_auc_gain,
+                                description="ROC AUC the challenger must gain over the champion.")
+    segment_tolerance: float = Field(promotion.PromotionRule.segment_tolerance,
+                                     description="Largest ROC AUC loss allowed in any carrier.")
+    min_segment_rows: int = Field(promotion.PromotionRule.min_segment_rows,
+                                  description="Carriers with fewer evaluation flights are not judged.")
+    baseline_auc_margin: float = Field(promotion.PromotionRule.baseline_auc_margin,
+                                       description="First model: ROC AUC above 0.5 by this much.")
 
     def rule(self) -> promotion.PromotionRule:
         return promotion.PromotionRule(self.min_auc_gain, self.segment_tolerance, self.min_segment_rows,
@@ -189,67 +250,68 @@ def evaluation(version: str, scored: "pd.DataFrame", min_rows: int, threshold: f
     )
 
 
-@asset(
-    group_name="training",
-    deps=[flight_delay_model],
-    kinds={"mlflow", "duckdb"},
-    owners=OWNERS,
-    description="Scores the challenger and the champion on the same held-out window, applies the promotion "
-    "rule and records the decision in monitoring.model_promotions.",
+@multi_asset(
+    name="model_evaluation",
+    specs=[
+        AssetSpec(keys.MODEL_EVALUATION, group_name=GROUP, deps=[keys.FLIGHT_DELAY_MODEL], kinds={"mlflow", "duckdb"},
+                  owners=OWNERS, description="Scores the challenger this run trained (or the latest one) and the "
+                  "champion on the same held-out window, applies the promotion rule and records the decision, "
+                  "PROMOTED or REJECTED with its reason, in monitoring.model_promotions."),
+        AssetSpec(keys.APPROVED_CHALLENGER, group_name=GROUP, deps=[keys.MODEL_EVALUATION], skippable=True,
+                  kinds={"mlflow"}, owners=OWNERS, description="The challenger version the promotion gate approved. "
+                  "Not materialized when the gate rejects it: champion_model is then skipped."),
+    ],
     check_specs=[AssetCheckSpec(
-        "promotion_gate", asset="model_evaluation", blocking=True,
-        description="The challenger beats the champion (or, first, a trivial baseline) with no carrier regressing.",
+        "promotion_gate", asset=keys.MODEL_EVALUATION,
+        description="The challenger beats the champion (or, first, a trivial baseline) with no carrier regressing; "
+        "a rejection warns (it is a decision, not a failure).",
     )],
-    pool="warehouse_writer",
+    pool=keys.WAREHOUSE_POOL,
 )
-def model_evaluation(
-    context: AssetExecutionContext, config: PromotionConfig, warehouse: DuckDBResource, mlflow: MlflowTracking
-) -> MaterializeResult:
-    challenger = mlflow.version_by_alias(CHALLENGER)
-    if challenger is None:
-        raise Failure("no model version has the alias 'challenger': materialize flight_delay_model first")
+def model_evaluation(context: AssetExecutionContext, config: PromotionConfig, warehouse: DuckDBResource,
+                     mlflow: MlflowTracking):
+    challenger = TrainedModel.from_metadata(upstream_metadata(
+        context, keys.FLIGHT_DELAY_MODEL, "no trained model yet: materialize flight_delay_model first"))
     champion = mlflow.version_by_alias(CHAMPION)
-    eval_start = dt.date.fromisoformat(challenger.tags["eval_start"])
-    eval_end = dt.date.fromisoformat(challenger.tags["eval_end"])
-    if champion is not None and champion.version != challenger.version:
+    if champion is not None and str(champion.version) == challenger.version:
+        champion = None  # (re-evaluating the champion itself: it is judged against the baseline)
+    evaluated = challenger.evaluation
+    if champion is not None:
         # both are judged out of sample: after the champion's training window too
-        champion_train_end = dt.date.fromisoformat(champion.tags[RANGE_TAG].split("..")[1])
-        eval_start = max(eval_start, champion_train_end + dt.timedelta(days=1))
-        if eval_start > eval_end:
+        champion_window = training_window(champion)
+        if champion_window is None:
+            raise Failure(f"champion version {champion.version} has no training window tags ({TRAIN_START_TAG}): "
+                          "it was not registered by flight_delay_model; promote a version trained by training_job")
+        evaluated = Window(max(evaluated.start, champion_window.end + dt.timedelta(days=1)), evaluated.end)
+        if evaluated.start > evaluated.end:
             raise Failure(
                 f"no held-out days for both models: the champion (version {champion.version}) trained up to "
-                f"{champion_train_end}, the evaluation window ends {eval_end}; land later days or set eval_end"
+                f"{champion_window.end}, the evaluation window ends {evaluated.end}; land later days or set eval_end"
             )
-    threshold = float(mlflow.client().get_run(challenger.run_id).data.params.get("threshold", 0.5))
-    versions = [challenger.version]
-    if champion is not None and champion.version != challenger.version:
-        versions.append(champion.version)
+    run = mlflow.client().get_run(challenger.run_id)
+    threshold = float(run.data.params.get("threshold", 0.5))
+    versions = [challenger.version] + ([str(champion.version)] if champion is not None else [])
     estimators = {version: mlflow.load_model(version) for version in versions}
     with warehouse.get_connection() as conn:
-        scored = m.score_window(conn, estimators, eval_start, eval_end)
+        scored = m.score_window(conn, estimators, evaluated.start, evaluated.end)
     if scored.empty:
-        raise Failure(f"no labelled flights in the evaluation window {eval_start}..{eval_end}")
+        raise Failure(f"no labelled flights in the evaluation window {evaluated}")
     rule = config.rule()
     challenger_eval = evaluation(challenger.version, scored, rule.min_segment_rows, threshold)
-    champion_eval = None
-    if len(versions) > 1:
-        champion_eval = evaluation(champion.version, scored, rule.min_segment_rows, threshold)
-    if champion is not None and champion.version == challenger.version:
-        decision = promotion.Decision(True, f"version {challenger.version} is already the champion")
-    else:
-        train_rate = mlflow.client().get_run(challenger.run_id).data.metrics["train_positive_rate"]
-        base = promotion.baseline(train_rate, float(scored[m.LABEL].mean()))
-        decision = promotion.decide(challenger_eval, champion_eval, base, rule)
-        with warehouse.get_connection() as conn:
-            promotion.record(conn, mlflow.registered_model, challenger_eval, champion_eval, decision,
-                             (eval_start, eval_end), context.run.run_id)
-    context.log.info("challenger %s: %s", challenger.version, decision.reason)
+    champion_eval = evaluation(str(champion.version), scored, rule.min_segment_rows, threshold) if champion else None
+    base = promotion.baseline(run.data.metrics["train_positive_rate"], float(scored[m.LABEL].mean()))
+    decision = promotion.decide(challenger_eval, champion_eval, base, rule)
+    with warehouse.get_connection() as conn:
+        promotion.record(conn, mlflow.registered_model, challenger_eval, champion_eval, decision, evaluated,
+                         context.run.run_id)
+    verdict = "PROMOTED" if decision.promote else "REJECTED"
+    context.log.info("challenger %s: %s: %s", challenger.version, verdict, decision.reason)
     metadata = {
-        "challenger_version": challenger.version,
-        "champion_version": champion.version if champion else "none",
-        "decision": "promote" if decision.promote else "reject",
+        "decision": verdict,
         "reason": decision.reason,
-        "eval_window": f"{eval_start}..{eval_end}",
+        "challenger_version": challenger.version,
+        "champion_version": str(champion.version) if champion else "none",
+        "evaluated_window": MetadataValue.json(evaluated.as_json()),
         "eval_rows": len(scored),
         "challenger_roc_auc": MetadataValue.float(round(challenger_eval.metrics["roc_auc"], 5)),
         "challenger_log_loss": MetadataValue.float(round(challenger_eval.metrics["log_loss"], 5)),
@@ -263,47 +325,50 @@ def model_evaluation(
         + [f"| {c} | {a:.4f} | {champion_segments.get(c, float('nan')):.4f} |"
            for c, a in sorted(challenger_eval.segments.items())]
     ))
-    return MaterializeResult(
+    yield MaterializeResult(
+        asset_key=keys.MODEL_EVALUATION,
         metadata=metadata,
         check_results=[AssetCheckResult(
-            check_name="promotion_gate", passed=decision.promote, description=decision.reason,
+            check_name="promotion_gate", asset_key=keys.MODEL_EVALUATION, passed=decision.promote,
+            severity=AssetCheckSeverity.WARN, description=f"{verdict}: {decision.reason}",
             metadata={"details": MetadataValue.json(json.loads(json.dumps(
                 {"challenger": challenger_eval.metrics, "champion": champion_eval.metrics if champion_eval else None},
                 default=float)))},
         )],
     )
+    if decision.promote:
+        yield MaterializeResult(asset_key=keys.APPROVED_CHALLENGER,
+                                metadata={**challenger.metadata(), "reason": decision.reason})
 
 
 @asset(
-    group_name="training",
-    deps=[model_evaluation],
+    key=keys.CHAMPION_MODEL,
+    group_name=GROUP,
+    deps=[keys.APPROVED_CHALLENGER],
     kinds={"mlflow"},
     owners=OWNERS,
-    description="The current champion: moves the `champion` alias to a challenger the gate approved.",
-    pool="warehouse_writer",
+    description="The current champion: moves the `champion` alias to the version the gate approved in this run "
+    "(or most recently). Skipped when the gate rejects the challenger.",
+    pool=keys.WAREHOUSE_POOL,
 )
 def champion_model(context: AssetExecutionContext, warehouse: DuckDBResource, mlflow: MlflowTracking) -> MaterializeResult:
-    challenger = mlflow.version_by_alias(CHALLENGER)
-    champion = mlflow.version_by_alias(CHAMPION)
-    if challenger is None:
-        raise Failure("no model version has the alias 'challenger'")
+    approved = TrainedModel.from_metadata(upstream_metadata(
+        context, keys.APPROVED_CHALLENGER, "no challenger was approved yet: materialize the training group"))
     with warehouse.get_connection() as conn:
-        decision = promotion.latest_decision(conn, mlflow.registered_model, str(challenger.version))
-        if champion is None or champion.version != challenger.version:
-            if decision is None or decision[0] != "promoted":
-                raise Failure(f"version {challenger.version} was not approved by the promotion gate ({decision})")
-            mlflow.set_alias(CHAMPION, challenger.version)
-            context.log.info("champion is now version %s", challenger.version)
-        if decision is not None and decision[0] == "promoted" and decision[2] is None:
-            # also repairs a promotion whose alias moved but whose record was not updated
-            promotion.mark_applied(conn, mlflow.registered_model, str(challenger.version))
-    version = mlflow.version_by_alias(CHAMPION)
-    run = mlflow.client().get_run(version.run_id)
+        recorded = promotion.latest_decision(conn, mlflow.registered_model, approved.version)
+        if recorded is None or not recorded.promoted:
+            raise Failure(f"version {approved.version} is not approved: its latest decision is {recorded}")
+        # the alias moves last, in the warehouse transaction that records when it moved
+        conn.execute("BEGIN TRANSACTION")
+        promotion.mark_applied(conn, mlflow.registered_model, approved.version)
+        mlflow.set_alias(CHAMPION, approved.version)
+        conn.execute("COMMIT")
+    context.log.info("champion is now version %s", approved.version)
+    run = mlflow.client().get_run(approved.run_id)
     return MaterializeResult(metadata={
-        "model_version": version.version,
-        "mlflow_run_id": version.run_id,
+        **approved.metadata(),
+        **mlflow.run_link(approved.run_id),
         "val_roc_auc": MetadataValue.float(round(run.data.metrics.get("val_roc_auc", float("nan")), 5)),
-        "train_window": version.tags.get(RANGE_TAG, ""),
     })
 
 

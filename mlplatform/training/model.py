@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -238,12 +238,28 @@ def content_hash(frame: pd.DataFrame) -> str:
     return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()[:16]
 
 
+def best_iterations(estimator, frame: pd.DataFrame) -> tuple[int, float]:
+    """(boosting iterations, log loss) with the lowest log loss on ``frame`` among the stages of
+    a fitted estimator: fewer trees on little data, where all of them overfit."""
+    import numpy as np
+    from sklearn.metrics import log_loss
+
+    inputs = estimator[:-1].transform(model_input(frame))
+    labels = frame[LABEL].astype(int).to_numpy()
+    losses = [log_loss(labels, np.clip(p[:, 1], 1e-6, 1 - 1e-6), labels=[0, 1])
+              for p in estimator[-1].staged_predict_proba(inputs)]
+    best = int(np.argmin(losses))
+    return best + 1, float(losses[best])
+
+
 def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, threshold: float = 0.5):
     """Validate, then refit: fit on all but the last ``validation_days`` days and measure on
     those, then fit the returned estimator on every day of ``frame`` (the most recent days are
-    the most informative about the days to come). Returns the estimator, the validation
-    metrics, the validation frame and permutation importances measured on it (with the
-    estimator that did not see it)."""
+    the most informative about the days to come). The number of boosting iterations is at most
+    ``params.max_iter``: the one with the lowest validation log loss (early stopping on the
+    time-ordered validation days, so a month of history does not overfit). Returns the
+    estimator, the validation metrics, the validation frame, permutation importances measured on
+    it (with the estimator that did not see it) and the hyperparameters used."""
     in_valid = validation_mask(frame, validation_days)
     labels = frame[LABEL].astype(int)
     if in_valid.all() or not in_valid.any() or labels[~in_valid].nunique() < 2:
@@ -252,13 +268,17 @@ def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, thre
             "validation rows"
         )
     inputs = model_input(frame)  # one copy of the inputs, sliced for the first fit (memory: see MAX_TRAIN_ROWS)
-    estimator = build_estimator(params).fit(inputs[~in_valid], labels[~in_valid])
     valid = frame[in_valid]
+    estimator = build_estimator(params).fit(inputs[~in_valid], labels[~in_valid])
+    iterations, _ = best_iterations(estimator, valid)
+    if iterations < params.max_iter:
+        params = replace(params, max_iter=iterations)
+        estimator = build_estimator(params).fit(inputs[~in_valid], labels[~in_valid])
     validation = metrics(valid[LABEL], predict(estimator, valid), threshold)
     importance = feature_importance(estimator, valid)  # held out from this estimator
     del estimator
     estimator = build_estimator(params).fit(inputs, labels)
-    return estimator, validation, valid, importance
+    return estimator, validation, valid, importance, params
 
 
 def feature_importance(estimator, frame: pd.DataFrame, rows: int = 5000, seed: int = 0) -> pd.Series:

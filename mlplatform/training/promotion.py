@@ -16,6 +16,10 @@ import datetime as dt
 import json
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlplatform.partitions import Window
 
 PROMOTIONS_DDL = """
 CREATE SCHEMA IF NOT EXISTS monitoring;
@@ -105,7 +109,7 @@ def decide(challenger: Evaluation, champion: Evaluation | None, base: Evaluation
 
 
 def record(conn, model_name: str, challenger: Evaluation, champion: Evaluation | None, decision: Decision,
-           window: tuple[dt.date, dt.date], run_id: str | None, decided_at: dt.datetime | None = None) -> None:
+           window: "Window", run_id: str | None, decided_at: dt.datetime | None = None) -> None:
     conn.execute(PROMOTIONS_DDL)
     decided_at = decided_at or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     details = {
@@ -124,14 +128,29 @@ def record(conn, model_name: str, challenger: Evaluation, champion: Evaluation |
     )
 
 
-def latest_decision(conn, model_name: str, version: str) -> tuple[str, dt.datetime, dt.datetime | None] | None:
-    """(decision, decided_at, applied_at) of the latest decision on ``version``."""
+@dataclass(frozen=True)
+class Recorded:
+    """The latest row of ``monitoring.model_promotions`` about a version."""
+
+    decision: str  # 'promoted' | 'rejected'
+    decided_at: dt.datetime
+    applied_at: dt.datetime | None  # when the champion alias moved to it (promoted ones)
+    dagster_run_id: str | None
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision == "promoted"
+
+
+def latest_decision(conn, model_name: str, version: str) -> Recorded | None:
+    """The latest decision on ``version``, or None."""
     conn.execute(PROMOTIONS_DDL)
-    return conn.execute(
-        "SELECT decision, decided_at, applied_at FROM monitoring.model_promotions WHERE model_name = ? "
-        "AND challenger_version = ? ORDER BY decided_at DESC LIMIT 1",
+    row = conn.execute(
+        "SELECT decision, decided_at, applied_at, dagster_run_id FROM monitoring.model_promotions "
+        "WHERE model_name = ? AND challenger_version = ? ORDER BY decided_at DESC LIMIT 1",
         [model_name, version],
     ).fetchone()
+    return Recorded(*row) if row else None
 
 
 def mark_applied(conn, model_name: str, version: str, applied_at: dt.datetime | None = None) -> None:

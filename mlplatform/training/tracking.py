@@ -8,18 +8,31 @@ explicitly, so nothing depends on MLflow's process-global state being set elsewh
 from __future__ import annotations
 
 import contextlib
-import os
+import datetime as dt
 import re
 import subprocess
 from pathlib import Path
 
-from dagster import ConfigurableResource, EnvVar
+from dagster import ConfigurableResource, EnvVar, MetadataValue
 from pydantic import Field
 
+from mlplatform.partitions import Window
 from mlplatform.settings import REPO_ROOT
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# a registered version's training window, as tags of the version (read by ``training_window``)
+TRAIN_START_TAG = "mlplatform.train_start"
+TRAIN_END_TAG = "mlplatform.train_end"
+
+
+def training_window(version) -> Window | None:
+    """The days a registered model version trained on (its tags), or None when it was not
+    registered by ``flight_delay_model``."""
+    tags = version.tags
+    if TRAIN_START_TAG not in tags or TRAIN_END_TAG not in tags:
+        return None
+    return Window(dt.date.fromisoformat(tags[TRAIN_START_TAG]), dt.date.fromisoformat(tags[TRAIN_END_TAG]))
 
 
 class MlflowTracking(ConfigurableResource):
@@ -27,7 +40,7 @@ class MlflowTracking(ConfigurableResource):
     artifact_root: str = Field(description="Artifact location for new experiments (a path or URI).")
     experiment: str = Field("flight_delay", description="Experiment that training runs go to.")
     registered_model: str = Field("flight_delay", description="Registered model name.")
-    ui_url: str = Field("", description="Base URL of an MLflow UI for links in asset metadata.")
+    ui_url: str = Field("", description="Base URL of the MLflow UI that asset metadata links to ('' for no links).")
 
     def client(self):
         from mlflow import MlflowClient
@@ -59,10 +72,16 @@ class MlflowTracking(ConfigurableResource):
             yield run
 
     def run_url(self, run_id: str) -> str | None:
+        """The run's page in the MLflow UI (MLflow 3's hash route), or None without a UI."""
         if not self.ui_url:
             return None
         experiment = self.client().get_run(run_id).info.experiment_id
         return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+    def run_link(self, run_id: str) -> dict:
+        """``{"mlflow_run": <url metadata>}`` for an asset's metadata, or nothing without a UI."""
+        url = self.run_url(run_id)
+        return {"mlflow_run": MetadataValue.url(url)} if url else {}
 
     def version_by_alias(self, alias: str):
         """The model version an alias points at, or None."""
@@ -92,7 +111,7 @@ def mlflow_resource() -> MlflowTracking:
     return MlflowTracking(
         tracking_uri=EnvVar("MLPLATFORM_MLFLOW_URI"),
         artifact_root=EnvVar("MLPLATFORM_MLFLOW_ARTIFACTS"),
-        ui_url=os.getenv("MLPLATFORM_MLFLOW_UI_URL", ""),
+        ui_url=EnvVar("MLPLATFORM_MLFLOW_UI_URL"),  # settings.py: the UI `mlplatform ui` starts, by default
     )
 
 

@@ -1,0 +1,288 @@
+"""``mlplatform ui`` (``make ui``): start the platform's servers, stop all of them on Ctrl-C.
+
+Each service is one entry of ``services()`` (a redis-server or Prometheus would be one more):
+a command, the URL it answers on, its log ``$MLPLATFORM_HOME/logs/<name>.log``. The launcher
+starts every service in a process group of its own and stays their parent; it is also the
+*child subreaper* (Linux) of what they start, so no descendant escapes to init. On SIGINT or
+SIGTERM it sends that signal to each group, waits up to ``STOP_GRACE_SECONDS`` for every
+process it saw to end, then SIGKILLs what is left, so after Ctrl-C nothing it started is
+running within ~``STOP_GRACE_SECONDS`` + 1 s. When one service exits by itself, the others are
+stopped the same way and the launcher exits with its code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlsplit
+
+from mlplatform.settings import REPO_ROOT, Settings
+
+STOP_GRACE_SECONDS = 10.0  # after the forwarded signal, before SIGKILL
+POLL_SECONDS = 0.5
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: list[str]
+    url: str
+    echo: bool = False  # also copy its output to the launcher's stdout (the terminal)
+    env: tuple[tuple[str, str], ...] = ()  # set for this service only
+
+
+def services(settings: Settings, host: str, port: int) -> list[Service]:
+    """The Dagster UI, and the MLflow UI on ``settings.mlflow_ui_url`` over the platform's own
+    MLflow store (none when MLPLATFORM_MLFLOW_URI is a tracking server: that is the UI)."""
+    scripts = Path(sys.executable).parent
+    found = [Service(
+        "dagster", [str(scripts / "dagster"), "dev", "-w", "workspace.yaml", "--host", host, "--port", str(port)],
+        f"http://{host}:{port}", echo=True,
+    )]
+    if not settings.mlflow_uri.startswith(("http://", "https://")):
+        ui = urlsplit(settings.mlflow_ui_url)
+        if ui.hostname is None or ui.port is None:
+            raise SystemExit(f"MLPLATFORM_MLFLOW_UI_URL={settings.mlflow_ui_url!r}: give a host and a port, "
+                             "e.g. http://127.0.0.1:5000")
+        found.append(Service("mlflow", [
+            str(scripts / "mlflow"), "server", "--backend-store-uri", settings.mlflow_uri,
+            "--default-artifact-root", artifact_root_uri(settings.mlflow_artifacts),
+            "--host", ui.hostname, "--port", str(ui.port), "--workers", "1",
+        ], settings.mlflow_ui_url,
+            # the server's job runner (7 huey consumers, ~1 GB) serves GenAI features the platform has none of
+            env=(("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),)))
+    return found
+
+
+def artifact_root_uri(location: Path) -> str:
+    """The artifact root as the MLflow server wants it: a URI (a path becomes file://)."""
+    text = str(location)
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", text):
+        return text
+    location.mkdir(parents=True, exist_ok=True)
+    return location.resolve().as_uri()
+
+
+def prepare(settings: Settings) -> None:
+    """What the services need on disk before they start: the MLflow store's folder, the logs."""
+    if settings.mlflow_uri.startswith("sqlite:///"):
+        Path(settings.mlflow_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    (settings.home / "logs").mkdir(parents=True, exist_ok=True)
+
+
+# --- processes, read from /proc (Linux); elsewhere only the process groups are known ---
+
+def _stat(pid: int) -> tuple[int, int, str, int] | None:
+    """(ppid, pgid, state, start time) of a process, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+    return int(fields[1]), int(fields[2]), fields[0], int(fields[19])
+
+
+def _processes() -> dict[int, tuple[int, int, str, int]]:
+    found = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
+            found[int(entry)] = stat
+    return found
+
+
+def descendants(root: int, groups: set[int]) -> dict[int, int]:
+    """{pid: start time} of every living process below ``root`` or in one of ``groups``."""
+    table = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = {}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found[child] = table[child][3]
+                todo.append(child)
+    found.update({pid: stat[3] for pid, stat in table.items() if stat[1] in groups and pid != root})
+    return {pid: start for pid, start in found.items() if table[pid][2] != "Z"}
+
+
+def alive(recorded: dict[int, int]) -> dict[int, int]:
+    """The recorded processes still running (same pid and start time, not a zombie)."""
+    living = {}
+    for pid, start in recorded.items():
+        stat = _stat(pid)
+        if stat is not None and stat[3] == start and stat[2] != "Z":
+            living[pid] = start
+    return living
+
+
+def become_subreaper() -> None:
+    """Orphans among our descendants become our children, not init's (Linux; else a no-op)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap(own: set[int]) -> None:
+    """Collect the exit status of adopted orphans (never of our own Popen children)."""
+    for pid, (ppid, _, state, _) in _processes().items():
+        if ppid == os.getpid() and pid not in own and state == "Z":
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120].strip()
+    except OSError:
+        return "?"
+
+
+def _tee(source, log: TextIO, out: TextIO) -> None:
+    for line in iter(source.readline, ""):
+        log.write(line)
+        log.flush()
+        try:
+            out.write(line)
+            out.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=POLL_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
+class Launcher:
+    def __init__(self, entries: list[Service], log_dir: Path, out: TextIO = sys.stdout,
+                 grace: float = STOP_GRACE_SECONDS):
+        self.entries, self.log_dir, self.out, self.grace = entries, log_dir, out, grace
+        self.started: list[tuple[Service, subprocess.Popen]] = []
+        self.recorded: dict[int, int] = {}
+        self.signal: int | None = None
+
+    def say(self, text: str) -> None:
+        print(f"[mlplatform ui] {text}", file=self.out, flush=True)
+
+    def start(self, service: Service) -> None:
+        log_path = self.log_dir / f"{service.name}.log"
+        log = log_path.open("a", buffering=1)
+        log.write(f"--- {dt.datetime.now().isoformat(timespec='seconds')} {' '.join(service.argv)}\n")
+        process = subprocess.Popen(
+            service.argv, cwd=REPO_ROOT, env={**os.environ, **dict(service.env)}, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            stdout=subprocess.PIPE if service.echo else log, stderr=subprocess.STDOUT, text=service.echo,
+        )
+        if service.echo:
+            threading.Thread(target=_tee, args=(process.stdout, log, self.out), daemon=True).start()
+        self.started.append((service, process))
+        self.say(f"{service.name}: pid {process.pid}, {service.url}, log {log_path}")
+
+    def record(self) -> None:
+        self.recorded.update(descendants(os.getpid(), {p.pid for _, p in self.started}))
+
+    def run(self) -> int:
+        """Start every service, wait for a signal or for one of them to exit, stop them all."""
+        def on_signal(signum, frame):
+            if self.signal is None:
+                self.signal = signum
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        become_subreaper()
+        code, exited, waiting = 0, None, {}
+        try:
+            for service in self.entries:
+                if self.signal is None:
+                    self.start(service)
+            waiting = {service.name: service.url for service, _ in self.started}
+            started_at = time.monotonic()
+            while self.signal is None and exited is None:
+                self.record()
+                reap({p.pid for _, p in self.started})
+                for service, process in self.started:
+                    if process.poll() is not None:
+                        exited, code = service, process.returncode
+                        break
+                for name, url in list(waiting.items()):
+                    if self.signal is None and _answers(url):
+                        self.say(f"{name} answers on {url} ({time.monotonic() - started_at:.0f} s)")
+                        del waiting[name]
+                time.sleep(POLL_SECONDS)
+        finally:
+            if exited is not None:
+                self.say(f"{exited.name} exited with code {code}: stopping the others")
+            self.stop(self.signal or signal.SIGTERM)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self.signal is not None:
+            return 128 + self.signal  # as a shell reports a process ended by the signal
+        return (code or 1) if exited is not None else 0
+
+    def stop(self, signum: int) -> None:
+        """``signum`` to each group, then SIGKILL to what is left after the grace period."""
+        began = time.monotonic()
+        self.record()
+        groups = [p.pid for _, p in self.started]
+        self.say(f"stopping {len(self.recorded)} process(es) in {len(groups)} group(s) "
+                 f"with {signal.Signals(signum).name}")
+        for group in groups:
+            try:
+                os.killpg(group, signum)
+            except ProcessLookupError:
+                pass
+        own = set(groups)
+        deadline = began + self.grace
+        while time.monotonic() < deadline and (self._left() or any(p.poll() is None for _, p in self.started)):
+            reap(own)
+            time.sleep(0.1)
+        left = self._left()
+        if left or any(p.poll() is None for _, p in self.started):
+            self.say(f"still running after {self.grace:.0f} s, SIGKILL: " + ", ".join(
+                f"{pid} ({_name(pid)})" for pid in sorted(left)))
+            for group in groups:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for _, process in self.started:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        end = time.monotonic() + 2
+        while self._left() and time.monotonic() < end:
+            reap(own)
+            time.sleep(0.05)
+        reap(own)
+        self.say(f"stopped in {time.monotonic() - began:.1f} s" +
+                 (f"; still running: {sorted(self._left())}" if self._left() else ""))
+
+    def _left(self) -> dict[int, int]:
+        self.recorded.update(descendants(os.getpid(), {p.pid for _, p in self.started}))
+        return alive(self.recorded)
+
+
+def run_services(settings: Settings, host: str, port: int) -> int:
+    prepare(settings)
+    return Launcher(services(settings, host, port), settings.home / "logs").run()

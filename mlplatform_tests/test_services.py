@@ -1,0 +1,197 @@
+"""`mlplatform ui` (what `make ui` runs): the Dagster UI and an MLflow UI over the platform's own
+store, the model assets linking to their MLflow runs, and everything stopped on Ctrl-C."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mlplatform.services import descendants, services
+from mlplatform.settings import MLFLOW_UI_URL, REPO_ROOT, Settings
+from mlplatform_tests.conftest import D, failures, free_port, run_job
+
+pytestmark = pytest.mark.slow
+
+TRAIN = {"ops": {"flight_delay_model": {"config": {
+    "eval_days": 7, "validation_days": 7, "learning_rate": 0.05, "min_samples_leaf": 100, "max_iter": 60,
+}}}}
+STOP_LIMIT_SECONDS = 15
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        assert process.poll() is None, f"mlplatform ui exited with {process.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return time.monotonic() - started
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+def latest_metadata(instance, *key: str) -> dict:
+    from dagster import AssetKey
+
+    event = instance.get_latest_materialization_event(AssetKey(list(key)))
+    assert event is not None, key
+    return event.asset_materialization.metadata
+
+
+def running(pids: dict[int, int]) -> list[int]:
+    """Those of the recorded (pid, start time) that still run (zombies are dead)."""
+    left = []
+    for pid, start in pids.items():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[19]) == start:
+            left.append(pid)
+    return left
+
+
+def test_the_mlflow_ui_is_where_links_point_by_default():
+    settings = Settings.from_env({"MLPLATFORM_HOME": "/tmp/x"})
+    assert settings.mlflow_ui_url == MLFLOW_UI_URL == "http://127.0.0.1:5000"
+    (mlflow,) = [s for s in services(settings, "127.0.0.1", 3000) if s.name == "mlflow"]
+    assert mlflow.argv[mlflow.argv.index("--port") + 1] == "5000"
+    assert mlflow.argv[mlflow.argv.index("--host") + 1] == "127.0.0.1"
+    assert mlflow.argv[mlflow.argv.index("--backend-store-uri") + 1] == settings.mlflow_uri
+    # a tracking server is its own UI: nothing to start, links go there
+    remote = Settings.from_env({"MLPLATFORM_HOME": "/tmp/x", "MLPLATFORM_MLFLOW_URI": "http://mlflow.internal:80/"})
+    assert remote.mlflow_ui_url == "http://mlflow.internal:80"
+    assert [s.name for s in services(remote, "127.0.0.1", 3000)] == ["dagster"]
+    with pytest.raises(SystemExit, match="MLPLATFORM_MLFLOW_UI_URL"):
+        services(Settings.from_env({"MLPLATFORM_HOME": "/tmp/x", "MLPLATFORM_MLFLOW_UI_URL": "http://127.0.0.1"}),
+                 "127.0.0.1", 3000)
+
+
+def test_ui_links_models_to_mlflow_and_stops_on_sigint(features_home, instance, monkeypatch, tmp_path):
+    """Train (in-process) with the MLflow UI URL on a free port; `mlplatform ui` then serves the
+    Dagster UI and that MLflow UI over the same store: the model assets' `mlflow_run` links open
+    their run. SIGINT to the launcher's process group: every process it started is gone in 15 s."""
+    home = features_home
+    mlflow_port, dagster_port = free_port(), free_port()
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    monkeypatch.setenv("MLPLATFORM_MLFLOW_UI_URL", mlflow_url)
+    result = run_job(instance, "training_job", run_config=TRAIN)
+    assert result.success, failures(result)
+    model = latest_metadata(instance, "flight_delay_model")
+    run_id = model["mlflow_run_id"].value
+    link = model["mlflow_run"].value
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLPLATFORM_")},
+           **home.as_env(), "MLPLATFORM_MLFLOW_UI_URL": mlflow_url}
+    log = (tmp_path / "ui.log").open("w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlplatform"), "ui", "--port", str(dagster_port)],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    recorded: dict[int, int] = {}
+    try:
+        mlflow_ready = wait_for(mlflow_url, process)
+        run = get_json(f"{mlflow_url}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
+        experiment = run["info"]["experiment_id"]
+        assert link == f"{mlflow_url}/#/experiments/{experiment}/runs/{run_id}"
+        # the UI reads the platform's artifacts: the run's logged model is listed
+        listed = get_json(f"{mlflow_url}/ajax-api/2.0/mlflow/artifacts/list?run_uuid={run_id}")
+        assert listed.get("files"), listed
+        champion = latest_metadata(instance, "champion_model")
+        assert champion["mlflow_run_id"].value == run_id
+        dagster_ready = wait_for(f"http://127.0.0.1:{dagster_port}/server_info", process)
+        open_run_page(link, run_id, tmp_path)
+        recorded = descendants(process.pid, set())
+        recorded[process.pid] = int(Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        names = " ".join(Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace") for p in running(recorded))
+        assert "dagster_webserver" in names and "dagster._daemon" in names and "uvicorn" in names, names
+        assert "huey" not in names  # the MLflow server's job runner is off
+        print(f"MLflow UI answered after {mlflow_ready:.1f} s, the Dagster UI after {dagster_ready:.1f} s; "
+              f"{len(recorded)} processes")
+
+        os.killpg(process.pid, signal.SIGINT)
+        began = time.monotonic()
+        while running(recorded) and time.monotonic() - began < 30:
+            time.sleep(0.2)
+        took = time.monotonic() - began
+        process.wait(timeout=5)
+        left = running(recorded)
+        assert not left, f"still running after {took:.1f} s: {left}"
+        assert took < STOP_LIMIT_SECONDS, took
+        assert process.returncode == 130
+        print(f"all {len(recorded)} processes gone {took:.1f} s after SIGINT")
+        logs = home.home / "logs"
+        assert "dagster-webserver" in (logs / "dagster.log").read_text()
+        assert "Uvicorn running" in (logs / "mlflow.log").read_text() or (logs / "mlflow.log").stat().st_size > 0
+    finally:
+        log.close()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for pid in running(recorded):
+            os.kill(pid, signal.SIGKILL)
+
+
+def open_run_page(link: str, run_id: str, shots: Path) -> None:
+    """The link opens the run's page in the MLflow UI (a real browser, when Debian's chromium is there)."""
+    from mlplatform_tests.test_ui import CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed: `make test` installs it (.ci/system-deps)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(link, wait_until="networkidle")
+        try:
+            expect(page.get_by_text(run_id).first).to_be_visible(timeout=30_000)
+        finally:
+            page.screenshot(path=str(shots / "mlflow-run.png"))
+            browser.close()
+
+
+def test_drift_report_shows_its_verdict_and_psi_inline(features_home, instance):
+    """The drift report's verdict is text, its per-feature PSI a table and its plot a small SVG:
+    the asset page shows all three inline (the UI puts Markdown over 1,000 characters behind a
+    "[Show Markdown]" toggle)."""
+    from dagster import TableMetadataValue, TextMetadataValue
+
+    assert run_job(instance, "training_job", run_config=TRAIN).success
+    assert run_job(instance, "predictions_job", D(2013, 2, 4), D(2013, 2, 6)).success
+    result = run_job(instance, "monitoring_job", D(2013, 2, 4), D(2013, 2, 6))
+    assert result.success, failures(result)
+    metadata = latest_metadata(instance, "monitoring", "drift_report")
+    verdict = metadata["verdict"]
+    assert isinstance(verdict, TextMetadataValue)
+    assert verdict.value.startswith(("DRIFT on", "no drift on")), verdict.value
+    assert ("DRIFT" in verdict.value) == metadata["drift_detected"].value
+    table = metadata["worst_day_psi"]
+    assert isinstance(table, TableMetadataValue)
+    assert [c.name for c in table.schema.columns] == ["feature", "psi", "threshold", "drifted", "judged"]
+    rows = [r.data for r in table.records]
+    assert len(rows) > 10 and rows == sorted(rows, key=lambda r: -r["psi"])
+    assert {"carrier", "delay_probability"} <= {r["feature"] for r in rows}
+    assert all(r["drifted"] == (r["psi"] > r["threshold"]) for r in rows)
+    # the plot: an SVG bar chart of the largest judged PSIs, short enough for the UI to render inline
+    plot = metadata["worst_day_plot"].value
+    assert len(plot) < 1000 and "](data:image/svg+xml;base64," in plot, plot
+    svg = base64.b64decode(plot.split("base64,", 1)[1].rstrip(")")).decode()
+    judged = [r for r in rows if r["judged"]][:5]
+    assert svg.startswith("<svg") and svg.count("<rect") == len(judged)
+    assert [f">{r['feature'][:14]}<" in svg for r in judged] == [True] * len(judged)
+    assert svg.count("fill='red'") == sum(r["drifted"] for r in judged)
