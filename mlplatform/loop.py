@@ -13,28 +13,34 @@ tags, the drift report's plots, the gate's check).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 from dagster import DagsterInstance, RunRequest, build_sensor_context
 
-from mlplatform.keys import TRIGGER_TAG
+from mlplatform.keys import TRIGGER_TAG, WINDOWS_TAG
 from mlplatform.monitoring.drifted import land_drifted_days
 from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG, days_between
 from mlplatform.pipeline import QUIET, status_of
 
-# Three months of training data: a regularised model (the year's default overfits them).
+# Three months of training data: smaller steps and larger leaves than the year's default.
 DEMO_TRAINING = {"learning_rate": 0.05, "max_iter": 60, "min_samples_leaf": 100, "eval_days": 14,
                  "validation_days": 14}
+
+
+LOG: list[Path] = []  # where the runs' own output (dbt's, the steps') goes: the demo prints its story
 
 
 def _run(defs, instance, job: str, out: TextIO, start=None, end=None, run_config=None, tags=None):
     tags = {**(tags or {}), **({RANGE_START_TAG: str(start), RANGE_END_TAG: str(end)} if start else {})}
     config = {**QUIET, **(run_config or {})}
-    result = defs.resolve_job_def(job).execute_in_process(instance=instance, tags=tags, run_config=config,
-                                                          raise_on_error=False)
+    with open(LOG[0], "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        result = defs.resolve_job_def(job).execute_in_process(instance=instance, tags=tags, run_config=config,
+                                                              raise_on_error=False)
     status, rejected = status_of(result)
     span = f" {start}..{end}" if start else ""
     print(f"  {job}{span}: {status}" + (f" ({rejected})" if rejected else ""), file=out)
@@ -60,6 +66,9 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
 
     settings = Settings.from_env()
     instance = DagsterInstance.get()
+    LOG[:] = [settings.home / "logs" / f"loop-demo-{dt.datetime.now():%Y%m%dT%H%M%S}.log"]
+    LOG[0].parent.mkdir(parents=True, exist_ok=True)
+    print(f"dbt and step output: {LOG[0]}", file=out)
     start, end = dt.date(2013, 1, 1), drift_start - dt.timedelta(days=1)
     print(f"1. replay and build {start}..{end}, train a champion", file=out)
     replay(settings.landing, start, end)
@@ -103,9 +112,11 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
         print(f"  no retraining: {outcome.skip_message}", file=out)
         return False
     print(f"  retraining requested: {outcome.tags[TRIGGER_TAG][:200]}", file=out)
-    # the new champion candidate trains on everything up to the drifted days and is judged on them
-    config = training_config()
-    config["ops"]["flight_delay_model"]["config"] = {**DEMO_TRAINING, "eval_days": days}
+    print(f"  {outcome.tags[WINDOWS_TAG]}", file=out)
+    # the run the sensor asks for (its windows put the drifted days in training), with the demo's
+    # hyperparameters
+    windows = outcome.run_config["ops"]["flight_delay_model"]["config"]
+    config = {"ops": {"flight_delay_model": {"config": {**DEMO_TRAINING, **windows}}}}
     result = _run(defs, instance, "training_job", out, run_config=config, tags=outcome.tags)
     with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
         decision = conn.execute(

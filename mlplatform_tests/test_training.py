@@ -110,6 +110,25 @@ def test_champion_at_answers_from_the_warehouse(tmp_path):
         assert promotion.champion_at(conn, "flight_delay", t0 + dt.timedelta(days=3)) == "3"
 
 
+def test_training_refuses_too_little_history_and_says_what_to_backfill(features_home):
+    """Fewer than MIN_LABELLED_DAYS labelled days: no model, a message with the count, the need
+    and the days to backfill (a user who backfilled a fortnight reads what to do)."""
+    from dagster import Failure
+
+    from mlplatform.training.assets import MIN_LABELLED_DAYS, TrainingConfig, windows
+
+    with duckdb.connect(str(features_home.warehouse), read_only=True) as conn:
+        with pytest.raises(Failure) as refused:
+            windows(conn, TrainingConfig(eval_end="2013-01-20"))
+        train, evaluation = windows(conn, TrainingConfig(eval_end="2013-01-28"))  # 28 days: enough
+    assert MIN_LABELLED_DAYS == 28
+    assert ("too little history to train: features.flight_features has 37 labelled day(s) "
+            "(2013-01-01..2013-02-06), 20 up to the evaluation end 2013-01-20; training needs at least 28"
+            ) in refused.value.description
+    assert "backfill daily_job from 2013-01-01 to 2013-01-28 or later" in refused.value.description
+    assert (str(train), str(evaluation)) == ("2013-01-01..2013-01-21", "2013-01-22..2013-01-28")
+
+
 # --- the assets, with a real MLflow store ------------------------------------------------
 
 @pytest.mark.slow
