@@ -32,11 +32,12 @@ UV_SYNC := $(BIN)/uv pip sync --quiet --compile-bytecode
 # The install is redone when the lock, the project metadata or the install command change.
 STAMP := $(VENV)/.installed-$(shell (cat requirements.lock pyproject.toml; echo '$(UV_SYNC)') 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help setup install home ui test system-deps run serve bench lock clean-home deliver
+.PHONY: help setup install home ui test test-fast system-deps run serve bench lock clean-home deliver
 
 help:
 	@echo "make ui      set up (idempotent) and start the Dagster UI on http://$(HOST):$(PORT) and the MLflow UI"
-	@echo "make test    set up and run the test suite"
+	@echo "make test    set up and run the test suite (LANE=unit|integration|system for one lane)"
+	@echo "make test-fast   the unit lane only"
 	@echo "make run START=YYYY-MM-DD END=YYYY-MM-DD   headless run of the whole graph for a range"
 	@echo "make deliver DAYS=N [DRIFT=weather|schedule|all]   deliver the next days into the landing zone"
 	@echo "make serve   serve the champion model over HTTP on http://$(HOST):$(SERVE_PORT) (after make run)"
@@ -71,8 +72,15 @@ ui: setup
 system-deps:
 	bash .ci/system-deps
 
+# The suite in parallel (pytest-xdist; tests that must share a worker have an xdist_group), the
+# slowest tests listed at the end. One lane: make test LANE=unit|integration|system.
+PYTEST_WORKERS ?= 3
 test: system-deps setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(if $(LANE),-m $(LANE))
+
+# The unit lane: pure functions and specs, no dbt process and no Dagster run (under 2 minutes)
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m unit
 
 deliver: setup
 	$(BIN)/mlplatform deliver --days $(DAYS) $(if $(DRIFT),--drift $(DRIFT))

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlplatform.settings import Settings, apply_defaults  # noqa: E402
+from mlplatform.settings import Settings  # noqa: E402
 
 
 def free_port() -> int:
@@ -242,7 +242,7 @@ def main() -> int:
     parser.add_argument("--build", action="store_true", help="first build the whole year into MLPLATFORM_HOME")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("serving-results.json"))
     args = parser.parse_args()
-    settings = apply_defaults()
+    settings = Settings.from_env()
     if args.build:
         import datetime as dt
 
@@ -252,7 +252,7 @@ def main() -> int:
 
         init_home(settings)
         replay(settings.landing, dt.date(2013, 1, 1), dt.date(2013, 12, 31), overwrite=False)
-        run_range(dt.date(2013, 1, 1), dt.date(2013, 12, 31))
+        run_range(settings, dt.date(2013, 1, 1), dt.date(2013, 12, 31))
     result = run(settings, rate=args.rate, seconds=args.seconds)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 import time
 
+from mlplatform.keys import WAREHOUSE_POOL
 from mlplatform.monitoring.drifted import DRIFT_KINDS
-from mlplatform.settings import Settings, apply_defaults
+from mlplatform.settings import Settings
 
 DAGSTER_YAML = """\
 # Written by `mlplatform init` when absent; edit freely, it is not overwritten.
@@ -41,10 +41,10 @@ storage:
       env: MLPLATFORM_DAGSTER_PG_URL
 {common}"""
 
-DAGSTER_COMMON_YAML = """\
+DAGSTER_COMMON_YAML = f"""\
 telemetry:
   enabled: false
-# One DuckDB writer at a time: steps that use the warehouse declare pool "warehouse_writer".
+# One DuckDB writer at a time: steps that use the warehouse declare pool "{WAREHOUSE_POOL}".
 concurrency:
   pools:
     default_limit: 1
@@ -54,9 +54,6 @@ run_monitoring:
   enabled: true
   free_slots_after_run_end_seconds: 30
 """
-
-
-WAREHOUSE_POOL = "warehouse_writer"
 
 
 def init_home(settings: Settings, pools: bool = True) -> Settings:
@@ -82,18 +79,20 @@ def init_home(settings: Settings, pools: bool = True) -> Settings:
 
 
 def init_pool(settings: Settings) -> None:
-    """Set the warehouse_writer pool's limit (1) in the instance now, unless someone set one.
-    Left to Dagster's lazy default, runs that start at the same moment can each initialise the
-    pool and claim a slot of their own: two writers at once."""
+    """Set the warehouse pool's limit (1) in the instance now, unless someone set one (see
+    ``private_api.set_pool_limit_if_default``: otherwise two runs starting together can each
+    claim a slot)."""
+    from mlplatform.private_api import set_pool_limit_if_default
+
+    with instance_of(settings) as instance:
+        set_pool_limit_if_default(instance, WAREHOUSE_POOL, 1)
+
+
+def instance_of(settings: Settings):
+    """The Dagster instance of these settings (``DAGSTER_HOME``'s ``dagster.yaml``)."""
     from dagster import DagsterInstance
 
-    with DagsterInstance.from_config(str(settings.dagster_home)) as instance:
-        storage = instance.event_log_storage
-        if not storage.supports_global_concurrency_limits:
-            return
-        info = storage.get_concurrency_info(WAREHOUSE_POOL)
-        if info.using_default_limit or info.limit is None:
-            storage.set_concurrency_slots(WAREHOUSE_POOL, 1)
+    return DagsterInstance.from_config(str(settings.dagster_home))
 
 
 def _date(text: str) -> dt.date:
@@ -106,8 +105,8 @@ def _date(text: str) -> dt.date:
 def cmd_init(args) -> int:
     from mlplatform.transform.assets import dbt_project, ensure_manifest
 
-    settings = init_home(apply_defaults())
-    manifest = ensure_manifest(dbt_project(settings))
+    settings = init_home(Settings.from_env())
+    manifest = ensure_manifest(dbt_project(settings), settings)
     print(f"MLPLATFORM_HOME={settings.home}\ndbt manifest: {manifest}")
     return 0
 
@@ -115,7 +114,7 @@ def cmd_init(args) -> int:
 def cmd_replay(args) -> int:
     from mlplatform.ingest.landing import replay
 
-    settings = init_home(apply_defaults(), pools=False)
+    settings = init_home(Settings.from_env(), pools=False)
     if args.if_empty and any(settings.landing.glob("flights/*")):
         print(f"landing zone {settings.landing} already has files; nothing replayed")
         return 0
@@ -140,7 +139,7 @@ def cmd_deliver(args) -> int:
     from mlplatform.monitoring.drifted import land_drifted_days
     from mlplatform.partitions import FIRST_DAY, LAST_DAY, days_between
 
-    settings = init_home(apply_defaults(), pools=False)
+    settings = init_home(Settings.from_env(), pools=False)
     last = last_delivered(settings.landing)
     start = FIRST_DAY if last is None else last + dt.timedelta(days=1)
     end = min(LAST_DAY, start + dt.timedelta(days=args.days - 1))
@@ -164,10 +163,10 @@ def cmd_deliver(args) -> int:
 def cmd_run(args) -> int:
     from mlplatform.pipeline import run_range
 
-    settings = init_home(apply_defaults())
+    settings = init_home(Settings.from_env())
     if args.replay:
         cmd_replay(argparse.Namespace(start=args.start, end=args.end, if_empty=False, keep_existing=True))
-    ok = run_range(args.start, args.end, out=sys.stdout, full_refresh=args.full_refresh)
+    ok = run_range(settings, args.start, args.end, out=sys.stdout, full_refresh=args.full_refresh)
     print(f"warehouse: {settings.warehouse}")
     return 0 if ok else 1
 
@@ -175,31 +174,30 @@ def cmd_run(args) -> int:
 def cmd_loop_demo(args) -> int:
     from mlplatform.loop import run_loop
 
-    init_home(apply_defaults())
-    return 0 if run_loop(sys.stdout, args.drift_start, args.days, args.severity) else 1
+    settings = init_home(Settings.from_env())
+    return 0 if run_loop(settings, sys.stdout, args.drift_start, args.days, args.severity) else 1
 
 
 def cmd_serve(args) -> int:
     from mlplatform.serving.app import serve
 
-    init_home(apply_defaults(), pools=False)
-    serve(args.host, args.port, args.refresh_seconds, access_log=args.access_log)
+    settings = init_home(Settings.from_env(), pools=False)
+    serve(settings, args.host or settings.serve_host, args.port or settings.serve_port,
+          args.refresh_seconds or settings.serve_refresh_seconds, access_log=args.access_log)
     return 0
 
 
 def cmd_ui(args) -> int:
     from mlplatform.services import run_services
 
-    return run_services(init_home(apply_defaults()), args.host, args.port)
+    return run_services(init_home(Settings.from_env()), args.host, args.port)
 
 
 def cmd_recover(args) -> int:
-    from dagster import DagsterInstance
-
     from mlplatform.operations import recover_dead_runs
 
-    init_home(apply_defaults())
-    with DagsterInstance.get() as instance:
+    settings = init_home(Settings.from_env())
+    with instance_of(settings) as instance:
         recovered = recover_dead_runs(instance)
     print(f"marked {len(recovered)} dead runs failed" + (": " + ", ".join(recovered) if recovered else ""))
     return 0
@@ -209,8 +207,7 @@ def cmd_graph(args) -> int:
     from mlplatform.graph import asset_graph_markdown, replace_in_readme
     from mlplatform.settings import REPO_ROOT
 
-    apply_defaults()
-    diagram = asset_graph_markdown()
+    diagram = asset_graph_markdown(Settings.from_env())
     if args.readme:
         readme = REPO_ROOT / "README.md"
         readme.write_text(replace_in_readme(readme.read_text(), diagram))
@@ -258,12 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         fn=cmd_recover
     )
     p = sub.add_parser("serve", help="serve the champion model over HTTP (FastAPI + uvicorn)")
-    p.add_argument("--host", default=os.getenv("MLPLATFORM_SERVE_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.getenv("MLPLATFORM_SERVE_PORT", "8000")))
-    p.add_argument(
-        "--refresh-seconds", type=float, default=float(os.getenv("MLPLATFORM_SERVE_REFRESH_SECONDS", "30")),
-        help="how often to look for a new champion and a changed warehouse",
-    )
+    p.add_argument("--host", help="default: MLPLATFORM_SERVE_HOST, or 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: MLPLATFORM_SERVE_PORT, or 8000")
+    p.add_argument("--refresh-seconds", type=float,
+                   help="how often to look for a new champion and a changed warehouse (MLPLATFORM_SERVE_REFRESH_SECONDS, 30)")
     p.add_argument("--access-log", action="store_true", help="log every request (the inference log has them anyway)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI (MLPLATFORM_MLFLOW_UI_URL); Ctrl-C stops both")

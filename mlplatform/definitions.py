@@ -1,108 +1,128 @@
-"""The code location: every asset, check, resource and job of the platform, assembled once.
+"""The code location: every asset, check, resource, job, schedule and sensor of the platform,
+assembled in one function from a ``Settings``.
 
-Loaded by ``dagster dev -w workspace.yaml`` and by ``mlplatform run``. Settings come from the
-environment (``mlplatform.settings``); defaults live under ``MLPLATFORM_HOME``.
+``build_defs(settings)`` builds the ``Definitions``; ``defs`` is Dagster's lazy loader of it
+(``@definitions``), which ``dagster dev -w workspace.yaml``, ``dg dev`` and ``dg check defs``
+load with the settings of their environment. Importing this module reads and writes nothing;
+``load_defs`` builds (once per settings) what ``mlplatform run``, the loop demo and the tests
+execute.
 """
 
 from __future__ import annotations
 
-import os
+from functools import lru_cache
 
 from dagster import (
     AssetSelection,
     AutomationConditionSensorDefinition,
+    DefaultScheduleStatus,
     DefaultSensorStatus,
     Definitions,
+    ScheduleDefinition,
     define_asset_job,
+    definitions,
     in_process_executor,
 )
 
-from mlplatform.ingest.assets import raw_assets
-from mlplatform.ingest.sensors import landing_sensor
-from mlplatform.monitoring.assets import monitoring_assets, reference_profile
-from mlplatform.monitoring.sensors import sensors
-from mlplatform.operations import dead_run_sensor
-from mlplatform.partitions import daily_partitions
-from mlplatform.predictions.assets import flight_delay_predictions
-from mlplatform.resources import (
-    landing_resource,
-    profile_store_resource,
-    warehouse_reader_resource,
-    warehouse_resource,
-)
-from mlplatform.serving.assets import online_features_match
-from mlplatform.settings import apply_defaults, dbt_executable
-from mlplatform.training.assets import training_assets
-from mlplatform.training.tracking import mlflow_resource
-from mlplatform.transform.assets import DbtCli, build_dbt_assets, dbt_project
+from mlplatform.settings import Settings
 
-settings = apply_defaults()
-project = dbt_project(settings)
-dbt_asset_defs = build_dbt_assets(project)
+# the jobs, by name (what `mlplatform run` and the sensors launch)
+REFERENCE_JOB = "reference_job"
+DAILY_JOB = "daily_job"
+TRAINING_JOB = "training_job"
+PREDICTIONS_JOB = "predictions_job"
+MONITORING_JOB = "monitoring_job"
+SERVING_CHECK_JOB = "serving_check_job"
 
-daily_selection = AssetSelection.assets(*[a for a in raw_assets if a.partitions_def]) | AssetSelection.assets(
-    *[a for a in dbt_asset_defs if a.partitions_def]
-)
-training_selection = AssetSelection.assets(*training_assets, reference_profile)
-predictions_selection = AssetSelection.assets(flight_delay_predictions)
-monitoring_selection = AssetSelection.assets(*[a for a in monitoring_assets if a.partitions_def])
-reference_selection = (
-    AssetSelection.all() - daily_selection - training_selection - predictions_selection - monitoring_selection
-)
 
-reference_job = define_asset_job(
-    "reference_job", selection=reference_selection, description="Load reference snapshots and their dbt models."
-)
-daily_job = define_asset_job(
-    "daily_job",
-    selection=daily_selection,
-    partitions_def=daily_partitions,
-    description="Ingest days, run dbt and build features for a partition or a range (one run).",
-)
+def build_defs(settings: Settings) -> Definitions:
+    from mlplatform.ingest.assets import raw_assets
+    from mlplatform.ingest.sensors import landing_sensor
+    from mlplatform.monitoring.assets import monitoring_assets, reference_profile
+    from mlplatform.monitoring.sensors import sensors
+    from mlplatform.operations import dead_run_sensor
+    from mlplatform.partitions import daily_partitions
+    from mlplatform.predictions.assets import flight_delay_predictions
+    from mlplatform.resources import (
+        landing_resource,
+        profile_store_resource,
+        warehouse_reader_resource,
+        warehouse_resource,
+    )
+    from mlplatform.serving.assets import online_features_match, serving_check_sensor
+    from mlplatform.training.assets import training_assets
+    from mlplatform.training.tracking import mlflow_resource
+    from mlplatform.transform.assets import build_dbt_assets, dbt_project, dbt_resource
 
-training_job = define_asset_job(
-    "training_job",
-    selection=training_selection,
-    description="Train a challenger, evaluate it against the champion, promote it if the gate passes.",
-)
-predictions_job = define_asset_job(
-    "predictions_job",
-    selection=predictions_selection,
-    partitions_def=daily_partitions,
-    description="Score a day or a range of days with the champion.",
-)
+    project = dbt_project(settings)
+    dbt_asset_defs = build_dbt_assets(project, settings)
+    skew_check = online_features_match(settings)
 
-monitoring_job = define_asset_job(
-    "monitoring_job",
-    selection=monitoring_selection,
-    partitions_def=daily_partitions,
-    description="Profile a day or a range, compare it with the champion's reference, measure realised performance.",
-)
+    daily_selection = (AssetSelection.assets(*[a for a in raw_assets if a.partitions_def])
+                       | AssetSelection.assets(*[a for a in dbt_asset_defs if a.partitions_def]))
+    training_selection = AssetSelection.assets(*training_assets, reference_profile)
+    predictions_selection = AssetSelection.assets(flight_delay_predictions)
+    monitoring_selection = AssetSelection.assets(*[a for a in monitoring_assets if a.partitions_def])
+    reference_selection = (AssetSelection.all() - daily_selection - training_selection - predictions_selection
+                           - monitoring_selection)
+    # the skew check reads the whole feature table and holds no writer: its own job, not every day's
+    not_the_skew_check = AssetSelection.checks(skew_check)
 
-# Declarative automation: every asset with an automation condition follows its inputs. On by
-# default; it runs in the Dagster daemon (`dagster dev` starts one), every
-# MLPLATFORM_AUTOMATION_INTERVAL_SECONDS (30; the daemon ticks at most every 5 s).
-automation_sensor = AutomationConditionSensorDefinition(
-    "automation_sensor",
-    target=AssetSelection.all(),
-    default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=int(os.getenv("MLPLATFORM_AUTOMATION_INTERVAL_SECONDS", "30")),
-)
+    jobs = [
+        define_asset_job(REFERENCE_JOB, selection=reference_selection - not_the_skew_check,
+                         description="Load reference snapshots and their dbt models."),
+        define_asset_job(DAILY_JOB, selection=daily_selection - not_the_skew_check, partitions_def=daily_partitions,
+                         description="Ingest days, run dbt and build features for a partition or a range (one run)."),
+        define_asset_job(TRAINING_JOB, selection=training_selection,
+                         description="Train a challenger, evaluate it against the champion, promote it if the gate "
+                         "passes."),
+        define_asset_job(PREDICTIONS_JOB, selection=predictions_selection, partitions_def=daily_partitions,
+                         description="Score a day or a range of days with the champion."),
+        define_asset_job(MONITORING_JOB, selection=monitoring_selection, partitions_def=daily_partitions,
+                         description="Profile a day or a range, compare it with the champion's reference, measure "
+                         "realised performance."),
+        define_asset_job(SERVING_CHECK_JOB, selection=not_the_skew_check,
+                         description="Serving readiness: the server's own feature code, asked about real flights, "
+                         "against features.flight_features (online_features_match)."),
+    ]
+    # Declarative automation: every asset with an automation condition follows its inputs. It runs
+    # in the Dagster daemon (`dagster dev` starts one).
+    automation_sensor = AutomationConditionSensorDefinition(
+        "automation_sensor", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=settings.automation_interval_seconds,
+    )
+    serving_check_schedule = ScheduleDefinition(
+        name="serving_check_schedule", job_name=SERVING_CHECK_JOB, cron_schedule="0 6 * * *",
+        default_status=DefaultScheduleStatus.RUNNING,
+        description="Every morning, after the night's deliveries: is the online path still the offline one?",
+    )
+    return Definitions(
+        assets=[*raw_assets, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets],
+        asset_checks=[skew_check],
+        jobs=jobs,
+        schedules=[serving_check_schedule],
+        sensors=[landing_sensor(settings), *sensors(settings), serving_check_sensor(jobs[1], jobs[5]),
+                 automation_sensor, dead_run_sensor],
+        resources={
+            "warehouse": warehouse_resource(settings),
+            "warehouse_reader": warehouse_reader_resource(settings),
+            "landing": landing_resource(settings),
+            "dbt": dbt_resource(settings, project),
+            "mlflow": mlflow_resource(settings),
+            "profile_store": profile_store_resource(settings),
+        },
+        # One process per run: an in-process step costs milliseconds, a subprocess a second and a
+        # half, and DuckDB allows one writer at a time anyway.
+        executor=in_process_executor,
+    )
 
-defs = Definitions(
-    assets=[*raw_assets, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets],
-    asset_checks=[online_features_match],
-    jobs=[reference_job, daily_job, training_job, predictions_job, monitoring_job],
-    sensors=[landing_sensor, *sensors, automation_sensor, dead_run_sensor],
-    resources={
-        "warehouse": warehouse_resource(),
-        "warehouse_reader": warehouse_reader_resource(),
-        "landing": landing_resource(),
-        "dbt": DbtCli(project_dir=project, dbt_executable=dbt_executable()),
-        "mlflow": mlflow_resource(),
-        "profile_store": profile_store_resource(),
-    },
-    # One process per run: an in-process step costs milliseconds, a subprocess a second and a
-    # half, and DuckDB allows one writer at a time anyway.
-    executor=in_process_executor,
-)
+
+@lru_cache(maxsize=8)
+def load_defs(settings: Settings) -> Definitions:
+    """The Definitions of ``settings``, built once per settings."""
+    return build_defs(settings)
+
+
+@definitions
+def defs() -> Definitions:
+    return build_defs(Settings.from_env())

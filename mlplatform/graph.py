@@ -34,10 +34,10 @@ def mermaid(specs) -> str:
     return "\n".join(lines) + "\n"
 
 
-def asset_graph_markdown() -> str:
-    from mlplatform.definitions import defs
+def asset_graph_markdown(settings) -> str:
+    from mlplatform.definitions import load_defs
 
-    return mermaid(defs.resolve_all_asset_specs())
+    return mermaid(load_defs(settings).resolve_all_asset_specs())
 
 
 def replace_in_readme(readme: str, diagram: str) -> str:

@@ -26,6 +26,7 @@ from mlplatform.keys import TRIGGER_TAG, WINDOWS_TAG
 from mlplatform.monitoring.drifted import land_drifted_days
 from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG, days_between
 from mlplatform.pipeline import QUIET, status_of
+from mlplatform.settings import Settings
 
 # Three months of training data: smaller steps and larger leaves than the year's default.
 DEMO_TRAINING = {"learning_rate": 0.05, "max_iter": 60, "min_samples_leaf": 100, "eval_days": 14,
@@ -53,26 +54,23 @@ def training_config() -> dict:
     return {"ops": {"flight_delay_model": {"config": DEMO_TRAINING}}}
 
 
-def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1), days: int = 5,
-             severity: float = 1.0) -> bool:
-    from mlplatform.definitions import defs
+def run_loop(settings: Settings, out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1),
+             days: int = 5, severity: float = 1.0) -> bool:
+    from mlplatform.definitions import load_defs
     from mlplatform.ingest.landing import replay
     from mlplatform.ingest.sensors import landing_sensor
-    from mlplatform.monitoring.sensors import (
-        retraining_baseline,
-        retraining_decision,
-    )
-    from mlplatform.settings import Settings
+    from mlplatform.monitoring.sensors import retraining_baseline, retraining_decision
 
-    settings = Settings.from_env()
-    instance = DagsterInstance.get()
+    defs = load_defs(settings)
+    instance = DagsterInstance.from_config(str(settings.dagster_home))
+    landing = landing_sensor(settings)
     LOG[:] = [settings.home / "logs" / f"loop-demo-{dt.datetime.now():%Y%m%dT%H%M%S}.log"]
     LOG[0].parent.mkdir(parents=True, exist_ok=True)
     print(f"dbt and step output: {LOG[0]}", file=out)
     start, end = dt.date(2013, 1, 1), drift_start - dt.timedelta(days=1)
     print(f"1. replay and build {start}..{end}, train a champion", file=out)
     replay(settings.landing, start, end)
-    landing_cursor = landing_sensor(build_sensor_context(instance=instance, cursor=None, definitions=defs)).cursor
+    landing_cursor = landing(build_sensor_context(instance=instance, cursor=None, definitions=defs)).cursor
     _run(defs, instance, "reference_job", out)
     _run(defs, instance, "daily_job", out, start, end)
     _run(defs, instance, "training_job", out, run_config=training_config())
@@ -85,7 +83,7 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
     land_drifted_days(settings.landing, targets, targets, severity)
 
     print("3. landing sensor", file=out)
-    result = landing_sensor(build_sensor_context(instance=instance, cursor=landing_cursor, definitions=defs))
+    result = landing(build_sensor_context(instance=instance, cursor=landing_cursor, definitions=defs))
     for request in result.run_requests or []:
         first, last = request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]
         print(f"  requested ingestion of {first}..{last} (run key {request.run_key[:60]}...)", file=out)
@@ -107,7 +105,7 @@ def run_loop(out: TextIO = sys.stdout, drift_start: dt.date = dt.date(2013, 4, 1
               file=out)
 
     print("5. retraining sensor", file=out)
-    outcome, _ = retraining_decision(instance, retrain_cursor, time.time(), cooldown=3600)
+    outcome, _ = retraining_decision(instance, retrain_cursor, time.time(), settings)
     if not isinstance(outcome, RunRequest):
         print(f"  no retraining: {outcome.skip_message}", file=out)
         return False

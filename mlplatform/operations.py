@@ -32,6 +32,8 @@ from dagster import (
     sensor,
 )
 
+from mlplatform.private_api import free_slots_of_ended_runs, storage_is_local_sqlite
+
 
 def run_start(instance: DagsterInstance, run_id: str) -> tuple[int, float] | None:
     """(pid, timestamp) of the process that executed the run, from its start event."""
@@ -66,15 +68,9 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
-def local_storage(instance: DagsterInstance) -> bool:
-    """Runs recorded in SQLite under DAGSTER_HOME executed on this machine; with a shared
-    PostgreSQL storage a pid says nothing about a run on another host."""
-    return "sqlite" in type(instance.run_storage).__name__.lower()
-
-
 def dead_runs(instance: DagsterInstance) -> list[tuple[str, int]]:
     """(run id, pid) of the STARTED or CANCELING runs whose process no longer exists."""
-    if not local_storage(instance):
+    if not storage_is_local_sqlite(instance):  # (with a shared PostgreSQL, a pid says nothing)
         return []
     out = []
     statuses = [DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
@@ -102,20 +98,6 @@ def recover_dead_runs(instance: DagsterInstance) -> list[str]:
         recovered.append(run_id)
     free_slots_of_ended_runs(instance)
     return recovered
-
-
-def free_slots_of_ended_runs(instance: DagsterInstance) -> list[str]:
-    """Free the concurrency slots still claimed by runs that have finished or no longer exist."""
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
-        return []
-    freed = []
-    for run_id in storage.get_concurrency_run_ids():
-        run = instance.get_run_by_id(run_id)
-        if run is None or run.is_finished:
-            storage.free_concurrency_slots_for_run(run_id)
-            freed.append(run_id)
-    return freed
 
 
 @sensor(

@@ -16,6 +16,7 @@ from dagster import DagsterEventType, DagsterInstance
 
 from mlplatform.keys import CHAMPION_MODEL, MODEL_EVALUATION
 from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
+from mlplatform.settings import Settings
 
 
 MAIN_JOBS = ("reference_job", "daily_job", "training_job", "predictions_job", "monitoring_job")
@@ -44,6 +45,7 @@ def status_of(result) -> tuple[str, str | None]:
 
 
 def run_range(
+    settings: Settings,
     start: dt.date,
     end: dt.date,
     out: TextIO = sys.stdout,
@@ -53,15 +55,15 @@ def run_range(
     """Run the main jobs for start..end. A challenger the gate rejects is a normal outcome;
     predictions need a champion (this run's or an earlier one). True when nothing failed.
     ``full_refresh`` rebuilds the dbt tables from scratch (give it the whole range of days)."""
-    from mlplatform.definitions import defs
+    from mlplatform.definitions import load_defs
     from mlplatform.operations import recover_dead_runs
-    from mlplatform.settings import Settings
 
-    instance = instance or DagsterInstance.get()
+    defs = load_defs(settings)
+    instance = instance or DagsterInstance.from_config(str(settings.dagster_home))
     recovered = recover_dead_runs(instance)  # their pool slots would block every warehouse step
     if recovered:
         print(f"marked {len(recovered)} runs whose process died as failed: {', '.join(recovered)}", file=out)
-    log_dir = Settings.from_env().home / "logs"
+    log_dir = settings.home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"run-{start}-{end}-{dt.datetime.now():%Y%m%dT%H%M%S}.log"
     print(f"dbt and step output: {log_path}", file=out)

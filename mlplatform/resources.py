@@ -1,15 +1,17 @@
-"""Resources shared by the asset graph. Configured from environment variables (``EnvVar``);
-``mlplatform.settings.apply_defaults`` fills the unset ones from ``MLPLATFORM_HOME``."""
+"""Resources shared by the asset graph, configured from ``Settings`` (``Settings.config``:
+``EnvVar`` where the variable is set, the default under ``MLPLATFORM_HOME`` otherwise)."""
 
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
-from dagster import ConfigurableResource, EnvVar
+from dagster import ConfigurableResource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
+
+from mlplatform.settings import Settings
+from mlplatform.warehouse import LOCK_WAIT_SECONDS, connect
 
 
 class LandingZone(ConfigurableResource):
@@ -30,61 +32,55 @@ MEMORY_LIMIT = Field(
 
 
 class Warehouse(DuckDBResource):
-    """Read-write connections, for steps that write (they also declare pool "warehouse_writer");
-    it retries while another process holds DuckDB's lock (about 100 s in all). Dagster's
-    DuckDBResource, with DuckDB's memory limit set."""
+    """Read-write connections, for steps that write (they also declare the warehouse pool).
+    Dagster's DuckDBResource, with DuckDB's memory limit set and the platform's one retry policy
+    while another process holds DuckDB's lock (``warehouse.retry_while_locked``)."""
 
     memory_limit: str = MEMORY_LIMIT
+    max_wait_seconds: float = Field(LOCK_WAIT_SECONDS, description="How long to wait for another writer.")
 
     @contextlib.contextmanager
     def get_connection(self):
-        with super().get_connection() as conn:
-            conn.execute("SET memory_limit = ?", [self.memory_limit])
-            yield conn
-
-
-def warehouse_resource() -> Warehouse:
-    return Warehouse(database=EnvVar("MLPLATFORM_WAREHOUSE"), memory_limit=EnvVar("MLPLATFORM_DUCKDB_MEMORY_LIMIT"))
-
-
-class WarehouseReader(ConfigurableResource):
-    """Read-only connections to the warehouse, for steps that only read (training, the reference
-    profile). Read-only processes share DuckDB's lock with each other but not with a writer, so
-    a connection waits, with backoff, while a writing step of another run holds it."""
-
-    database: str = Field(description="Path of the DuckDB warehouse.")
-    max_wait_seconds: float = Field(
-        600.0, description="How long to wait for writers (a backfill of many runs hands the lock from one to the next)."
-    )
-    memory_limit: str = MEMORY_LIMIT
-
-    @contextlib.contextmanager
-    def get_connection(self):
-        import duckdb
-
-        delay, waited = 0.1, 0.0
-        while True:
-            try:
-                conn = duckdb.connect(self.database, read_only=True, config={"memory_limit": self.memory_limit})
-                break
-            except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or waited >= self.max_wait_seconds:
-                    raise
-                time.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 5.0)
+        conn = connect(self.database, max_wait=self.max_wait_seconds,
+                       config={**self.connection_config, "memory_limit": self.memory_limit})
         try:
             yield conn
         finally:
             conn.close()
 
 
-def warehouse_reader_resource() -> WarehouseReader:
-    return WarehouseReader(database=EnvVar("MLPLATFORM_WAREHOUSE"), memory_limit=EnvVar("MLPLATFORM_DUCKDB_MEMORY_LIMIT"))
+def warehouse_resource(settings: Settings) -> Warehouse:
+    return Warehouse(database=settings.config("warehouse"), memory_limit=settings.config("duckdb_memory_limit"))
 
 
-def landing_resource() -> LandingZone:
-    return LandingZone(path=EnvVar("MLPLATFORM_LANDING"))
+class WarehouseReader(ConfigurableResource):
+    """Read-only connections to the warehouse, for steps that only read (training, the reference
+    profile). Read-only processes share DuckDB's lock with each other but not with a writer, so
+    a connection waits while a writing step of another run holds it."""
+
+    database: str = Field(description="Path of the DuckDB warehouse.")
+    max_wait_seconds: float = Field(
+        LOCK_WAIT_SECONDS, description="How long to wait for writers (a backfill of many runs hands the lock from "
+        "one to the next)."
+    )
+    memory_limit: str = MEMORY_LIMIT
+
+    @contextlib.contextmanager
+    def get_connection(self):
+        conn = connect(self.database, read_only=True, max_wait=self.max_wait_seconds,
+                       config={"memory_limit": self.memory_limit})
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+def warehouse_reader_resource(settings: Settings) -> WarehouseReader:
+    return WarehouseReader(database=settings.config("warehouse"), memory_limit=settings.config("duckdb_memory_limit"))
+
+
+def landing_resource(settings: Settings) -> LandingZone:
+    return LandingZone(path=settings.config("landing"))
 
 
 class ProfileStore(ConfigurableResource):
@@ -99,5 +95,5 @@ class ProfileStore(ConfigurableResource):
         return Path(self.path) / "reference" / f"{model}-v{version}.bin"
 
 
-def profile_store_resource() -> ProfileStore:
-    return ProfileStore(path=EnvVar("MLPLATFORM_PROFILES"))
+def profile_store_resource(settings: Settings) -> ProfileStore:
+    return ProfileStore(path=settings.config("profiles"))

@@ -1,42 +1,63 @@
-"""Where everything lives. One root, ``MLPLATFORM_HOME``; every path under it overridable.
+"""Everything configurable, read from the environment in one place: ``Settings.from_env()``.
 
-Environment variables (all optional):
+One root, ``MLPLATFORM_HOME``; every path under it overridable. Nothing here writes the
+environment: the code location is built from a ``Settings`` (``definitions.build_defs``), and a
+resource is configured with ``dagster.EnvVar(name)`` where the variable is set (so the UI shows
+the variable, not its value) and with the default otherwise (``Settings.config``). The one
+process-wide setting the platform makes is the environment of a dbt process it starts
+(``transform.assets.DbtCli``, for dbt's ``env_var()``).
 
-=========================  ==========================================  ===========================
-variable                   meaning                                     default
-=========================  ==========================================  ===========================
-MLPLATFORM_HOME            root of all runtime state                   ``<repo>/.mlplatform``
-MLPLATFORM_WAREHOUSE       DuckDB warehouse file                       ``$HOME/warehouse.duckdb``
-MLPLATFORM_LANDING         landing zone (the upstream's daily files)   ``$HOME/landing``
-MLPLATFORM_MLFLOW_URI      MLflow tracking URI                         ``sqlite:///$HOME/mlflow/mlflow.db``
-MLPLATFORM_MLFLOW_ARTIFACTS MLflow artifact root                       ``$HOME/mlflow/artifacts``
-MLPLATFORM_MLFLOW_UI_URL   the MLflow UI: ``mlplatform ui`` (``make    ``http://127.0.0.1:5000``, or
-                           ui``) serves it there, asset metadata       the tracking server when
-                           links runs to it                            MLPLATFORM_MLFLOW_URI is http(s)
-MLPLATFORM_PROFILES        whylogs profiles (daily and reference)      ``$HOME/profiles``
-MLPLATFORM_DUCKDB_MEMORY_LIMIT  DuckDB's memory limit in each process  ``512MB`` (DuckDB's own
-                           (Dagster's steps, dbt); past it DuckDB      default is 80% of RAM)
-                           spills to disk beside the warehouse
-DAGSTER_HOME               Dagster instance directory                  ``$HOME/dagster``, or
-                                                                       ``$HOME/dagster-postgres``
-MLPLATFORM_DAGSTER_PG_URL  run, event and schedule storage on           unset: SQLite files under
-                           PostgreSQL (``postgresql+psycopg2://...``)   DAGSTER_HOME
-=========================  ==========================================  ===========================
-
-``apply_defaults()`` fills the unset ones into ``os.environ`` so that Dagster resources can be
-configured with ``dagster.EnvVar`` and the dbt profile with ``env_var()`` and see one truth.
+=============================================  ==============================================  =========================
+variable                                       meaning                                         default
+=============================================  ==============================================  =========================
+MLPLATFORM_HOME                                root of all runtime state                       ``<repo>/.mlplatform``
+MLPLATFORM_WAREHOUSE                           DuckDB warehouse file                           ``$HOME/warehouse.duckdb``
+MLPLATFORM_LANDING                             landing zone (the upstream's daily files)       ``$HOME/landing``
+MLPLATFORM_MLFLOW_URI                          MLflow tracking URI                             ``sqlite:///$HOME/mlflow/mlflow.db``
+MLPLATFORM_MLFLOW_ARTIFACTS                    MLflow artifact root                            ``$HOME/mlflow/artifacts``
+MLPLATFORM_MLFLOW_UI_URL                       the MLflow UI ``mlplatform ui`` serves, which   ``http://127.0.0.1:5000``, or the
+                                               asset metadata links runs to                    tracking server when the URI is http(s)
+MLPLATFORM_PROFILES                            whylogs profiles (daily and reference)          ``$HOME/profiles``
+MLPLATFORM_DUCKDB_MEMORY_LIMIT                 DuckDB's memory limit in each process (steps,   ``512MB`` (DuckDB's own: 80% of RAM)
+                                               dbt); past it DuckDB spills to disk
+DAGSTER_HOME                                   Dagster instance directory                      ``$HOME/dagster`` (``dagster-postgres``
+                                                                                               with MLPLATFORM_DAGSTER_PG_URL)
+MLPLATFORM_DAGSTER_PG_URL                      run, event and schedule storage on PostgreSQL   unset: SQLite under DAGSTER_HOME
+MLPLATFORM_ALERT_WEBHOOK                       URL failed runs are POSTed to                   unset
+MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS     how often the landing sensor looks              15
+MLPLATFORM_AUTOMATION_INTERVAL_SECONDS         how often declarative automation evaluates      30
+MLPLATFORM_RETRAINING_SENSOR_INTERVAL_SECONDS  how often the retraining sensor decides         60
+MLPLATFORM_RETRAIN_COOLDOWN_SECONDS            after a promotion the retraining sensor asked   21600 (6 h)
+                                               for, how long before it asks again
+MLPLATFORM_SERVE_HOST, _PORT                   where ``mlplatform serve`` listens              127.0.0.1, 8000
+MLPLATFORM_SERVE_REFRESH_SECONDS               how often the server looks for a new champion   30
+=============================================  ==============================================  =========================
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlplatform ui` serves the MLflow UI unless told otherwise
+
+# the environment variable of each path and setting a resource or a dbt process is configured with
+VARIABLES = {
+    "home": "MLPLATFORM_HOME",
+    "warehouse": "MLPLATFORM_WAREHOUSE",
+    "landing": "MLPLATFORM_LANDING",
+    "mlflow_uri": "MLPLATFORM_MLFLOW_URI",
+    "mlflow_artifacts": "MLPLATFORM_MLFLOW_ARTIFACTS",
+    "mlflow_ui_url": "MLPLATFORM_MLFLOW_UI_URL",
+    "profiles": "MLPLATFORM_PROFILES",
+    "duckdb_memory_limit": "MLPLATFORM_DUCKDB_MEMORY_LIMIT",
+    "dagster_home": "DAGSTER_HOME",
+}
 
 
 @dataclass(frozen=True)
@@ -51,9 +72,19 @@ class Settings:
     dagster_home: Path
     dagster_pg_url: str | None = None  # Dagster's storage on PostgreSQL instead of SQLite
     duckdb_memory_limit: str = "512MB"
+    alert_webhook: str | None = None
+    landing_sensor_interval_seconds: int = 15
+    automation_interval_seconds: int = 30
+    retraining_sensor_interval_seconds: int = 60
+    retrain_cooldown_seconds: int = 6 * 3600
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    serve_refresh_seconds: float = 30.0
+    # which of VARIABLES were set in the environment these settings were read from
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @classmethod
-    def from_env(cls, env: os._Environ | dict | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
         home = Path(env.get("MLPLATFORM_HOME") or REPO_ROOT / ".mlplatform").resolve()
         mlflow_dir = home / "mlflow"
@@ -69,6 +100,14 @@ class Settings:
         mlflow_uri = env.get("MLPLATFORM_MLFLOW_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
         # a tracking server is its own UI; a local store gets the one `mlplatform ui` starts
         remote = mlflow_uri.startswith(("http://", "https://"))
+
+        def number(name: str, default, kind=int):
+            text = env.get(name)
+            try:
+                return kind(text) if text else default
+            except ValueError:
+                raise ValueError(f"{name}={text!r}: not a number") from None
+
         return cls(
             home=home,
             warehouse=Path(env.get("MLPLATFORM_WAREHOUSE") or home / "warehouse.duckdb"),
@@ -80,37 +119,30 @@ class Settings:
             dagster_home=Path(env.get("DAGSTER_HOME") or default_dagster_home),
             dagster_pg_url=pg_url,
             duckdb_memory_limit=env.get("MLPLATFORM_DUCKDB_MEMORY_LIMIT") or "512MB",
+            alert_webhook=env.get("MLPLATFORM_ALERT_WEBHOOK") or None,
+            landing_sensor_interval_seconds=number("MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS", 15),
+            automation_interval_seconds=number("MLPLATFORM_AUTOMATION_INTERVAL_SECONDS", 30),
+            retraining_sensor_interval_seconds=number("MLPLATFORM_RETRAINING_SENSOR_INTERVAL_SECONDS", 60),
+            retrain_cooldown_seconds=number("MLPLATFORM_RETRAIN_COOLDOWN_SECONDS", 6 * 3600),
+            serve_host=env.get("MLPLATFORM_SERVE_HOST") or "127.0.0.1",
+            serve_port=number("MLPLATFORM_SERVE_PORT", 8000),
+            serve_refresh_seconds=number("MLPLATFORM_SERVE_REFRESH_SECONDS", 30.0, float),
+            explicit=frozenset(name for name in VARIABLES.values() if env.get(name)),
         )
 
     def as_env(self) -> dict[str, str]:
-        return {
-            "MLPLATFORM_HOME": str(self.home),
-            "MLPLATFORM_WAREHOUSE": str(self.warehouse),
-            "MLPLATFORM_LANDING": str(self.landing),
-            "MLPLATFORM_MLFLOW_URI": self.mlflow_uri,
-            "MLPLATFORM_MLFLOW_ARTIFACTS": str(self.mlflow_artifacts),
-            "MLPLATFORM_MLFLOW_UI_URL": self.mlflow_ui_url,
-            "MLPLATFORM_PROFILES": str(self.profiles),
-            "MLPLATFORM_DUCKDB_MEMORY_LIMIT": self.duckdb_memory_limit,
-            "DAGSTER_HOME": str(self.dagster_home),
-        }
+        """The settings as environment variables, for a process the platform starts (a server, a
+        test's daemon): it then reads the same settings."""
+        return {name: str(getattr(self, attribute)) for attribute, name in VARIABLES.items()}
 
+    def config(self, attribute: str):
+        """A resource's value for one of ``VARIABLES``: ``EnvVar`` of its variable when the
+        variable is set (resolved where the resource runs, shown by name in the UI), else the
+        default these settings computed."""
+        from dagster import EnvVar
 
-def apply_defaults() -> Settings:
-    """Resolve settings from the environment and write the resolved values back into it.
-
-    Also points dbt's logs and artifacts under the home and puts this interpreter's scripts
-    directory on PATH, so that the ``dbt`` installed beside it is the one dagster-dbt runs."""
-    settings = Settings.from_env()
-    for key, value in settings.as_env().items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("DBT_LOG_PATH", str(settings.home / "dbt" / "logs"))
-    os.environ.setdefault("DBT_TARGET_PATH", str(settings.home / "dbt" / "target"))
-    os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
-    scripts = str(Path(sys.executable).parent)
-    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-    return settings
+        name = VARIABLES[attribute]
+        return EnvVar(name) if name in self.explicit else str(getattr(self, attribute))
 
 
 def dbt_executable() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import TYPE_CHECKING, Iterable
 
 from dagster import MetadataValue, TableColumn, TableSchema
@@ -30,24 +32,86 @@ def table_metadata(conn: duckdb.DuckDBPyConnection, schema: str, table: str, row
 
 # Where writes are staged before they replace a window of days in one transaction (see replace_window).
 STAGING_SCHEMA = "_loading"
+# How long a connection waits for another process's lock on the warehouse (DuckDB has one writer
+# at a time; a backfill hands the lock from one run to the next).
+LOCK_WAIT_SECONDS = 600.0
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is another process holding DuckDB's file lock."""
+    import duckdb
+
+    while exc is not None:
+        if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def retry_while_locked(fn, max_wait: float = LOCK_WAIT_SECONDS):
+    """``fn()``, again with backoff (0.1 s doubling to 5 s) while another process holds the
+    warehouse's lock, for at most ``max_wait`` seconds: the one retry policy of every connection
+    to the warehouse (the resources, the sensors, the serving snapshot)."""
+    delay, waited = 0.1, 0.0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - anything but a lock is raised at once
+            if not is_locked(exc) or waited >= max_wait:
+                raise
+        time.sleep(delay)
+        waited += delay
+        delay = min(delay * 2, 5.0)
+
+
+def connect(path, read_only: bool = False, max_wait: float = LOCK_WAIT_SECONDS, config: dict | None = None):
+    """A DuckDB connection to the warehouse, waiting out another process's lock."""
+    import duckdb
+
+    return retry_while_locked(lambda: duckdb.connect(str(path), read_only=read_only, config=config or {}), max_wait)
+
+
+@contextlib.contextmanager
+def staging_table(conn: duckdb.DuckDBPyConnection, name: str, ddl: str):
+    """``_loading.<name>`` made by ``ddl`` (a ``CREATE TABLE`` of that name), outside any
+    transaction, and dropped on the way out, also when a run is killed (the next one replaces
+    it). Writes go there first, then into their table in one transaction (``in_one_transaction``):
+    DuckDB holds a transaction's small appends in memory until it commits (1.5 GB for a year of
+    predictions in the 10x benchmark), not one large insert."""
+    staging = f"{STAGING_SCHEMA}.{name}"
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {STAGING_SCHEMA}")
+    conn.execute(f"DROP TABLE IF EXISTS {staging}")
+    conn.execute(ddl)
+    try:
+        yield staging
+    finally:
+        conn.execute(f"DROP TABLE IF EXISTS {staging}")
+
+
+def in_one_transaction(conn: duckdb.DuckDBPyConnection, statements: Iterable, before_commit=None) -> None:
+    """``statements`` (SQL, or (SQL, parameters)) in one transaction: all of them or none.
+    ``before_commit`` runs inside it, after every write (fault injection for the crash tests)."""
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for statement in statements:
+            sql, params = (statement, None) if isinstance(statement, str) else statement
+            conn.execute(sql, params) if params is not None else conn.execute(sql)
+        if before_commit:
+            before_commit()
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def replace_window(conn: duckdb.DuckDBPyConnection, table: str, date_column: str, start, end,
                    batches: Iterable, before_commit=None) -> int:
     """Replace the rows of ``table`` (``schema.name``) dated start..end with ``batches``, data
-    frames with the table's columns (any subset), in one transaction; returns the rows written.
-
-    The batches are first appended to a staging table, ``_loading.<name>``, outside the
-    transaction, which then deletes the window and inserts the staging table whole: DuckDB holds
-    a transaction's small appends in memory until it commits (1.5 GB for a year of predictions
-    in the 10x benchmark), not one large insert. ``before_commit`` runs inside the transaction,
-    after every write (fault injection for the crash tests)."""
+    frames with the table's columns (any subset), in one transaction; returns the rows written
+    (staged first: ``staging_table``)."""
     name = table.split(".")[-1]
-    staging = f"{STAGING_SCHEMA}.{name}"
-    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {STAGING_SCHEMA}")
-    conn.execute(f"CREATE OR REPLACE TABLE {staging} AS SELECT * FROM {table} LIMIT 0")  # (a killed run's is replaced)
     rows = 0
-    try:
+    with staging_table(conn, name, f"CREATE TABLE {STAGING_SCHEMA}.{name} AS SELECT * FROM {table} LIMIT 0") as staging:
         for batch in batches:
             if len(batch):
                 columns = ", ".join(f'"{c}"' for c in batch.columns)
@@ -55,17 +119,8 @@ def replace_window(conn: duckdb.DuckDBPyConnection, table: str, date_column: str
                 conn.execute(f"INSERT INTO {staging} ({columns}) SELECT {columns} FROM batch")
                 conn.unregister("batch")
                 rows += len(batch)
-        conn.execute("BEGIN TRANSACTION")
-        try:
-            conn.execute(f"DELETE FROM {table} WHERE {date_column} BETWEEN ? AND ?", [start, end])
-            conn.execute(f"INSERT INTO {table} SELECT * FROM {staging}")
-            conn.execute(f"DROP TABLE {staging}")
-            if before_commit:
-                before_commit()
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-    finally:
-        conn.execute(f"DROP TABLE IF EXISTS {staging}")
+        in_one_transaction(conn, [
+            (f"DELETE FROM {table} WHERE {date_column} BETWEEN ? AND ?", [start, end]),
+            f"INSERT INTO {table} SELECT * FROM {staging}",
+        ], before_commit)
     return rows

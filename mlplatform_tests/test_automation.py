@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 from dagster import AssetKey, evaluate_automation_conditions
 
 from mlplatform_tests.conftest import D, run_job
 
-pytestmark = pytest.mark.slow
+LANE = "integration"
+
 
 STG_FLIGHTS = AssetKey(["staging", "stg_flights"])
 
@@ -17,7 +17,9 @@ def requested(result, key):
 
 
 def test_new_raw_partition_flows_downstream(home, instance):
-    from mlplatform.definitions import defs
+    from mlplatform.definitions import load_defs
+
+    defs = load_defs(home)
 
     assert run_job(instance, "reference_job").success
     assert run_job(instance, "daily_job", D(2013, 1, 1)).success

@@ -15,7 +15,10 @@ from benchmarks.synthetic import KEY, generate
 from mlplatform.ingest.contracts import FLIGHTS
 from mlplatform.ingest.load import load
 
+LANE = "system"
 
+
+@pytest.mark.unit
 def test_synthetic_growth_has_distinct_keys_and_passes_the_contract(replayed, tmp_path):
     source = tmp_path / "source"
     (source / "flights").mkdir(parents=True)
@@ -35,9 +38,8 @@ def test_synthetic_growth_has_distinct_keys_and_passes_the_contract(replayed, tm
     assert sum(r.loaded for r in results) == written and sum(r.quarantined for r in results) == 0
 
 
-@pytest.mark.slow
 def test_bench_smoke_writes_every_figure(tmp_path, monkeypatch):
-    """`benchmarks/run.py --smoke` (two weeks, once) fills results.json and results.md. The serving
+    """`benchmarks/run.py --smoke` (four weeks, once) fills results.json and results.md. The serving
     figure has its own smoke test (test_serving) and growth runs the same code as the full year."""
     out = tmp_path / "out"
     monkeypatch.delenv("MLPLATFORM_HOME", raising=False)

@@ -8,11 +8,14 @@ import pytest
 from dagster import DagsterInstance
 
 from mlplatform import cli
+from mlplatform.settings import Settings
 from mlplatform_tests.conftest import D
 
-pytestmark = pytest.mark.slow
+LANE = "unit"
 
 
+
+@pytest.mark.integration
 def test_run_prints_a_summary_of_every_job(features_home, capsys):
     home = features_home
     shutil.rmtree(home.landing)  # `run --replay` writes the range's files itself
@@ -66,15 +69,34 @@ def test_run_rejects_a_backwards_range(home):
         cli.main(["run", "--start", "2013-02-01", "--end", "2013-01-01"])
 
 
-def test_the_readme_asset_graph_is_generated_from_the_definitions():
+def test_the_readme_asset_graph_is_generated_from_the_definitions(home):
     """The README's architecture picture is `mlplatform graph`'s output for the current code."""
     from mlplatform.graph import END, START, asset_graph_markdown
     from mlplatform.settings import REPO_ROOT
 
     readme = (REPO_ROOT / "README.md").read_text()
     shown = readme.split(START, 1)[1].split(END, 1)[0].strip()
-    generated = asset_graph_markdown().strip()
+    generated = asset_graph_markdown(Settings.from_env()).strip()
     assert shown == generated, "the README's asset graph is stale: run `.venv/bin/mlplatform graph --readme`"
     for group in ("ingest", "transform", "features", "training", "predictions", "monitoring"):
         assert f"subgraph {group}" in generated
     assert '["features/flight_features (daily)"]' in generated and "-->" in generated
+
+
+@pytest.mark.system
+def test_dg_loads_the_same_code_location(home):
+    """`dg check defs` (and so `dg dev`) loads mlplatform.definitions' `defs` as `dagster dev -w
+    workspace.yaml` does, by the [tool.dg] section of pyproject.toml."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlplatform.settings import REPO_ROOT
+
+    scripts = Path(sys.executable).parent
+    env = {**os.environ, **home.as_env(), "VIRTUAL_ENV": str(scripts.parent)}
+    done = subprocess.run([str(scripts / "dg"), "check", "defs"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "All definitions loaded successfully" in done.stdout + done.stderr

@@ -11,6 +11,8 @@ from mlplatform.ingest.landing import MissingLandingFile
 from mlplatform.ingest.load import RejectedFiles, load
 from mlplatform_tests.conftest import D, source_rows
 
+LANE = "unit"
+
 DAYS = [D(2013, 1, 1), D(2013, 1, 2), D(2013, 1, 3)]
 
 

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import duckdb
-import pytest
 from dagster import DagsterEventType, RunRequest, build_sensor_context
 
-from mlplatform.definitions import defs
+from mlplatform.definitions import load_defs
+from mlplatform.keys import TRIGGER_TAG
 from mlplatform.monitoring.drifted import land_drifted_days
 from mlplatform.ingest.sensors import landing_sensor
 from mlplatform.monitoring.sensors import retraining_sensor
 from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
 from mlplatform.pipeline import status_of
+from mlplatform.settings import Settings
 from mlplatform_tests.conftest import D, failures, run_job
 
-pytestmark = pytest.mark.slow
-
-TRAIN = {"eval_days": 7, "validation_days": 7, "learning_rate": 0.05, "min_samples_leaf": 100, "max_iter": 60}
+LANE = "integration"
 
 
 def check(result, name):
@@ -29,15 +28,16 @@ def query(home, sql, params=None):
         return conn.execute(sql, params or []).fetchall()
 
 
-def test_drift_triggers_retraining_through_the_gate(features_home, instance):
-    home = features_home
-    training = {"ops": {"flight_delay_model": {"config": TRAIN}}}
-    trained = run_job(instance, "training_job", run_config=training)
-    assert trained.success, failures(trained)
+def test_drift_triggers_retraining_through_the_gate(champion_home, champion_instance):
+    """From the trained world (a champion trained on 2013-01-01..01-30, its predictions, the
+    monitoring of its evaluation week): ordinary days are quiet, drifted days are detected, and
+    the retraining the sensor asks for goes through the gate."""
+    home, instance = champion_home, champion_instance
+    settings = Settings.from_env()
+    defs = load_defs(settings)
     assert (home.profiles / "reference" / "flight_delay-v1.bin").exists()
-    assert run_job(instance, "predictions_job", D(2013, 1, 1), D(2013, 2, 6)).success
 
-    # ordinary real days against the champion's reference: no drift
+    # ordinary real days against the champion's reference: no drift, no degradation
     quiet = run_job(instance, "monitoring_job", D(2013, 1, 31), D(2013, 2, 6))
     assert quiet.success, failures(quiet)
     assert check(quiet, "drifted_share_ok").passed
@@ -46,18 +46,20 @@ def test_drift_triggers_retraining_through_the_gate(features_home, instance):
     assert query(home, "SELECT count(*) FROM monitoring.model_performance WHERE rows > 500")[0][0] == 7
 
     # the sensors start watching: what happened so far is history
-    baseline = landing_sensor(build_sensor_context(instance=instance, cursor=None, definitions=defs)).cursor
-    retrain_baseline = retraining_sensor(build_sensor_context(instance=instance, cursor=None)).cursor
-    # the landing sensor sees three drifted days arrive and asks for one ranged run
+    landing, retraining = landing_sensor(settings), retraining_sensor(settings)
+    baseline = landing(build_sensor_context(instance=instance, cursor=None, definitions=defs)).cursor
+    retrain_baseline = retraining(build_sensor_context(instance=instance, cursor=None)).cursor
+    assert not retraining(build_sensor_context(instance=instance, cursor=retrain_baseline)).run_requests
+    # the landing sensor sees three drifted days arrive and asks for one ranged run, through
+    # every daily asset up to the drift verdict (there is a champion)
     targets = [D(2013, 2, 7), D(2013, 2, 8), D(2013, 2, 9)]
     land_drifted_days(home.landing, targets, targets, severity=1.0)
-    (request,) = landing_sensor(build_sensor_context(instance=instance, cursor=baseline, definitions=defs)).run_requests
+    (request,) = landing(build_sensor_context(instance=instance, cursor=baseline, definitions=defs)).run_requests
     start, end = request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]
     assert (start, end) == ("2013-02-07", "2013-02-09")
-    for job in ("daily_job", "predictions_job", "monitoring_job"):
-        result = run_job(instance, job, start, end)
-        if job != "monitoring_job":
-            assert result.success, failures(result)
+    result = defs.get_implicit_global_asset_job_def().execute_in_process(
+        instance=instance, asset_selection=request.asset_selection, tags=request.tags, raise_on_error=False)
+    assert result.success, failures(result)
     drift = check(result, "drifted_share_ok")
     assert not drift.passed and "2013-02-07" in drift.description
     drifted = {f for (f,) in query(home, "SELECT DISTINCT feature FROM monitoring.drift WHERE drifted AND judged "
@@ -65,22 +67,21 @@ def test_drift_triggers_retraining_through_the_gate(features_home, instance):
     assert {"sched_dep_time", "sched_dep_hour"} <= drifted
 
     # the retraining sensor turns the drift into a training run, which goes through the gate
-    tick = retraining_sensor(build_sensor_context(instance=instance, cursor=retrain_baseline))
+    tick = retraining(build_sensor_context(instance=instance, cursor=retrain_baseline))
     (retrain,) = tick.run_requests
-    assert isinstance(retrain, RunRequest) and "drift_report[2013-02-0" in retrain.tags["mlplatform/trigger"]
-    config = {"ops": {"flight_delay_model": {"config": {**TRAIN, "eval_days": 3}}}}
+    assert isinstance(retrain, RunRequest) and "drift_report[2013-02-0" in retrain.tags[TRIGGER_TAG]
     result = defs.resolve_job_def("training_job").execute_in_process(
-        instance=instance, run_config=config, tags=retrain.tags, raise_on_error=False)
+        instance=instance, run_config=retrain.run_config, tags=retrain.tags, raise_on_error=False)
+    assert result.success, failures(result)  # a rejection is a decision, not a failure
     assert check(result, "promotion_gate") is not None
     decisions = query(home, "SELECT challenger_version, champion_version, decision, reason, eval_start "
                             "FROM monitoring.model_promotions ORDER BY decided_at")
     assert len(decisions) == 2
     version, champion, decision, reason, eval_start = decisions[1]
-    assert (version, champion, str(eval_start)) == ("2", "1", "2013-02-07")
+    assert (version, champion, str(eval_start)) == ("2", "1", "2013-02-09")  # the drifted days before it train
     assert decision in ("promoted", "rejected") and reason
-    assert result.success, failures(result)  # a rejection is a decision, not a failure
     assert status_of(result)[0] == ("SUCCESS" if decision == "promoted" else "CHALLENGER REJECTED")
     run = instance.get_run_by_id(result.run_id)
-    assert run.tags["mlplatform/trigger"] == retrain.tags["mlplatform/trigger"]
+    assert run.tags[TRIGGER_TAG] == retrain.tags[TRIGGER_TAG]
     # nothing new happened: the sensor stays quiet
-    assert not retraining_sensor(build_sensor_context(instance=instance, cursor=tick.cursor)).run_requests
+    assert not retraining(build_sensor_context(instance=instance, cursor=tick.cursor)).run_requests

@@ -4,7 +4,6 @@ through real daily_job runs with dbt."""
 
 from __future__ import annotations
 
-import datetime as dt
 import inspect
 
 import duckdb
@@ -17,6 +16,8 @@ from mlplatform.ingest import checks
 from mlplatform.ingest.assets import IngestConfig
 from mlplatform.ingest.contracts import CANCELLED, FLIGHTS, WEATHER
 from mlplatform_tests.conftest import D, run_job, source_rows
+
+LANE = "unit"
 
 
 def raw_tables(**frames: pd.DataFrame) -> duckdb.DuckDBPyConnection:
@@ -179,7 +180,7 @@ def features(home, day):
         return conn.execute("SELECT * FROM features.flight_features WHERE flight_date = ?", [day]).df()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_an_unexplained_null_wave_blocks_its_day(home, instance):
     assert run_job(instance, "reference_job").success
     assert run_job(instance, "daily_job", D(2013, 1, 1), D(2013, 1, 7)).success
@@ -210,7 +211,7 @@ def test_an_unexplained_null_wave_blocks_its_day(home, instance):
     assert len(features(home, D(2013, 1, 7))) == len(source_rows("flights", D(2013, 1, 7)))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_the_blizzard_passes_with_a_warning(home, instance):
     assert run_job(instance, "reference_job").success
     blizzard = D(2013, 2, 8)

@@ -20,17 +20,21 @@ import pytest
 from mlplatform.cli import init_home
 from mlplatform_tests.conftest import source_rows
 
-pytestmark = pytest.mark.slow
+LANE = "system"
 
 D = dt.date
 RUN_JOB = """
 import sys
 from dagster import DagsterInstance
-from mlplatform.definitions import defs
+from mlplatform.definitions import load_defs
+from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
+from mlplatform.settings import Settings
 job, start, end = sys.argv[1], sys.argv[2], sys.argv[3]
-tags = {"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end} if start != "-" else {}
-with DagsterInstance.get() as instance:
-    result = defs.resolve_job_def(job).execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+tags = {RANGE_START_TAG: start, RANGE_END_TAG: end} if start != "-" else {}
+settings = Settings.from_env()
+with DagsterInstance.from_config(str(settings.dagster_home)) as instance:
+    result = load_defs(settings).resolve_job_def(job).execute_in_process(instance=instance, tags=tags,
+                                                                          raise_on_error=False)
 sys.exit(0 if result.success else 1)
 """
 
@@ -98,7 +102,7 @@ def test_four_concurrent_runs_on_different_partitions_all_succeed(ops_home):
     assert features == flights
     assert duplicates(home, "features.flight_features", "flight_id") == 0
 
-    with DagsterInstance.get() as instance:
+    with DagsterInstance.from_config(str(home.dagster_home)) as instance:
         runs = instance.get_runs()
         daily = [r for r in runs if r.job_name == "daily_job"]
         assert len(daily) == 4 and all(r.is_success for r in daily)
@@ -163,7 +167,7 @@ def test_a_run_killed_mid_write_leaves_no_duplicate_and_no_missing_row(ops_home,
     # the killed run is STARTED and holds the warehouse_writer slot its step claimed: every later
     # warehouse step would wait for it. The dead_run_sensor (ticked here as the daemon would)
     # marks it failed and frees the slot.
-    with DagsterInstance.get() as instance:
+    with DagsterInstance.from_config(str(home.dagster_home)) as instance:
         killed = [r for r in instance.get_runs() if r.status == DagsterRunStatus.STARTED]
         assert len(killed) == 1
         assert instance.event_log_storage.get_concurrency_info("warehouse_writer").claimed_slots
@@ -186,7 +190,7 @@ def test_slots_of_runs_that_ended_are_freed(ops_home):
 
     from mlplatform.operations import recover_dead_runs
 
-    with DagsterInstance.get() as instance:
+    with DagsterInstance.from_config(str(ops_home.dagster_home)) as instance:
         (finished,) = instance.get_runs()  # the fixture's reference_job, SUCCESS
         instance.event_log_storage.claim_concurrency_slot("warehouse_writer", finished.run_id, "raw_flights")
         assert instance.event_log_storage.get_concurrency_info("warehouse_writer").claimed_slots
@@ -224,23 +228,28 @@ def test_readers_wait_for_a_writer_then_read(home):
 
 def test_warehouse_connections_keep_to_the_memory_limit(home, monkeypatch):
     """Every DuckDB connection of the platform runs under MLPLATFORM_DUCKDB_MEMORY_LIMIT (DuckDB's
-    own default is 80% of the machine): the writers' and readers' resources, and dbt's profile."""
+    own default is 80% of the machine): the writers' and readers' resources, and dbt's profile as
+    the dbt resource starts dbt."""
+    import os
     import subprocess
 
     from mlplatform.resources import warehouse_reader_resource, warehouse_resource
-    from mlplatform.settings import DBT_PROJECT_DIR, dbt_executable
+    from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
+    from mlplatform.transform.assets import dbt_variables
 
     monkeypatch.setenv("MLPLATFORM_DUCKDB_MEMORY_LIMIT", "300MB")
+    settings = Settings.from_env()
     limit = "SELECT current_setting('memory_limit')"
-    with warehouse_resource().process_config_and_initialize().get_connection() as conn:
+    with warehouse_resource(settings).process_config_and_initialize().get_connection() as conn:
         assert conn.execute(limit).fetchone()[0] == "286.1 MiB"
         conn.execute("CREATE TABLE t AS SELECT 1 AS x")
-    with warehouse_reader_resource().process_config_and_initialize().get_connection() as conn:
+    with warehouse_reader_resource(settings).process_config_and_initialize().get_connection() as conn:
         assert conn.execute(limit).fetchone()[0] == "286.1 MiB"
     done = subprocess.run(
         [dbt_executable(), "show", "--inline", limit, "--output", "json", "--quiet", "--profiles-dir", str(DBT_PROJECT_DIR),
          "--target-path", str(home.home / "dbt-show")],
         cwd=DBT_PROJECT_DIR, capture_output=True, text=True,
+        env={**os.environ, **dbt_variables(settings.warehouse, settings.duckdb_memory_limit)},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "286.1 MiB" in done.stdout

@@ -9,6 +9,8 @@ import pytest
 from mlplatform.ingest.contracts import FLIGHTS, WEATHER
 from mlplatform.ingest.parse import LandingFileError, read_landing_file
 
+LANE = "unit"
+
 HEADER = ",".join(FLIGHTS.columns)
 ROW = "2013,1,1,517,515,2.0,830,819,11.0,UA,1545,N14228,EWR,IAH,227.0,1400,5,15,2013-01-01T10:00:00Z"
 ROW2 = "2013,1,1,533,529,4.0,850,830,20.0,UA,1714,N24211,LGA,IAH,227.0,1416,5,29,2013-01-01T10:00:00Z"

@@ -14,7 +14,8 @@ from dagster import AssetKey, DagsterEventType
 
 from mlplatform_tests.conftest import D, run_job, source_rows
 
-pytestmark = pytest.mark.slow
+LANE = "integration"
+
 
 FEATURES = AssetKey(["features", "flight_features"])
 
@@ -164,7 +165,10 @@ def test_dbt_build_works_standalone(home, instance):
             load(conn, contract, home.landing)
         for contract in (FLIGHTS, WEATHER):
             load(conn, contract, home.landing, [D(2013, 1, 1), D(2013, 1, 2)])
-    env = {**os.environ, "DBT_TARGET_PATH": str(home.home / "dbt-standalone")}
+    from mlplatform.transform.assets import dbt_variables
+
+    env = {**os.environ, **dbt_variables(home.warehouse, home.duckdb_memory_limit),
+           "DBT_TARGET_PATH": str(home.home / "dbt-standalone")}
     dbt = os.path.join(os.path.dirname(sys.executable), "dbt")
     done = subprocess.run([dbt, "build", "--profiles-dir", "."], cwd=DBT_PROJECT_DIR, env=env,
                           capture_output=True, text=True)
@@ -172,17 +176,3 @@ def test_dbt_build_works_standalone(home, instance):
     assert "ERROR=0" in done.stdout
     n = len(source_rows("flights", D(2013, 1, 1))) + len(source_rows("flights", D(2013, 1, 2)))
     assert query(home, "SELECT count(*) n FROM features.flight_features").n[0] == n
-
-
-def test_dbt_resource_knows_the_version_dbt_reports():
-    """DbtCli skips dagster-dbt's `dbt --version` subprocess and its in-process adapter: the version
-    it assumes is the one that subprocess reports, and the overrides are attributes dagster-dbt has."""
-    from dagster_dbt import DbtCliResource
-
-    from mlplatform.settings import dbt_executable
-    from mlplatform.transform.assets import DbtCli, dbt_project
-
-    assert "_cli_version" in vars(DbtCliResource) and "_initialize_dbt_core_adapter" in vars(DbtCliResource)
-    ours = DbtCli(project_dir=dbt_project(), dbt_executable=dbt_executable())
-    theirs = DbtCliResource(project_dir=dbt_project(), dbt_executable=dbt_executable())
-    assert ours._cli_version == theirs._cli_version

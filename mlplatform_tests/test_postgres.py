@@ -17,7 +17,8 @@ from mlplatform.settings import Settings
 from mlplatform_tests.conftest import free_port, source_rows
 from mlplatform_tests.test_operations import start_job, wait
 
-pytestmark = pytest.mark.slow
+LANE = "system"
+
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -56,7 +57,7 @@ def test_runs_and_events_are_stored_in_postgres(home, postgres, monkeypatch):
     from dagster import AssetKey, DagsterInstance
 
     monkeypatch.setenv("MLPLATFORM_DAGSTER_PG_URL", postgres)
-    monkeypatch.delenv("DAGSTER_HOME")
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
     settings = Settings.from_env()
     assert settings.dagster_home == home.home / "dagster-postgres"
     monkeypatch.setenv("DAGSTER_HOME", str(settings.dagster_home))
@@ -82,6 +83,7 @@ def test_runs_and_events_are_stored_in_postgres(home, postgres, monkeypatch):
     assert not list(settings.dagster_home.rglob("*.db")), "SQLite files were written"
 
 
+@pytest.mark.unit
 def test_a_postgres_url_without_the_driver_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"postgresql\+psycopg2://"):
         Settings.from_env({"MLPLATFORM_HOME": "/tmp/x", "MLPLATFORM_DAGSTER_PG_URL": "postgresql://u@h/d"})

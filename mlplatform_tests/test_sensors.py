@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 import datetime as dt
+from dataclasses import replace
 import json
 import os
 import time
@@ -26,13 +29,18 @@ from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
 from mlplatform.training.tracking import TRAIN_END_TAG, TRAIN_START_TAG
 from mlplatform_tests.conftest import D
 
+LANE = "unit"
+
 MODEL = "flight_delay"
 
 
 def tick(sensor, instance, cursor):
-    from mlplatform.definitions import defs
+    """One tick of a sensor (a factory of the settings) built with the environment's settings."""
+    from mlplatform.definitions import load_defs
+    from mlplatform.settings import Settings
 
-    return sensor(build_sensor_context(instance=instance, cursor=cursor, definitions=defs))
+    settings = Settings.from_env()
+    return sensor(settings)(build_sensor_context(instance=instance, cursor=cursor, definitions=load_defs(settings)))
 
 
 DAILY_FEATURES = {"raw_flights", "raw_weather", "staging/stg_flights", "staging/stg_weather", "marts/fct_flights",
@@ -128,7 +136,8 @@ def register(home, train: tuple[D, D], eval_end: D, alias: str | None = None) ->
     return str(version)
 
 
-def report_days(home, version: str, days: list[D], drifted=(), degraded=(), drift=True, performance=True):
+def report_days(home, version: str, days: list[D], drifted=(), degraded=(), drift=True, performance=True,
+                min_labelled=200):
     """Each day's rows of monitoring.drift_days and monitoring.model_performance, as the
     monitoring assets write them (their verdict functions, the real labelled counts)."""
     import pandas as pd
@@ -144,13 +153,14 @@ def report_days(home, version: str, days: list[D], drifted=(), degraded=(), drif
             report = pd.DataFrame({"feature": ["a", "b"], "metric": "psi", "value": [1.0 if share else 0.0, 0.0],
                                    "threshold": 0.25, "drifted": [bool(share), False], "judged": True})
             # the asset judges against its own reference's window: day - 1 stands for "after it"
-            verdicts.append(drift_verdict(day, report, labelled[day], day - dt.timedelta(days=1), d.Thresholds(), 200)
-                            | {"reference_version": version})
+            verdicts.append(drift_verdict(day, report, labelled[day], day - dt.timedelta(days=1), d.Thresholds(),
+                                          min_labelled) | {"reference_version": version})
             auc = 0.55 if day in degraded else 0.74
             performance_rows.append({"performance_date": day, "model_version": version, "rows": labelled[day],
                                      "roc_auc": auc, "log_loss": 0.6, "window_start": day - dt.timedelta(days=6),
                                      "window_rows": 7 * labelled[day], "window_roc_auc": auc,
-                                     "expected_roc_auc": 0.74, "degraded": day in degraded, "judged": True})
+                                     "expected_roc_auc": 0.74, "judged": labelled[day] >= min_labelled,
+                                     "degraded": day in degraded and labelled[day] >= min_labelled})
         if drift:
             replace_days(conn, "monitoring.drift_days", "drift_date", pd.DataFrame(verdicts), min(days), max(days))
         if performance:
@@ -170,10 +180,11 @@ def decide(home, version: str, promoted: bool, window: tuple[D, D], run_id: str 
         sensors.tracking_from(home).set_alias("champion", version)
 
 
-def decision(instance, home, now=None, cooldown=3600, **kwargs):
-    return retraining_decision(instance, {}, now or time.time(), cooldown, settings=home, **kwargs)
+def decision(instance, home, now=None, cooldown=3600):
+    return retraining_decision(instance, {}, now or time.time(), replace(home, retrain_cooldown_seconds=cooldown))
 
 
+@pytest.mark.integration
 def test_retraining_reads_days_after_the_champions_window(features_home):
     home = features_home  # labelled days 2013-01-01..02-06
     with DagsterInstance.ephemeral() as instance:
@@ -205,10 +216,13 @@ def test_retraining_reads_days_after_the_champions_window(features_home):
         outcome, _ = decision(instance, home)
         assert "no drift or degradation on the 17 judged day(s) (2013-01-21..2013-02-06)" in outcome.skip_message
 
-        # a day with too few labelled flights is not judged (the minimum is a parameter, defined once)
-        outcome, _ = decision(instance, home, min_labelled=10_000)
-        assert "not judged (fewer than 10000 labelled flights): 2013-01-21..2013-02-06" in outcome.skip_message
-        assert sensors.MIN_LABELLED_FLIGHTS == 200
+        # a day its reports did not judge (too few labelled flights for their config) is no signal,
+        # and the skip says why: the threshold lives in the monitoring assets' config only
+        report_days(home, "2", february, drifted=february, degraded=february, min_labelled=10_000)
+        outcome, _ = decision(instance, home)
+        assert "not judged (fewer than 10000 labelled flights): 2013-01-28..2013-02-06" in outcome.skip_message
+        assert "no drift or degradation on the 7 judged day(s) (2013-01-21..2013-01-27)" in outcome.skip_message
+        report_days(home, "2", february)
 
         # drift on 02-01 and 02-02: its drift report alone waits for the day's performance report
         report_days(home, "2", [D(2013, 2, 1), D(2013, 2, 2)], drifted=[D(2013, 2, 1), D(2013, 2, 2)],
@@ -290,6 +304,7 @@ def test_retraining_windows_put_the_signal_days_in_training():
     assert windows([D(2013, 1, 31)], D(2013, 1, 31), D(2013, 1, 30)) is None
 
 
+@pytest.mark.integration
 def test_retraining_sensor_definition(features_home):
     home = features_home
     with DagsterInstance.ephemeral() as instance:
@@ -300,8 +315,9 @@ def test_retraining_sensor_definition(features_home):
         (request,) = result.run_requests
         assert request.tags["mlplatform/requested_by"] == "retraining_sensor"
         assert request.run_key.startswith("retrain:v1:2013-02-05..2013-02-06:")
-        assert retraining_sensor.minimum_interval_seconds == sensors.RETRAINING_INTERVAL_SECONDS == 60
-        assert "cooldown counts only from a promotion" in retraining_sensor.description
+        definition = retraining_sensor(home)
+        assert definition.minimum_interval_seconds == home.retraining_sensor_interval_seconds == 60
+        assert "cooldown counts only from a promotion" in definition.description
 
 
 def test_failed_runs_become_alerts(home):

@@ -24,11 +24,12 @@ from mlplatform.serving.service import OnlineFeatures, Vectors
 from mlplatform.serving.skew import CLIENT_FIELDS, mismatches
 from mlplatform.settings import Settings
 from mlplatform.training import model as m
-from mlplatform_tests.conftest import failures, free_port, run_job
+from mlplatform_tests.conftest import CHAMPION_TRAINING, clone_world, failures, free_port, run_job, settings_of
 
-pytestmark = pytest.mark.slow
+LANE = "system"
+pytestmark = pytest.mark.xdist_group("served")  # one server per session
 
-TRAIN = {"eval_days": 7, "validation_days": 7, "learning_rate": 0.05, "min_samples_leaf": 100, "max_iter": 60}
+
 
 
 class Server:
@@ -64,30 +65,12 @@ class Server:
         self.proc.wait(timeout=30)
 
 
-def with_env(settings: Settings, fn):
-    saved = dict(os.environ)
-    try:
-        os.environ.update(settings.as_env())
-        return fn()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, built_warehouse):
-    """A home with Jan 1 - Feb 6 built and a champion trained on it, and a server on it."""
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, trained_world):
+    """A server on a copy of the trained world (Jan 1 - Feb 6 built, a champion trained on it),
+    for this session's worker (the tests that use it share an xdist group: one server)."""
     root = tmp_path_factory.mktemp("served")
-    settings = Settings.from_env({"MLPLATFORM_HOME": str(root / "home")})
-    settings.warehouse.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(built_warehouse, settings.warehouse)
-
-    def train():
-        with DagsterInstance.ephemeral() as instance:
-            result = run_job(instance, "training_job", run_config={"ops": {"flight_delay_model": {"config": TRAIN}}})
-            assert result.success, failures(result)
-
-    with_env(settings, train)
+    settings = clone_world(trained_world, settings_of(root / "home"))
     server = Server(settings, root / "server.log")
     try:
         server.wait_until(ready=True)
@@ -350,13 +333,11 @@ def test_every_prediction_is_in_the_inference_log(served):
 
 def test_a_new_champion_is_served_without_restart(served):
     """Train another version and move the alias: the server picks it up within its refresh."""
-    def train():
-        with DagsterInstance.ephemeral() as instance:
-            config = {**TRAIN, "max_iter": 20}
-            result = run_job(instance, "training_job", run_config={"ops": {"flight_delay_model": {"config": config}}})
-            assert result.success, failures(result)
-
-    with_env(served.settings, train)
+    with DagsterInstance.ephemeral() as instance:
+        config = {**CHAMPION_TRAINING, "max_iter": 20}
+        result = run_job(instance, "training_job", run_config={"ops": {"flight_delay_model": {"config": config}}},
+                         settings=served.settings)
+        assert result.success, failures(result)
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=served.settings.mlflow_uri, registry_uri=served.settings.mlflow_uri)
@@ -397,12 +378,12 @@ def test_no_warehouse_or_no_champion_is_503_with_the_reason_until_they_come(tmp_
         server.stop()
 
 
-def test_a_busy_warehouse_keeps_the_last_snapshot(tmp_path, built_warehouse):
+def test_a_busy_warehouse_keeps_the_last_snapshot(tmp_path, world):
     """A writer holding DuckDB's lock: no snapshot is possible; the error says so, and a
     snapshot already loaded stays in use."""
-    settings = Settings.from_env({"MLPLATFORM_HOME": str(tmp_path / "home")})
+    settings = settings_of(tmp_path / "home")
     settings.warehouse.parent.mkdir(parents=True)
-    shutil.copy(built_warehouse, settings.warehouse)
+    shutil.copy(settings_of(world).warehouse, settings.warehouse)
     features = OnlineFeatures(settings)
     assert features.refresh() and features.snapshot is not None
     loaded = features.snapshot
@@ -423,25 +404,30 @@ def test_a_busy_warehouse_keeps_the_last_snapshot(tmp_path, built_warehouse):
         holder.wait()
 
 
+@pytest.mark.integration
 def test_online_features_match_check_passes_and_catches_a_stale_table(features_home, instance):
-    """The asset check compares the server's SQL with the table for 500 real flights; after a
-    day's stats change without the later days' features being rebuilt, it fails."""
+    """The check, in its own job, compares the server's SQL with the table for 500 real flights;
+    after the days' stats change without the features being rebuilt, it fails. It is no longer
+    part of every daily run."""
     from dagster import AssetCheckKey
 
-    from mlplatform.serving.assets import FEATURES_KEY
+    from mlplatform import keys
 
-    result = run_job(instance, "daily_job", dt.date(2013, 2, 6), dt.date(2013, 2, 6))
+    key = AssetCheckKey(keys.FEATURES, "online_features_match")
+    daily = run_job(instance, "daily_job", dt.date(2013, 2, 6), dt.date(2013, 2, 6))
+    assert daily.success, failures(daily)
+    assert not [e for e in daily.get_asset_check_evaluations() if e.asset_check_key == key]
+    result = run_job(instance, "serving_check_job")
     assert result.success, failures(result)
-    key = AssetCheckKey(FEATURES_KEY, "online_features_match")
     evaluation = [e for e in result.get_asset_check_evaluations() if e.asset_check_key == key]
     assert len(evaluation) == 1 and evaluation[0].passed, evaluation
     metadata = {k: v.value for k, v in evaluation[0].metadata.items()}
     assert metadata["flights_compared"] == 500 and metadata["days_sampled"] == 5 and metadata["not_in_schedule"] == 0
 
-    # every day's stats change and only 02-06's features are rebuilt: the other days' are stale
+    # every day's stats change and the features are not rebuilt: the table is stale
     with duckdb.connect(str(features_home.warehouse)) as conn:
         conn.execute("UPDATE marts.agg_daily_route_stats SET n_delayed = n_arrived")
-    result = run_job(instance, "daily_job", dt.date(2013, 2, 6), dt.date(2013, 2, 6))
+    result = run_job(instance, "serving_check_job")
     assert result.success, failures(result)  # the check warns the team; it does not stop the run
     evaluation = [e for e in result.get_asset_check_evaluations() if e.asset_check_key == key][0]
     assert not evaluation.passed

@@ -24,7 +24,9 @@ from schemathesis.specs.openapi.checks import (
 
 from mlplatform_tests.test_serving import served  # noqa: F401 - the fixture: a server with a champion
 
-pytestmark = pytest.mark.slow
+LANE = "system"
+pytestmark = pytest.mark.xdist_group("served")  # the same server as test_serving
+
 
 CHECKS = [
     not_a_server_error,

@@ -19,6 +19,8 @@ from mlplatform.training.promotion import Evaluation, PromotionRule, decide
 from mlplatform.training.tracking import CHALLENGER, CHAMPION, MlflowTracking
 from mlplatform_tests.conftest import D, failures, run_job
 
+LANE = "integration"
+
 # 37 days of features: train on Jan 1-30 (the last 7 validate), evaluate on Jan 31 - Feb 6.
 # On a month of data the year's default (150 trees) overfits and loses to the baseline's log
 # loss, so the tests use smaller, regularised models, which is what the config is for.
@@ -56,6 +58,7 @@ def ev(version, auc, log_loss=0.45, **segments):
     return Evaluation(version, {"roc_auc": auc, "log_loss": log_loss}, segments)
 
 
+@pytest.mark.unit
 def test_first_model_must_beat_the_trivial_baseline():
     assert decide(ev("1", 0.70), None, BASE, RULE).promote
     assert not decide(ev("1", 0.54), None, BASE, RULE).promote
@@ -63,6 +66,7 @@ def test_first_model_must_beat_the_trivial_baseline():
     assert not rejected.promote and "log loss" in rejected.reason
 
 
+@pytest.mark.unit
 def test_better_challenger_is_promoted_and_worse_rejected():
     champion = ev("1", 0.70, AA=0.70, UA=0.69)
     assert decide(ev("2", 0.71, AA=0.71, UA=0.70), champion, BASE, RULE).promote
@@ -72,6 +76,7 @@ def test_better_challenger_is_promoted_and_worse_rejected():
     assert not marginal.promote
 
 
+@pytest.mark.unit
 def test_segment_regression_blocks_an_overall_gain():
     champion = ev("1", 0.70, AA=0.72, UA=0.69, B6=0.70)
     decision = decide(ev("2", 0.72, AA=0.68, UA=0.74, B6=0.71), champion, BASE, RULE)
@@ -80,11 +85,13 @@ def test_segment_regression_blocks_an_overall_gain():
     assert decide(ev("2", 0.72, AA=0.71, UA=0.74, B6=0.71), champion, BASE, RULE).promote
 
 
+@pytest.mark.unit
 def test_baseline_log_loss_is_that_of_the_constant_rate():
     base = promotion.baseline(0.2, 0.2)
     assert base.metrics["log_loss"] == pytest.approx(-(0.2 * np.log(0.2) + 0.8 * np.log(0.8)))
 
 
+@pytest.mark.unit
 def test_metrics_and_time_split_on_known_values():
     y = np.array([0, 0, 1, 1])
     out = m.metrics(y, np.array([0.1, 0.4, 0.35, 0.8]), threshold=0.5, bins=2)
@@ -96,6 +103,7 @@ def test_metrics_and_time_split_on_known_values():
     assert sorted(valid.flight_date.dt.day.unique()) == [8, 9, 10]
 
 
+@pytest.mark.unit
 def test_champion_at_answers_from_the_warehouse(tmp_path):
     with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
         t0 = dt.datetime(2013, 6, 1)
@@ -131,7 +139,6 @@ def test_training_refuses_too_little_history_and_says_what_to_backfill(features_
 
 # --- the assets, with a real MLflow store ------------------------------------------------
 
-@pytest.mark.slow
 def test_training_run_is_tracked_registered_and_promoted(features_home, instance):
     home = features_home
     result = run_job(instance, "training_job", run_config=training_config(**GOOD))
@@ -194,7 +201,6 @@ def test_training_run_is_tracked_registered_and_promoted(features_home, instance
     assert meta["model_version"].value == "1" and "sched_dep_time" in meta["feature_importance"].value
 
 
-@pytest.mark.slow
 def test_gate_rejects_a_worse_challenger_and_promotes_a_better_one(features_home, instance):
     home = features_home
     mlflow = tracking(home)
@@ -265,24 +271,26 @@ def test_training_sample_is_capped_and_stable(features_home, instance):
     assert int(params["train_rows"]) < available // 3 and params["max_train_rows"] == str(available // 4)
 
 
-@pytest.mark.slow
-def test_predictions_replace_their_partition(features_home, instance):
-    home = features_home
-    assert run_job(instance, "training_job", run_config=training_config(**GOOD)).success
+def test_predictions_replace_their_partition(champion_home, champion_instance):
+    home, instance = champion_home, champion_instance
     assert run_job(instance, "predictions_job", D(2013, 2, 4), D(2013, 2, 6)).success
-    first = query(home, "SELECT flight_id, flight_date, delay_probability, model_version FROM predictions.flight_delay "
-                        "ORDER BY flight_id")
+    window = "WHERE flight_date BETWEEN '2013-02-04' AND '2013-02-06' ORDER BY flight_id"
+    first = query(home, f"SELECT flight_id, flight_date, delay_probability, model_version, scored_at "
+                        f"FROM predictions.flight_delay {window}")
     flights = query(home, "SELECT count(*) n FROM features.flight_features WHERE flight_date BETWEEN ? AND ?",
                     [D(2013, 2, 4), D(2013, 2, 6)]).n[0]
     assert len(first) == flights and first.flight_id.is_unique
     assert first.delay_probability.between(0, 1).all() and set(first.model_version) == {"1"}
     assert run_job(instance, "predictions_job", D(2013, 2, 5)).success
-    again = query(home, "SELECT flight_id, flight_date, delay_probability, model_version FROM predictions.flight_delay "
-                        "ORDER BY flight_id")
-    pd.testing.assert_frame_equal(first, again)
+    again = query(home, f"SELECT flight_id, flight_date, delay_probability, model_version, scored_at "
+                        f"FROM predictions.flight_delay {window}")
+    # 02-05 was scored again (a new scored_at), nothing else changed and nothing is duplicated
+    rescored = again.scored_at != first.scored_at
+    assert set(again.flight_date[rescored].dt.day) == {5} and rescored.sum() == (first.flight_date.dt.day == 5).sum()
+    columns = ["flight_id", "flight_date", "delay_probability", "model_version"]
+    pd.testing.assert_frame_equal(first[columns], again[columns])
 
 
-@pytest.mark.slow
 def test_predictions_need_a_champion(features_home, instance):
     result = run_job(instance, "predictions_job", D(2013, 2, 1))
     assert not result.success

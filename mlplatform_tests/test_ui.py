@@ -19,7 +19,8 @@ import pytest
 from mlplatform.settings import REPO_ROOT
 from mlplatform_tests.conftest import free_port
 
-pytestmark = pytest.mark.slow
+LANE = "system"
+
 
 QUERY = """
 {
@@ -90,7 +91,8 @@ def test_dagster_dev_serves_the_graph_with_sensors_running(ui):
     assert {"raw_flights", "features/flight_features", "flight_delay_model", "monitoring/drift_report"} <= keys
     sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
     assert sensors == {name: "RUNNING" for name in ("landing_sensor", "retraining_sensor", "alert_on_run_failure",
-                                                    "automation_sensor", "dead_run_sensor")}
+                                                    "automation_sensor", "dead_run_sensor",
+                                                    "serving_check_after_rebuild")}
     # bound to loopback only
     with socket.socket() as s:
         s.settimeout(1)

@@ -20,7 +20,7 @@ from mlplatform.ingest.contracts import Contract
 from mlplatform.ingest.landing import MissingLandingFile, find_file
 from mlplatform.ingest.parse import LandingFileError, read_rows, scratch_connection, typed
 from mlplatform.partitions import CHUNK_DAYS
-from mlplatform.warehouse import STAGING_SCHEMA
+from mlplatform.warehouse import STAGING_SCHEMA, in_one_transaction, staging_table
 
 if TYPE_CHECKING:
     import duckdb
@@ -173,55 +173,39 @@ def load(
     targets = sorted(days) if contract.partitioned else [None]
     ensure_tables(conn, contract)
     columns = ", ".join(f'"{c}"' for c in [*contract.columns, *LINEAGE_COLUMNS])
-    staging = f"{STAGING_SCHEMA}.{contract.name}"
-    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {STAGING_SCHEMA}")
-    conn.execute(f"DROP TABLE IF EXISTS {staging}")  # what a killed load left behind
-    conn.execute(table_ddl(contract, STAGING_SCHEMA))
     staged = f"{columns}, _rule, _reason"
     paths, errors = {}, []
     scratch = scratch_connection()
     try:
-        for i in range(0, len(targets), READ_DAYS):
-            try:
-                read, batch = _read_all(contract, landing, targets[i : i + READ_DAYS], scratch)
-            except RejectedFiles as exc:
-                errors.extend(exc.errors)
-                continue
-            paths.update(read)
+        with staging_table(conn, contract.name, table_ddl(contract, STAGING_SCHEMA)) as staging:
+            for i in range(0, len(targets), READ_DAYS):
+                try:
+                    read, batch = _read_all(contract, landing, targets[i : i + READ_DAYS], scratch)
+                except RejectedFiles as exc:
+                    errors.extend(exc.errors)
+                    continue
+                paths.update(read)
+                if errors:
+                    continue  # nothing will be written: only look for more bad files
+                batch["_ingested_at"] = ingested_at
+                conn.register("batch", batch)
+                conn.execute(f"INSERT INTO {staging} ({staged}) SELECT {staged} FROM ({_classify_sql(contract)})")
+                conn.unregister("batch")
+                del batch
             if errors:
-                continue  # nothing will be written: only look for more bad files
-            batch["_ingested_at"] = ingested_at
-            conn.register("batch", batch)
-            conn.execute(f"INSERT INTO {staging} ({staged}) SELECT {staged} FROM ({_classify_sql(contract)})")
-            conn.unregister("batch")
-            del batch
-        if errors:
-            raise RejectedFiles(errors)
-        counts = conn.execute(f"SELECT _source_file, coalesce(_rule, ''), count(*) FROM {staging} GROUP BY ALL").fetchall()
-        conn.execute("BEGIN TRANSACTION")
-        try:
-            for schema in ("raw", "quarantine"):
-                if contract.partitioned:
-                    conn.execute(
-                        f"DELETE FROM {schema}.{contract.name} WHERE _partition_date IN (SELECT unnest(?::DATE[]))",
-                        [targets],
-                    )
-                else:
-                    conn.execute(f"DELETE FROM {schema}.{contract.name}")
-            conn.execute(f"INSERT INTO raw.{contract.name} ({columns}) SELECT {columns} FROM {staging} WHERE _rule IS NULL")
-            conn.execute(
+                raise RejectedFiles(errors)
+            counts = conn.execute(f"SELECT _source_file, coalesce(_rule, ''), count(*) FROM {staging} "
+                                  "GROUP BY ALL").fetchall()
+            window = ("WHERE _partition_date IN (SELECT unnest(?::DATE[]))", [targets]) if contract.partitioned \
+                else ("", None)
+            in_one_transaction(conn, [
+                *((f"DELETE FROM {schema}.{contract.name} {window[0]}", window[1]) for schema in ("raw", "quarantine")),
+                f"INSERT INTO raw.{contract.name} ({columns}) SELECT {columns} FROM {staging} WHERE _rule IS NULL",
                 f"INSERT INTO quarantine.{contract.name} ({columns}, _rule, _reason) "
-                f"SELECT {columns}, _rule, _reason FROM {staging} WHERE _rule IS NOT NULL"
-            )
-            conn.execute(f"DROP TABLE {staging}")
-            pause_before_commit(contract.name)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+                f"SELECT {columns}, _rule, _reason FROM {staging} WHERE _rule IS NOT NULL",
+            ], before_commit=lambda: pause_before_commit(contract.name))
     finally:
         scratch.close()
-        conn.execute(f"DROP TABLE IF EXISTS {staging}")
     by_file = {}
     for day, path in paths.items():
         by_file[str(path) if path else day] = PartitionLoad(contract.name, day, str(path) if path else None)

@@ -34,8 +34,6 @@ from dagster import (
     sensor,
 )
 
-import os
-
 from mlplatform import keys
 from mlplatform.ingest.contracts import DAILY
 from mlplatform.ingest.landing import landed_days
@@ -48,7 +46,6 @@ DAILY_ASSETS = AssetSelection.tag("daily", "")
 # what needs a champion (they score with it, or compare with its reference)
 NEEDS_CHAMPION = AssetSelection.assets(keys.PREDICTIONS).downstream()
 MAX_ATTEMPTS = 3
-LANDING_INTERVAL_SECONDS = int(os.getenv("MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS", "15"))
 
 def landing_signatures(landing: Path) -> dict[str, str]:
     """{'flights/2013-01-01.csv': '<size>:<mtime_ns>', ...} for every daily file in the window."""
@@ -137,28 +134,33 @@ def landed_selection(asset_graph, has_champion: bool) -> list:
     return sorted(selection.resolve(asset_graph), key=lambda key: key.to_user_string())
 
 
-@sensor(
-    name="landing_sensor",
-    asset_selection=DAILY_ASSETS,
-    minimum_interval_seconds=LANDING_INTERVAL_SECONDS,
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Starts one run for a day whose landing file appears or changes (contiguous days: one ranged run), "
-    "through every daily asset: raw tables, dbt's daily models and features, and, once there is a champion, its "
-    f"predictions and the day's monitoring. A failed day is requested again at most {MAX_ATTEMPTS} times for the "
-    "same file. Every MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS (15).",
-)
-def landing_sensor(context: SensorEvaluationContext):
-    current = landing_signatures(Settings.from_env().landing)
-    previous = json.loads(context.cursor) if context.cursor else None
-    has_champion = context.instance.get_latest_materialization_event(keys.CHAMPION_MODEL) is not None
-    selection = landed_selection(context.repository_def.asset_graph, has_champion)
-    requests, cursor, notes = landing_requests(context.instance, previous, current, selection)
-    if previous is None:
-        return SensorResult(skip_reason=SkipReason(f"first tick: recorded {len(current)} landed files"),
-                            cursor=json.dumps(cursor))
-    if not requests:
-        waiting = len(cursor["inflight"])
-        return SensorResult(skip_reason=SkipReason(
-            "no new or changed landing files" + (f"; {waiting} run(s) not finished" if waiting else "")
-            + "".join(f"; {note}" for note in notes[:5])), cursor=json.dumps(cursor))
-    return SensorResult(run_requests=requests, cursor=json.dumps(cursor))
+def landing_sensor(settings: Settings):
+    """The sensor over the landing zone of these settings."""
+
+    @sensor(
+        name="landing_sensor",
+        asset_selection=DAILY_ASSETS,
+        minimum_interval_seconds=settings.landing_sensor_interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Starts one run for a day whose landing file appears or changes (contiguous days: one ranged "
+        "run), through every daily asset: raw tables, dbt's daily models and features, and, once there is a "
+        f"champion, its predictions and the day's monitoring. A failed day is requested again at most {MAX_ATTEMPTS} "
+        "times for the same file. Every MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS (15).",
+    )
+    def _landing(context: SensorEvaluationContext):
+        current = landing_signatures(settings.landing)
+        previous = json.loads(context.cursor) if context.cursor else None
+        has_champion = context.instance.get_latest_materialization_event(keys.CHAMPION_MODEL) is not None
+        selection = landed_selection(context.repository_def.asset_graph, has_champion)
+        requests, cursor, notes = landing_requests(context.instance, previous, current, selection)
+        if previous is None:
+            return SensorResult(skip_reason=SkipReason(f"first tick: recorded {len(current)} landed files"),
+                                cursor=json.dumps(cursor))
+        if not requests:
+            waiting = len(cursor["inflight"])
+            return SensorResult(skip_reason=SkipReason(
+                "no new or changed landing files" + (f"; {waiting} run(s) not finished" if waiting else "")
+                + "".join(f"; {note}" for note in notes[:5])), cursor=json.dumps(cursor))
+        return SensorResult(run_requests=requests, cursor=json.dumps(cursor))
+
+    return _landing

@@ -18,7 +18,6 @@ The retraining sensor reads these rows (``mlplatform.monitoring.sensors``).
 
 import base64
 import datetime as dt
-import os
 from typing import TYPE_CHECKING
 
 from dagster import (
@@ -63,7 +62,7 @@ JUDGED = [
 ]
 OWNERS = ["team:ml-platform"]
 # A day with fewer labelled flights is reported but not judged, for drift or for performance.
-MIN_LABELLED_FLIGHTS = int(os.getenv("MLPLATFORM_MIN_LABELLED_FLIGHTS", "200"))
+MIN_LABELLED_FLIGHTS = 200  # (DriftConfig.min_labelled, PerformanceConfig.min_rows: run config changes them)
 # What every daily monitoring asset shares: a range of days is one run, days follow their inputs.
 DAILY = dict(
     group_name="monitoring", partitions_def=daily_partitions, backfill_policy=single_run, owners=OWNERS,
@@ -135,7 +134,7 @@ def not_judged(day: dt.date, labelled: int, train_end: dt.date | None, min_label
     if day <= train_end:
         return f"inside the model's training window (up to {train_end})"
     if labelled < min_labelled:
-        return f"{labelled} labelled flights (fewer than {min_labelled})"
+        return f"fewer than {min_labelled} labelled flights"
     return ""
 
 

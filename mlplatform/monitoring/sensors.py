@@ -8,8 +8,9 @@ the champion's training window drifted or the champion did worse on them. Its ru
   shared metadata: ``monitoring.drift_days.drift_detected`` and
   ``monitoring.model_performance.degraded``. A day counts when both of its reports exist and were
   made against the current champion (its reference profile, its predictions), when it is after
-  the champion's training window (the version's tags ``mlplatform.train_start``/``_end``) and when it
-  has at least ``MIN_LABELLED_FLIGHTS`` labelled flights (``MLPLATFORM_MIN_LABELLED_FLIGHTS``).
+  the champion's training window (the version's tags ``mlplatform.train_start``/``_end``) and when its
+  reports judged it (enough labelled flights: the monitoring assets' config decides, and says
+  why not in ``monitoring.drift_days.note``).
   Backfilled history inside the champion's window is never a signal.
 * **A signal is consumed** by a training run that reached the gate's decision (a row of
   ``monitoring.model_promotions``, promoted or rejected) with the day in its data (from its
@@ -42,7 +43,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -63,13 +63,11 @@ from dagster import (
 from mlplatform.ingest.sensors import contiguous_ranges
 from mlplatform import keys
 from mlplatform.keys import REQUESTED_BY_TAG, RUN_KEY_TAG, TRIGGER_TAG, WINDOWS_TAG
-from mlplatform.monitoring.assets import MIN_LABELLED_FLIGHTS
 from mlplatform.settings import Settings
 from mlplatform.training import model as m
-from mlplatform.training.tracking import CHAMPION, TRAIN_START_TAG, MlflowTracking, training_window
+from mlplatform.training.tracking import CHAMPION, TRAIN_START_TAG, MlflowTracking, tracking_from, training_window
+from mlplatform.warehouse import connect, is_locked
 
-RETRAIN_COOLDOWN_SECONDS = int(os.getenv("MLPLATFORM_RETRAIN_COOLDOWN_SECONDS", str(6 * 3600)))
-RETRAINING_INTERVAL_SECONDS = int(os.getenv("MLPLATFORM_RETRAINING_SENSOR_INTERVAL_SECONDS", "60"))
 SENSOR_NAME = "retraining_sensor"
 IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
                DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
@@ -97,37 +95,36 @@ class Reports:
     last_labelled: dt.date | None
     drift: dict = field(default_factory=dict)        # day -> description, drifted days only
     degraded: dict = field(default_factory=dict)     # day -> description, degraded days only
-    drift_days: set = field(default_factory=set)     # days with a judged drift report
+    drift_days: set = field(default_factory=set)     # days with a drift report against the champion
     performance_days: set = field(default_factory=set)
-    few_labels: set = field(default_factory=set)     # reported days with too few labelled flights
+    unjudged: dict = field(default_factory=dict)     # day -> why its report does not judge it (too few flights)
     decisions: list = field(default_factory=list)    # (version, decision, decided_at, applied_at, eval_end, run_id)
 
 
-def read_reports(conn, champion: str, train_end: dt.date, min_labelled: int, model_name: str) -> Reports:
-    """The per-day verdicts of the champion's reports after ``train_end`` and the gate's decisions."""
+def read_reports(conn, champion: str, train_end: dt.date, model_name: str) -> Reports:
+    """The per-day verdicts of the champion's reports after ``train_end`` and the gate's decisions.
+    Whether a day is judged at all is its report's decision (``judged``, and why not in
+    ``monitoring.drift_days.note``): the thresholds live in the monitoring assets' config only."""
     last = conn.execute(f"SELECT max(flight_date) FROM {m.FEATURE_TABLE} WHERE {m.LABEL} IS NOT NULL").fetchone()[0]
     reports = Reports(last)
     if _exists(conn, "monitoring", "drift_days"):
-        for day, detected, drifted, judged, labelled in conn.execute(
-            "SELECT drift_date, drift_detected, drifted_features, judged_features, labelled_flights "
+        for day, detected, drifted, features, judged, note in conn.execute(
+            "SELECT drift_date, drift_detected, drifted_features, judged_features, judged, note "
             "FROM monitoring.drift_days WHERE reference_version = ? AND drift_date > ?", [champion, train_end],
         ).fetchall():
-            if labelled < min_labelled:
-                reports.few_labels.add(day)
-                continue
             reports.drift_days.add(day)
+            if not judged:
+                reports.unjudged[day] = note
+                continue
             if detected:
-                reports.drift[day] = f"{DRIFT_REPORT}[{day}] drift ({drifted}/{judged} features)"
+                reports.drift[day] = f"{DRIFT_REPORT}[{day}] drift ({drifted}/{features} features)"
     if _exists(conn, "monitoring", "model_performance"):
-        for day, degraded, rows, auc, expected, since in conn.execute(
-            "SELECT performance_date, degraded, rows, coalesce(window_roc_auc, roc_auc), expected_roc_auc, "
+        for day, degraded, auc, expected, since in conn.execute(
+            "SELECT performance_date, degraded, coalesce(window_roc_auc, roc_auc), expected_roc_auc, "
             "coalesce(window_start, performance_date) FROM monitoring.model_performance "
-            # a day the report did not judge (too few flights in its trailing window) is reported, not degraded
+            # a day the report did not judge (too few flights) is reported, never degraded
             "WHERE model_version = ? AND performance_date > ?", [champion, train_end],
         ).fetchall():
-            if rows < min_labelled:
-                reports.few_labels.add(day)
-                continue
             reports.performance_days.add(day)
             if degraded:
                 reports.degraded[day] = (f"{PERFORMANCE_REPORT}[{day}] degraded "
@@ -141,21 +138,14 @@ def read_reports(conn, champion: str, train_end: dt.date, min_labelled: int, mod
 
 
 def open_warehouse(path: str, wait_seconds: float = 10.0):
-    """A read-only connection, or None when writers kept the warehouse locked ``wait_seconds``."""
-    import duckdb
-
-    delay, waited = 0.1, 0.0
-    while True:
-        try:
-            return duckdb.connect(path, read_only=True)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or waited >= wait_seconds:
-                if "lock" in str(exc).lower():
-                    return None
-                raise
-            time.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 2.0)
+    """A read-only connection, or None when writers kept the warehouse locked ``wait_seconds``
+    (the sensor looks again on its next tick)."""
+    try:
+        return connect(path, read_only=True, max_wait=wait_seconds)
+    except Exception as exc:  # noqa: BLE001
+        if is_locked(exc):
+            return None
+        raise
 
 
 def retraining_windows(signal_days: list[dt.date], last_labelled: dt.date, champion_end: dt.date) -> tuple[dict, str] | None:
@@ -188,11 +178,6 @@ def _training_starts(tracking: MlflowTracking, versions) -> dict[str, dt.date | 
     return out
 
 
-def tracking_from(settings: Settings) -> MlflowTracking:
-    """The MLflow resource as the code location configures it, outside a run."""
-    return MlflowTracking(tracking_uri=settings.mlflow_uri, artifact_root=str(settings.mlflow_artifacts))
-
-
 def _utc_seconds(when: dt.datetime) -> float:
     return when.replace(tzinfo=dt.timezone.utc).timestamp()
 
@@ -203,10 +188,9 @@ def retraining_baseline(instance) -> dict:
     return {}
 
 
-def retraining_decision(instance, cursor: dict, now: float, cooldown: float, settings: Settings | None = None,
-                        min_labelled: int = MIN_LABELLED_FLIGHTS) -> tuple[RunRequest | SkipReason, dict]:
+def retraining_decision(instance, cursor: dict, now: float, settings: Settings) -> tuple[RunRequest | SkipReason, dict]:
     """What the retraining sensor does on a tick (see the module's docstring), and its next cursor."""
-    settings = settings or Settings.from_env()
+    cooldown = settings.retrain_cooldown_seconds
     tracking = tracking_from(settings)
     cursor = dict(cursor or {})
     champion = tracking.version_by_alias(CHAMPION)
@@ -222,20 +206,22 @@ def retraining_decision(instance, cursor: dict, now: float, cooldown: float, set
     if conn is None:
         return SkipReason("the warehouse is busy (a run is writing) or absent: looking again next tick"), cursor
     with conn:
-        reports = read_reports(conn, version, train_end, min_labelled, tracking.registered_model)
+        reports = read_reports(conn, version, train_end, tracking.registered_model)
     champion_text = f"champion v{version} (trained on {train_start}..{train_end})"
     if reports.last_labelled is None or reports.last_labelled <= train_end:
         return SkipReason(f"no labelled day after the training window of {champion_text}; last labelled day "
                           f"{reports.last_labelled or 'none'}: nothing new to retrain on"), cursor
-    judged = reports.drift_days & reports.performance_days
-    waiting = (reports.drift_days | reports.performance_days) - judged
+    reported = reports.drift_days & reports.performance_days
+    waiting = (reports.drift_days | reports.performance_days) - reported - set(reports.unjudged)
+    judged = reported - set(reports.unjudged)
     signals = {d: [t for t in (reports.drift.get(d), reports.degraded.get(d)) if t] for d in judged}
     signals = {d: texts for d, texts in signals.items() if texts}
     notes = []
     if waiting:
         notes.append(f"waiting for both reports of {days_text(sorted(waiting))}")
-    if reports.few_labels:
-        notes.append(f"not judged (fewer than {min_labelled} labelled flights): {days_text(sorted(reports.few_labels))}")
+    for why in sorted(set(reports.unjudged.values())):
+        days = sorted(d for d, note in reports.unjudged.items() if note == why)
+        notes.append(f"not judged ({why}): {days_text(days)}")
     suffix = f"; {'; '.join(notes)}" if notes else ""
     if not signals:
         span = f" ({days_text(sorted(judged))})" if judged else ""
@@ -288,25 +274,30 @@ def retraining_decision(instance, cursor: dict, now: float, cooldown: float, set
     return request, {**cursor, "last_request": {"run_key": key, "at": now}}
 
 
-@sensor(
-    name=SENSOR_NAME,
-    job_name="training_job",
-    minimum_interval_seconds=RETRAINING_INTERVAL_SECONDS,
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Starts training_job (train, evaluate, gated promotion) when days after the champion's training "
-    "window drifted or its realised performance on them degraded, read day by day from monitoring.drift_days and "
-    "monitoring.model_performance (days with at least MLPLATFORM_MIN_LABELLED_FLIGHTS labelled flights). A day is "
-    "consumed by a training run whose data covered it, promoted or rejected; the cooldown counts only from a "
-    "promotion this sensor's retraining made, so a rejected retraining never blocks the next; never while a "
-    "training run is in progress. The run trains on the signal days (its evaluation window is the later half of "
-    "the labelled days from the first signal day; tag mlplatform/retrain_windows).",
-)
-def retraining_sensor(context: SensorEvaluationContext):
-    cursor = json.loads(context.cursor) if context.cursor else retraining_baseline(context.instance)
-    outcome, cursor = retraining_decision(context.instance, cursor, time.time(), RETRAIN_COOLDOWN_SECONDS)
-    if isinstance(outcome, SkipReason):
-        return SensorResult(skip_reason=outcome, cursor=json.dumps(cursor))
-    return SensorResult(run_requests=[outcome], cursor=json.dumps(cursor))
+def retraining_sensor(settings: Settings):
+    """The sensor, deciding with ``retraining_decision`` against these settings."""
+
+    @sensor(
+        name=SENSOR_NAME,
+        job_name="training_job",
+        minimum_interval_seconds=settings.retraining_sensor_interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Starts training_job (train, evaluate, gated promotion) when days after the champion's training "
+        "window drifted or its realised performance on them degraded, read day by day from monitoring.drift_days "
+        "and monitoring.model_performance (days their reports judged). A day is consumed by a training run whose "
+        "data covered it, promoted or rejected; the cooldown counts only from a promotion this sensor's retraining "
+        "made, so a rejected retraining never blocks the next; never while a training run is in progress. The run "
+        "trains on the signal days (its evaluation window is the later half of the labelled days from the first "
+        "signal day; tag mlplatform/retrain_windows).",
+    )
+    def _retraining(context: SensorEvaluationContext):
+        cursor = json.loads(context.cursor) if context.cursor else retraining_baseline(context.instance)
+        outcome, cursor = retraining_decision(context.instance, cursor, time.time(), settings)
+        if isinstance(outcome, SkipReason):
+            return SensorResult(skip_reason=outcome, cursor=json.dumps(cursor))
+        return SensorResult(run_requests=[outcome], cursor=json.dumps(cursor))
+
+    return _retraining
 
 
 # --- alerts -------------------------------------------------------------------------------
@@ -321,8 +312,6 @@ CREATE TABLE IF NOT EXISTS monitoring.alerts (
 
 def record_alert(warehouse_path: str, job_name: str, run_id: str, message: str, webhook: str | None) -> str | None:
     """Store the alert, and POST it to the webhook when there is one. Returns a delivery error."""
-    import duckdb
-
     error = None
     if webhook:
         body = json.dumps({"kind": "run_failure", "job": job_name, "run_id": run_id, "message": message}).encode()
@@ -331,36 +320,44 @@ def record_alert(warehouse_path: str, job_name: str, run_id: str, message: str, 
             urllib.request.urlopen(request, timeout=5).close()
         except OSError as exc:
             error = f"webhook failed: {exc}"
-    for attempt in range(10):  # the warehouse has one writer at a time; wait for it
-        try:
-            with duckdb.connect(warehouse_path) as conn:
-                conn.execute(ALERTS_DDL)
-                conn.execute(
-                    "INSERT INTO monitoring.alerts VALUES (?, 'run_failure', ?, ?, ?, ?)",
-                    [dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), job_name, run_id, message[:4000],
-                     webhook if webhook and not error else None],
-                )
-            return error
-        except duckdb.IOException as exc:
-            last = exc
-            time.sleep(min(2 ** attempt * 0.1, 5))
-    return "; ".join(filter(None, [error, f"alert not stored, the warehouse stayed locked: {last}"]))
+
+    def store() -> None:
+        with connect(warehouse_path, max_wait=60) as conn:  # one writer at a time: wait for it
+            conn.execute(ALERTS_DDL)
+            conn.execute(
+                "INSERT INTO monitoring.alerts VALUES (?, 'run_failure', ?, ?, ?, ?)",
+                [dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), job_name, run_id, message[:4000],
+                 webhook if webhook and not error else None],
+            )
+
+    try:
+        store()
+    except Exception as exc:  # noqa: BLE001
+        if not is_locked(exc):
+            raise
+        return "; ".join(filter(None, [error, f"alert not stored, the warehouse stayed locked: {exc}"]))
+    return error
 
 
-@run_failure_sensor(name="alert_on_run_failure", default_status=DefaultSensorStatus.RUNNING,
-                    description="Records every failed run in monitoring.alerts (and a webhook, if set).")
-def alert_on_run_failure(context: RunFailureSensorContext):
-    message = context.failure_event.message or "run failed"
-    steps = [e.step_key for e in context.get_step_failure_events()]
-    if steps:
-        message = f"{message} (failed steps: {', '.join(steps)})"
-    context.log.error("run %s of %s failed: %s", context.dagster_run.run_id, context.dagster_run.job_name, message)
-    error = record_alert(
-        str(Settings.from_env().warehouse), context.dagster_run.job_name, context.dagster_run.run_id, message,
-        os.getenv("MLPLATFORM_ALERT_WEBHOOK") or None,
-    )
-    if error:
-        context.log.warning(error)
+def alert_on_run_failure(settings: Settings):
+    """Every failed run: a row of ``monitoring.alerts``, an error in the log, and a POST to the
+    webhook of these settings (``MLPLATFORM_ALERT_WEBHOOK``) when there is one."""
+
+    @run_failure_sensor(name="alert_on_run_failure", default_status=DefaultSensorStatus.RUNNING,
+                        description="Records every failed run in monitoring.alerts (and a webhook, if set).")
+    def _alert(context: RunFailureSensorContext):
+        message = context.failure_event.message or "run failed"
+        steps = [e.step_key for e in context.get_step_failure_events()]
+        if steps:
+            message = f"{message} (failed steps: {', '.join(steps)})"
+        context.log.error("run %s of %s failed: %s", context.dagster_run.run_id, context.dagster_run.job_name, message)
+        error = record_alert(str(settings.warehouse), context.dagster_run.job_name, context.dagster_run.run_id,
+                             message, settings.alert_webhook)
+        if error:
+            context.log.warning(error)
+
+    return _alert
 
 
-sensors = [retraining_sensor, alert_on_run_failure]
+def sensors(settings: Settings) -> list:
+    return [retraining_sensor(settings), alert_on_run_failure(settings)]

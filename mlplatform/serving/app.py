@@ -19,7 +19,6 @@ import copy
 import datetime as dt
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -52,6 +51,7 @@ from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from mlplatform.serving.features import Snapshot
+from mlplatform.settings import Settings
 from mlplatform.serving.service import CHECKED_FIELDS, InvalidFlight, NotReady, PredictionService, unserved
 
 log = logging.getLogger("mlplatform.serving")
@@ -375,13 +375,12 @@ def _json_safe(value):
     return value
 
 
-def serve(host: str, port: int, refresh_seconds: float, access_log: bool = False) -> None:
-    # one request scores one row: OpenMP threads for the trees cost more than they save
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def serve(settings: Settings, host: str, port: int, refresh_seconds: float, access_log: bool = False) -> None:
     import uvicorn
+    from threadpoolctl import threadpool_limits
 
-    from mlplatform.settings import apply_defaults
-
+    # one request scores one row: OpenMP threads for the trees cost more than they save
+    threadpool_limits(limits=1, user_api="openmp")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service = PredictionService.from_settings(apply_defaults(), refresh_seconds=refresh_seconds)
+    service = PredictionService.from_settings(settings, refresh_seconds=refresh_seconds)
     uvicorn.run(create_app(service), host=host, port=port, workers=1, access_log=access_log, log_level="info")

@@ -38,6 +38,7 @@ from mlplatform.serving.features import (
 from mlplatform.serving.inference_log import InferenceLog
 from mlplatform.settings import Settings
 from mlplatform.training.model import CATEGORICAL, NUMERIC, model_input
+from mlplatform.training.tracking import CHAMPION, MlflowTracking, tracking_from
 
 log = logging.getLogger("mlplatform.serving")
 QUICK_BATCH = 32  # flights: larger batches are scored off the event loop
@@ -254,36 +255,29 @@ class LoadedModel:
 
 
 class Champion:
-    """The registered model's ``champion`` alias, loaded from MLflow and reloaded when it moves."""
+    """The registered model's ``champion`` alias, loaded through the platform's MLflow resource
+    (``MlflowTracking``: the same loader as the gate and the predictions) and reloaded when the
+    alias moves."""
 
-    def __init__(self, tracking_uri: str, model_name: str = "flight_delay", alias: str = "champion"):
-        self.tracking_uri, self.model_name, self.alias = tracking_uri, model_name, alias
+    def __init__(self, tracking: MlflowTracking, alias: str = CHAMPION):
+        self.tracking, self.alias = tracking, alias
+        self.model_name = tracking.registered_model
         self.model: LoadedModel | None = None
         self.error: str | None = None
-        self._client = None
 
     def refresh(self) -> bool:
         """Load the version the alias points at if it is not the loaded one; keep the loaded
         model when the registry cannot be read. Returns whether a new version was loaded."""
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
         try:
-            if self.tracking_uri.startswith("sqlite:///"):
-                Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            if self._client is None:  # one client: a new one per poll would reconnect to the store
-                self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-            client = self._client
-            try:
-                version = client.get_model_version_by_alias(self.model_name, self.alias)
-            except MlflowException as exc:
-                if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
-                    self.error = f"no model version has the alias {self.alias!r} in {self.model_name!r} yet"
-                    return False
-                raise
+            if self.tracking.tracking_uri.startswith("sqlite:///"):
+                Path(self.tracking.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            version = self.tracking.version_by_alias(self.alias)
+            if version is None:
+                self.error = f"no model version has the alias {self.alias!r} in {self.model_name!r} yet"
+                return False
             if self.model is not None and self.model.version == str(version.version):
                 return False
-            estimator = _load_sklearn(self.tracking_uri, f"models:/{self.model_name}/{version.version}")
+            estimator = self.tracking.load_model(str(version.version))
             self.model = LoadedModel(self.model_name, str(version.version), version.run_id, estimator)
             self.error = None
             log.info("loaded %s version %s", self.model_name, version.version)
@@ -292,15 +286,6 @@ class Champion:
             self.error = f"could not load the champion: {exc}"
             log.warning(self.error)
             return False
-
-
-def _load_sklearn(tracking_uri: str, uri: str):
-    import mlflow
-    from mlflow import sklearn as mlflow_sklearn
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    return mlflow_sklearn.load_model(uri)
 
 
 def feature_hash(values: dict) -> str:
@@ -324,7 +309,7 @@ class PredictionService:
         return cls(
             settings,
             OnlineFeatures(settings),
-            Champion(settings.mlflow_uri),
+            Champion(tracking_from(settings)),
             InferenceLog(settings.home / "serving" / "inference_log"),
             refresh_seconds,
         )

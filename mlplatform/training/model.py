@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 
@@ -238,18 +239,21 @@ def content_hash(frame: pd.DataFrame) -> str:
     return hashlib.sha256(hashed.to_numpy().tobytes()).hexdigest()[:16]
 
 
-def best_iterations(estimator, frame: pd.DataFrame) -> tuple[int, float]:
-    """(boosting iterations, log loss) with the lowest log loss on ``frame`` among the stages of
-    a fitted estimator: fewer trees on little data, where all of them overfit."""
+def best_stage(estimator, frame: pd.DataFrame) -> tuple[int, "np.ndarray"]:
+    """(iterations, probabilities): the number of boosting iterations of a fitted estimator with
+    the lowest log loss on ``frame`` (fewer trees on little data, where all of them overfit), and
+    the delay probabilities of ``frame``'s rows at that stage. One stage is held at a time."""
     import numpy as np
     from sklearn.metrics import log_loss
 
-    inputs = estimator[:-1].transform(model_input(frame))
     labels = frame[LABEL].astype(int).to_numpy()
-    losses = [log_loss(labels, np.clip(p[:, 1], 1e-6, 1 - 1e-6), labels=[0, 1])
-              for p in estimator[-1].staged_predict_proba(inputs)]
-    best = int(np.argmin(losses))
-    return best + 1, float(losses[best])
+    inputs = estimator[:-1].transform(model_input(frame))
+    best = (np.inf, 0, None)
+    for stage, p in enumerate(estimator[-1].staged_predict_proba(inputs), start=1):
+        loss = log_loss(labels, np.clip(p[:, 1], 1e-6, 1 - 1e-6), labels=[0, 1])
+        if loss < best[0]:
+            best = (loss, stage, p[:, 1].copy())
+    return best[1], best[2]
 
 
 def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, threshold: float = 0.5):
@@ -257,9 +261,10 @@ def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, thre
     those, then fit the returned estimator on every day of ``frame`` (the most recent days are
     the most informative about the days to come). The number of boosting iterations is at most
     ``params.max_iter``: the one with the lowest validation log loss (early stopping on the
-    time-ordered validation days, so a month of history does not overfit). Returns the
-    estimator, the validation metrics, the validation frame, permutation importances measured on
-    it (with the estimator that did not see it) and the hyperparameters used."""
+    time-ordered validation days, so a month of history does not overfit), and the validation
+    metrics are those of that many iterations. Returns the estimator, the validation metrics, the
+    validation frame, permutation importances measured on it (with the estimator that did not see
+    it, all its iterations) and the hyperparameters used."""
     in_valid = validation_mask(frame, validation_days)
     labels = frame[LABEL].astype(int)
     if in_valid.all() or not in_valid.any() or labels[~in_valid].nunique() < 2:
@@ -270,11 +275,9 @@ def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, thre
     inputs = model_input(frame)  # one copy of the inputs, sliced for the first fit (memory: see MAX_TRAIN_ROWS)
     valid = frame[in_valid]
     estimator = build_estimator(params).fit(inputs[~in_valid], labels[~in_valid])
-    iterations, _ = best_iterations(estimator, valid)
-    if iterations < params.max_iter:
-        params = replace(params, max_iter=iterations)
-        estimator = build_estimator(params).fit(inputs[~in_valid], labels[~in_valid])
-    validation = metrics(valid[LABEL], predict(estimator, valid), threshold)
+    iterations, probability = best_stage(estimator, valid)
+    params = replace(params, max_iter=iterations)
+    validation = metrics(valid[LABEL], probability, threshold)
     importance = feature_importance(estimator, valid)  # held out from this estimator
     del estimator
     estimator = build_estimator(params).fit(inputs, labels)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import re
 import subprocess
 from pathlib import Path
 
-from dagster import ConfigurableResource, EnvVar, MetadataValue
+from dagster import ConfigurableResource, MetadataValue
 from pydantic import Field
 
 from mlplatform.partitions import Window
-from mlplatform.settings import REPO_ROOT
+from mlplatform.settings import REPO_ROOT, Settings
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -43,9 +44,8 @@ class MlflowTracking(ConfigurableResource):
     ui_url: str = Field("", description="Base URL of the MLflow UI that asset metadata links to ('' for no links).")
 
     def client(self):
-        from mlflow import MlflowClient
-
-        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        """A client of this store (one per store and process: a new one would reconnect)."""
+        return _client(self.tracking_uri)
 
     def experiment_id(self) -> str:
         client = self.client()
@@ -60,7 +60,9 @@ class MlflowTracking(ConfigurableResource):
 
     @contextlib.contextmanager
     def start_run(self, run_name: str, tags: dict[str, str]):
-        """An MLflow run in our experiment, with the fluent API pointed at our store."""
+        """An MLflow run in our experiment, with the fluent API pointed at our store: MLflow's
+        logging of a model works only through its process-wide current run and URIs, so this is
+        the one place the platform sets them."""
         import mlflow
 
         if self.tracking_uri.startswith("sqlite:///"):
@@ -99,20 +101,41 @@ class MlflowTracking(ConfigurableResource):
         self.client().set_registered_model_alias(self.registered_model, alias, str(version))
 
     def load_model(self, version: str):
-        import mlflow
+        """The scikit-learn model of a registered version, read through this store alone (no
+        process-wide MLflow URI): what training's gate, predictions and serving all load."""
+        import tempfile
+
+        from mlflow import artifacts
         from mlflow import sklearn as mlflow_sklearn
 
-        mlflow.set_registry_uri(self.tracking_uri)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        return mlflow_sklearn.load_model(f"models:/{self.registered_model}/{version}")
+        # (a models:/ URI would be resolved through MLflow's process-wide registry URI: resolve it here)
+        source = self.client().get_model_version_download_uri(self.registered_model, str(version))
+        if source.startswith("file:"):  # a local store: read in place
+            return mlflow_sklearn.load_model(source)
+        with tempfile.TemporaryDirectory() as local:  # a server's (proxied) artifacts: through this store's URI
+            path = artifacts.download_artifacts(artifact_uri=source, dst_path=local, tracking_uri=self.tracking_uri)
+            return mlflow_sklearn.load_model(path)
 
 
-def mlflow_resource() -> MlflowTracking:
+@functools.lru_cache(maxsize=8)
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def mlflow_resource(settings: Settings) -> MlflowTracking:
     return MlflowTracking(
-        tracking_uri=EnvVar("MLPLATFORM_MLFLOW_URI"),
-        artifact_root=EnvVar("MLPLATFORM_MLFLOW_ARTIFACTS"),
-        ui_url=EnvVar("MLPLATFORM_MLFLOW_UI_URL"),  # settings.py: the UI `mlplatform ui` starts, by default
+        tracking_uri=settings.config("mlflow_uri"),
+        artifact_root=settings.config("mlflow_artifacts"),
+        ui_url=settings.config("mlflow_ui_url"),  # the UI `mlplatform ui` starts, by default
     )
+
+
+def tracking_from(settings: Settings) -> MlflowTracking:
+    """The MLflow resource with these settings' values, outside a run (sensors, the CLI)."""
+    return MlflowTracking(tracking_uri=settings.mlflow_uri, artifact_root=str(settings.mlflow_artifacts),
+                          ui_url=settings.mlflow_ui_url)
 
 
 def git_state() -> tuple[str, bool]:

@@ -12,7 +12,6 @@ single-writer lock while it runs).
 import contextlib
 import json
 import os
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,7 +25,9 @@ from dagster import (
 )
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 from dagster_duckdb import DuckDBResource
+from pydantic import Field
 
+from mlplatform import keys
 from mlplatform.automation import on_new_data
 from mlplatform.partitions import (
     FIRST_DAY,
@@ -35,6 +36,7 @@ from mlplatform.partitions import (
     single_run,
     window_of,
 )
+from mlplatform.private_api import DbtCliWithoutPerCallCosts
 from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
 from mlplatform.warehouse import table_metadata
 
@@ -42,27 +44,32 @@ FEATURE_LOOKBACK_DAYS = 28  # dbt var feature_lookback_days
 REFERENCE_MODELS = AssetSelection.tag("reference", "")  # dbt's tag:reference models and seed
 
 
-def dbt_project(settings: Settings | None = None) -> DbtProject:
-    settings = settings or Settings.from_env()
+def dbt_project(settings: Settings) -> DbtProject:
     return DbtProject(project_dir=DBT_PROJECT_DIR, target_path=settings.home / "dbt" / "target")
 
 
-def prepare(project: DbtProject) -> None:
-    """dagster-dbt's preparation (``dbt parse``: the manifest and dbt's partial-parse state), then
-    a second ``dbt parse`` that leaves that state as dbt writes it.
-
-    dagster-dbt marks every seed as changed in the state, for projects that move after they are
-    prepared (a seed's absolute path is in it). Every dbt run then re-parses the seed, and dbt
-    validates what it re-parses against JSON schemas it builds for the occasion: ~1 s of each
-    daily run here (benchmarks/README.md, "One day"). This project runs where it was prepared:
-    the second parse re-parses the seed once and writes a state that later runs reuse whole."""
-    project.preparer.prepare(project)
-    DbtCliResource(project_dir=project, dbt_executable=dbt_executable()).cli(
-        ["parse", "--quiet"], target_path=project.target_path
-    ).wait()
+def dbt_variables(warehouse: str, memory_limit: str) -> dict[str, str]:
+    """What dbt's ``profiles.yml`` reads from its environment: the same at parse time and at run
+    time, or dbt finds the profile changed and re-parses the whole project at every run."""
+    return {"MLPLATFORM_WAREHOUSE": str(warehouse), "MLPLATFORM_DUCKDB_MEMORY_LIMIT": str(memory_limit),
+            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
 
 
-def ensure_manifest(project: DbtProject) -> Path:
+def prepare(project: DbtProject, settings: Settings) -> None:
+    """``dbt parse``: the manifest the code location loads and dbt's partial-parse state, which
+    every later dbt run reuses (``mlplatform init``; ``ensure_manifest`` when the project changed).
+
+    One parse, not dagster-dbt's preparer: it parses, then marks every seed as changed in that
+    state (for projects that move after they are prepared: a seed's absolute path is in it), and
+    every dbt run then re-parses the seed and validates it, ~1 s of each daily run here
+    (benchmarks/README.md, "One day"). This project runs where it was prepared."""
+    with environment(dbt_variables(settings.warehouse, settings.duckdb_memory_limit)):
+        DbtCliResource(project_dir=project, dbt_executable=dbt_executable()).cli(
+            ["parse", "--quiet"], target_path=project.target_path
+        ).wait()
+
+
+def ensure_manifest(project: DbtProject, settings: Settings) -> Path:
     """Parse the dbt project when its manifest is missing or older than any project file, also
     under ``dagster dev`` (where dagster-dbt's ``prepare_if_dev`` would parse at every load of the
     code location, in every run's process too: seconds per run, for edits this check also sees)."""
@@ -73,33 +80,37 @@ def ensure_manifest(project: DbtProject) -> Path:
         if p.suffix in {".sql", ".yml", ".yaml", ".csv"} and "target" not in p.parts
     )
     if not manifest.exists() or manifest.stat().st_mtime < newest:
-        prepare(project)
+        prepare(project, settings)
     return manifest
 
 
-class DbtCli(DbtCliResource):
-    """dagster-dbt's dbt resource without two costs of every ``cli()`` call that buy us nothing.
+class DbtCli(DbtCliWithoutPerCallCosts):
+    """dagster-dbt's dbt resource (without its per-call costs: ``private_api``), starting dbt
+    with the platform's settings in its environment, which ``profiles.yml`` and the macros read
+    (``env_var()``): the warehouse, DuckDB's memory limit and, for a daily run, the window of
+    days. dagster-dbt starts dbt with a copy of this process's environment, so the variables are
+    set for that moment and restored (``environment``): the one process-wide setting the
+    platform makes. Not ``--vars``: a change of vars makes dbt re-parse the whole project, ~2 s
+    of every run (``macros/partition_window.sql``)."""
 
-    - ``dbt --version`` in a subprocess (to tell dbt-core from the Fusion engine): ~2 s, more
-      than the dbt build of a day. The dbt it runs is the dbt-core installed beside this
-      interpreter (``settings.dbt_executable``), so the version is the package's.
-    - A dbt adapter set up in this process (profile, project, and a parse of dbt's ~500 base
-      macros: ~0.6 s), which only serves ``fetch_row_counts()``/``fetch_column_metadata()``; this
-      project reads row counts and schemas itself once dbt has exited (``_with_table_metadata``).
-    Both are private methods of ``DbtCliResource``: should dagster-dbt rename them, the overrides
-    are simply unused and the costs come back (slower, not wrong). test_pipeline checks that the
-    names exist and that the version is the one dbt reports."""
+    warehouse: str = Field(description="The DuckDB warehouse (MLPLATFORM_WAREHOUSE for dbt).")
+    memory_limit: str = Field("512MB", description="DuckDB's memory limit (MLPLATFORM_DUCKDB_MEMORY_LIMIT for dbt).")
+    prepared_target: str = Field(description="Where the manifest and dbt's partial-parse state were prepared: "
+                                 "dagster-dbt copies that state into each run's own target (DBT_TARGET_PATH).")
 
-    def _initialize_dbt_core_adapter(self, args):
-        return None
+    def cli(self, args, *, window=None, **kwargs):
+        """``DbtCliResource.cli`` with the settings (and ``window``, a pair of days) in dbt's
+        environment."""
+        variables = {**dbt_variables(self.warehouse, self.memory_limit), "DBT_TARGET_PATH": self.prepared_target}
+        if window is not None:
+            variables.update(zip(WINDOW_ENV, (window[0].isoformat(), window[1].isoformat())))
+        with environment(variables):
+            return super().cli(args, **kwargs)
 
-    @cached_property
-    def _cli_version(self):
-        from importlib.metadata import version as installed
 
-        from packaging import version
-
-        return version.parse(installed("dbt-core"))
+def dbt_resource(settings: Settings, project: DbtProject) -> DbtCli:
+    return DbtCli(project_dir=project, dbt_executable=dbt_executable(), warehouse=settings.config("warehouse"),
+                  memory_limit=settings.config("duckdb_memory_limit"), prepared_target=str(project.target_path))
 
 
 class Translator(DagsterDbtTranslator):
@@ -163,13 +174,11 @@ WINDOW_ENV = ("MLPLATFORM_MIN_DATE", "MLPLATFORM_MAX_DATE")
 
 
 @contextlib.contextmanager
-def window_environment(start, end):
-    """The partition window as the environment variables the dbt macros read when they execute,
-    for the dbt process started inside the block. Not ``--vars``: a change of vars makes dbt
-    re-parse the whole project, ~2 s of every run (``macros/partition_window.sql``). Restored
-    afterwards; the steps of a run execute one at a time."""
-    saved = {name: os.environ.get(name) for name in WINDOW_ENV}
-    os.environ.update(dict(zip(WINDOW_ENV, (start.isoformat(), end.isoformat()))))
+def environment(variables: dict[str, str]):
+    """``variables`` set in this process's environment inside the block, restored afterwards
+    (for the dbt process started inside it; the steps of a run execute one at a time)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         yield
     finally:
@@ -191,8 +200,8 @@ def build_args(config: DbtConfig) -> list[str]:
     return ["build", "--no-write-json", *(["--full-refresh"] if config.full_refresh else [])]
 
 
-def build_dbt_assets(project: DbtProject):
-    manifest_path = ensure_manifest(project)
+def build_dbt_assets(project: DbtProject, settings: Settings):
+    manifest_path = ensure_manifest(project, settings)
     manifest = json.loads(manifest_path.read_text())
     translator = Translator()
 
@@ -202,11 +211,9 @@ def build_dbt_assets(project: DbtProject):
         select="tag:reference",
         name="dbt_reference",
         dagster_dbt_translator=translator,
-        pool="warehouse_writer",
+        pool=keys.WAREHOUSE_POOL,
     )
-    def dbt_reference(
-        context: AssetExecutionContext, config: DbtConfig, dbt: DbtCliResource, warehouse: DuckDBResource
-    ):
+    def dbt_reference(context: AssetExecutionContext, config: DbtConfig, dbt: DbtCli, warehouse: DuckDBResource):
         invocation = dbt.cli(build_args(config), context=context)
         yield from _with_table_metadata(invocation.stream(), manifest, warehouse)
 
@@ -218,15 +225,14 @@ def build_dbt_assets(project: DbtProject):
         partitions_def=daily_partitions,
         backfill_policy=single_run,
         dagster_dbt_translator=translator,
-        pool="warehouse_writer",
+        pool=keys.WAREHOUSE_POOL,
     )
-    def dbt_daily(context: AssetExecutionContext, config: DbtConfig, dbt: DbtCliResource, warehouse: DuckDBResource):
+    def dbt_daily(context: AssetExecutionContext, config: DbtConfig, dbt: DbtCli, warehouse: DuckDBResource):
         start, end = window_of(context)
         if config.full_refresh and (start, end) != (FIRST_DAY, LAST_DAY):
             raise Failure(f"full_refresh rebuilds the tables from the run's days only: run it over "
                           f"{FIRST_DAY}..{LAST_DAY}, not {start}..{end}")
-        with window_environment(start, end):  # dagster-dbt starts dbt with this process's environment
-            invocation = dbt.cli(build_args(config), context=context)
+        invocation = dbt.cli(build_args(config), context=context, window=(start, end))
         yield from _with_table_metadata(invocation.stream(), manifest, warehouse, (start, end))
 
     return [dbt_reference, dbt_daily]
