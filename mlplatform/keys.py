@@ -15,6 +15,7 @@ WAREHOUSE_POOL = "warehouse_writer"
 # --- asset keys
 RAW_FLIGHTS = AssetKey("raw_flights")
 RAW_WEATHER = AssetKey("raw_weather")
+RAW_FLIGHT_EVENTS = AssetKey("raw_flight_events")
 FEATURES = AssetKey(["features", "flight_features"])
 FLIGHT_DELAY_MODEL = AssetKey("flight_delay_model")
 MODEL_EVALUATION = AssetKey("model_evaluation")

@@ -24,7 +24,10 @@ DAGSTER_HOME                                   Dagster instance directory       
                                                                                                with MLPLATFORM_DAGSTER_PG_URL)
 MLPLATFORM_DAGSTER_PG_URL                      run, event and schedule storage on PostgreSQL   unset: SQLite under DAGSTER_HOME
 MLPLATFORM_ALERT_WEBHOOK                       URL failed runs are POSTed to                   unset
+MLPLATFORM_REDIS_URL                           the broker of the event stream (Redis 7         ``redis://127.0.0.1:6380/0``: the
+                                               Streams)                                        platform's own, started by ``make ui``
 MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS     how often the landing sensor looks              15
+MLPLATFORM_STREAM_SENSOR_INTERVAL_SECONDS      how often the stream's lag is looked at         10
 MLPLATFORM_AUTOMATION_INTERVAL_SECONDS         how often declarative automation evaluates      30
 MLPLATFORM_RETRAINING_SENSOR_INTERVAL_SECONDS  how often the retraining sensor decides         60
 MLPLATFORM_RETRAIN_COOLDOWN_SECONDS            after a promotion the retraining sensor asked   21600 (6 h)
@@ -45,6 +48,7 @@ from typing import Mapping
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlplatform ui` serves the MLflow UI unless told otherwise
+REDIS_URL = "redis://127.0.0.1:6380/0"  # the platform's own broker (not Redis' usual 6379: another may run there)
 
 # the environment variable of each path and setting a resource or a dbt process is configured with
 VARIABLES = {
@@ -56,6 +60,7 @@ VARIABLES = {
     "mlflow_ui_url": "MLPLATFORM_MLFLOW_UI_URL",
     "profiles": "MLPLATFORM_PROFILES",
     "duckdb_memory_limit": "MLPLATFORM_DUCKDB_MEMORY_LIMIT",
+    "redis_url": "MLPLATFORM_REDIS_URL",
     "dagster_home": "DAGSTER_HOME",
 }
 
@@ -72,8 +77,10 @@ class Settings:
     dagster_home: Path
     dagster_pg_url: str | None = None  # Dagster's storage on PostgreSQL instead of SQLite
     duckdb_memory_limit: str = "512MB"
+    redis_url: str = REDIS_URL
     alert_webhook: str | None = None
     landing_sensor_interval_seconds: int = 15
+    stream_sensor_interval_seconds: int = 10
     automation_interval_seconds: int = 30
     retraining_sensor_interval_seconds: int = 60
     retrain_cooldown_seconds: int = 6 * 3600
@@ -119,8 +126,10 @@ class Settings:
             dagster_home=Path(env.get("DAGSTER_HOME") or default_dagster_home),
             dagster_pg_url=pg_url,
             duckdb_memory_limit=env.get("MLPLATFORM_DUCKDB_MEMORY_LIMIT") or "512MB",
+            redis_url=env.get("MLPLATFORM_REDIS_URL") or REDIS_URL,
             alert_webhook=env.get("MLPLATFORM_ALERT_WEBHOOK") or None,
             landing_sensor_interval_seconds=number("MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS", 15),
+            stream_sensor_interval_seconds=number("MLPLATFORM_STREAM_SENSOR_INTERVAL_SECONDS", 10),
             automation_interval_seconds=number("MLPLATFORM_AUTOMATION_INTERVAL_SECONDS", 30),
             retraining_sensor_interval_seconds=number("MLPLATFORM_RETRAINING_SENSOR_INTERVAL_SECONDS", 60),
             retrain_cooldown_seconds=number("MLPLATFORM_RETRAIN_COOLDOWN_SECONDS", 6 * 3600),

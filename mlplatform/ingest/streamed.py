@@ -1,0 +1,250 @@
+"""The event stream in the graph: micro-batches into ``raw.flight_events``, and each day's stream
+reconciled with the next morning's batch file. Thin glue over ``mlplatform.stream``.
+
+Where the consumer runs: in Dagster, as micro-batch runs. ``stream_sensor`` looks at the consumer
+group's lag every ``MLPLATFORM_STREAM_SENSOR_INTERVAL_SECONDS`` and, when messages wait and no
+micro-batch run is going, starts ``stream_ingest_job``, whose op consumes until the group has
+nothing left (at most a minute) and records each micro-batch as an observation of
+``raw_flight_events`` for the days it touched: events, quarantined, duplicates, the lag after it,
+the last event time. A run, not a long-lived process: it holds the warehouse's one writer lock
+only while it writes, shows in the UI like any run, and is retried by the next tick if it fails.
+(What serving needs is not this: it reads the stream itself, within a second of publication.)
+
+``raw_flight_events`` itself is daily: materialized with the day's batch file (the daily run), it
+first consumes whatever is still waiting, then reconciles the day's streamed departures with the
+file's (``stream_matches_batch``: the same flights, the same delays; the differences named). The
+batch file stays the system of record: a day streamed incompletely, or not at all, warns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetObservation,
+    ConfigurableResource,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    MaterializeResult,
+    MetadataValue,
+    OpExecutionContext,
+    RunRequest,
+    RunsFilter,
+    SkipReason,
+    asset,
+    job,
+    op,
+    sensor,
+)
+from pydantic import Field
+
+from mlplatform import keys
+from mlplatform.partitions import daily_partitions, days_between, single_run, window_of
+from mlplatform.resources import Warehouse
+from mlplatform.settings import Settings
+
+OWNERS = ["team:data-platform"]
+MICRO_BATCH_SECONDS = 60  # the longest a micro-batch run consumes before it lets the next one start
+
+
+class StreamBroker(ConfigurableResource):
+    """The event stream's broker (``mlplatform.stream.broker``)."""
+
+    url: str = Field(description="Redis URL (MLPLATFORM_REDIS_URL).")
+
+    def connect(self):
+        """The broker, or None when nothing answers at the URL (the stream is optional: the batch
+        files are the system of record)."""
+        from mlplatform.stream.broker import Broker
+
+        broker = Broker(self.url)
+        if broker.ping():
+            return broker
+        broker.close()
+        return None
+
+
+def broker_resource(settings: Settings) -> StreamBroker:
+    return StreamBroker(url=settings.config("redis_url"))
+
+
+def consumer_name(context) -> str:
+    return f"{context.run_id[:8]}-{os.getpid()}"
+
+
+def observation(batch, lag, day) -> AssetObservation:
+    events, quarantined = batch.days[day]
+    return AssetObservation(asset_key=keys.RAW_FLIGHT_EVENTS, partition=str(day), metadata={
+        "micro_batch_messages": batch.messages,
+        "events": events,
+        "quarantined": quarantined,
+        "duplicates_ignored": batch.duplicates,
+        "claimed_from_dead_consumers": batch.claimed,
+        "lag_pending": lag.pending,
+        "lag_undelivered": lag.undelivered,
+        "last_event_time": str(batch.last_event_time) if batch.last_event_time else "none",
+        "seconds": MetadataValue.float(round(batch.seconds, 3)),
+    })
+
+
+@op(pool=keys.WAREHOUSE_POOL, description="Consume the event stream into raw.flight_events, micro-batch by "
+    "micro-batch, until nothing waits (at most a minute); each micro-batch is an observation of raw_flight_events.")
+def ingest_stream_events(context: OpExecutionContext, broker: StreamBroker, warehouse: Warehouse) -> None:
+    from mlplatform.stream.ingest import consume
+
+    connected = broker.connect()
+    if connected is None:
+        context.log.warning("no broker answers at %s: nothing to consume", broker.url)
+        return
+
+    def report(batch, lag):
+        for day in sorted(batch.days):
+            context.log_event(observation(batch, lag, day))
+        context.log.info("micro-batch: %d messages, %d events, %d quarantined, lag %d", batch.messages, batch.events,
+                         batch.quarantined, lag.total)
+
+    try:
+        consume(connected, warehouse.database, consumer_name(context), max_seconds=MICRO_BATCH_SECONDS,
+                on_batch=report)
+    finally:
+        connected.close()
+
+
+@job(description="A micro-batch of the event stream into raw.flight_events (started by stream_sensor).")
+def stream_ingest_job():
+    ingest_stream_events()
+
+
+def stream_sensor(settings: Settings):
+    @sensor(
+        name="stream_sensor", job=stream_ingest_job, default_status=DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=settings.stream_sensor_interval_seconds,
+        description="Starts a micro-batch run (stream_ingest_job) when the event stream has messages the warehouse "
+        "has not taken, and none is running.",
+    )
+    def _stream(context):
+        from mlplatform.stream.broker import Broker
+
+        broker = Broker(settings.redis_url)
+        try:
+            if not broker.ping():
+                return SkipReason(f"no broker answers at {settings.redis_url}")
+            lag = broker.lag()
+        finally:
+            broker.close()
+        if lag.total == 0:
+            return SkipReason(f"nothing waits in the stream (last message {lag.last_id})")
+        going = context.instance.get_runs(RunsFilter(job_name="stream_ingest_job", statuses=[
+            DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+            DagsterRunStatus.STARTED]), limit=1)
+        if going:
+            return SkipReason(f"{lag.total} messages wait; micro-batch run {going[0].run_id} is going")
+        return RunRequest(run_key=f"stream:{lag.last_id}", tags={keys.TRIGGER_TAG: f"stream lag {lag.total}"})
+
+    return _stream
+
+
+def reconcile(conn, start: dt.date, end: dt.date) -> dict:
+    """Per day of start..end: the batch file's departures (raw.flights with a departure time)
+    against the stream's departure events: (batch, streamed, matched, delay mismatches, missing
+    from the stream, not in the batch, examples)."""
+    rows = conn.execute(f"""
+        with batch as (
+            select strftime(_partition_date, '%Y-%m-%d') || '_' || carrier || cast(flight as varchar) || '_' || origin
+                   || '_' || lpad(cast(sched_dep_time as varchar), 4, '0') as flight_id,  -- (as stg_flights)
+                   _partition_date as day, dep_delay
+            from raw.flights where dep_time is not null and _partition_date between ? and ?
+        ),
+        streamed as (
+            select flight_id, _partition_date as day, dep_delay from raw.flight_events
+            where kind = 'departure' and _partition_date between ? and ?
+        )
+        select coalesce(b.day, s.day) as day,
+               count(b.flight_id) as batch, count(s.flight_id) as streamed,
+               count(*) filter (where b.flight_id is not null and s.flight_id is not null
+                                and b.dep_delay is not distinct from s.dep_delay) as matched,
+               list(b.flight_id) filter (where s.flight_id is not null and b.dep_delay is distinct from s.dep_delay)[:5]
+                   as mismatched,
+               count(*) filter (where s.flight_id is not null and b.flight_id is not null
+                                and b.dep_delay is distinct from s.dep_delay) as n_mismatched,
+               count(*) filter (where s.flight_id is null) as missing,
+               list(b.flight_id) filter (where s.flight_id is null)[:5] as missing_examples,
+               count(*) filter (where b.flight_id is null) as extra
+        from batch b full join streamed s using (flight_id)
+        group by 1 order by 1""", [start, end, start, end]).fetchall()
+    found = {r[0]: r for r in rows}
+    return {day: found.get(day) for day in days_between(start, end)}
+
+
+@asset(
+    key=keys.RAW_FLIGHT_EVENTS,
+    group_name="ingest",
+    deps=[keys.RAW_FLIGHTS],
+    partitions_def=daily_partitions,
+    backfill_policy=single_run,
+    kinds={"redis", "duckdb"},
+    owners=OWNERS,
+    tags={"layer": "raw", "daily": ""},
+    description="raw.flight_events: the airports' events (departures, arrivals, cancellations, hourly weather) "
+    "as streamed, exactly once per event_id (quarantine.flight_events for the malformed). Materialized with the "
+    "day's batch file: what is still waiting in the stream is consumed, then the day is reconciled with the file.",
+    check_specs=[AssetCheckSpec(
+        "stream_matches_batch", asset=keys.RAW_FLIGHT_EVENTS,
+        description="Every departure of the day's batch file was streamed, with the same departure delay, and the "
+        "stream has no departure the file lacks (warns: the file is the system of record).",
+    )],
+    pool=keys.WAREHOUSE_POOL,
+)
+def raw_flight_events(context: AssetExecutionContext, broker: StreamBroker, warehouse: Warehouse) -> MaterializeResult:
+    from mlplatform.stream.ingest import EVENTS_DDL, consume
+
+    start, end = window_of(context)
+    connected = broker.connect()
+    consumed = 0
+    if connected is not None:
+        try:
+            consumed = sum(b.messages for b in consume(connected, warehouse.database, consumer_name(context),
+                                                       max_seconds=600))
+        finally:
+            connected.close()
+    else:
+        context.log.warning("no broker answers at %s: the days are reconciled with what the warehouse has", broker.url)
+    with warehouse.get_connection() as conn:
+        conn.execute(EVENTS_DDL)
+        days = reconcile(conn, start, end)
+        counts = dict(conn.execute(
+            "SELECT kind, count(*) FROM raw.flight_events WHERE _partition_date BETWEEN ? AND ? GROUP BY 1",
+            [start, end]).fetchall())
+        quarantined = conn.execute("SELECT count(*) FROM quarantine.flight_events WHERE _partition_date BETWEEN ? AND ?",
+                                   [start, end]).fetchone()[0]
+    unstreamed = [str(d) for d, r in days.items() if r is None or r[2] == 0]
+    problems = []
+    for day, r in days.items():
+        if r is None or r[2] == 0:
+            continue
+        _, batch_n, streamed, matched, mismatched, n_mismatched, missing, missing_examples, extra = r
+        if n_mismatched or missing or extra:
+            problems.append(f"{day}: {missing} departure(s) of the file not streamed (e.g. {', '.join(missing_examples)})"
+                            if missing else f"{day}:" + (f" {n_mismatched} delay(s) differ (e.g. {', '.join(mismatched)})"
+                                                          if n_mismatched else "")
+                            + (f" {extra} streamed departure(s) not in the file" if extra else ""))
+    description = ("; ".join(problems[:10]) or f"{sum(r[3] for r in days.values() if r)} departures streamed and "
+                   f"matched") + (f"; not streamed at all: {', '.join(unstreamed[:10])}" if unstreamed else "")
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": sum(counts.values()),
+            "events_by_kind": MetadataValue.json(counts),
+            "quarantined": quarantined,
+            "consumed_now": consumed,
+            "days_not_streamed": MetadataValue.json(unstreamed),
+        },
+        check_results=[AssetCheckResult(
+            check_name="stream_matches_batch", passed=not problems and not unstreamed,
+            severity=AssetCheckSeverity.WARN, description=description,
+        )],
+    )

@@ -1,0 +1,239 @@
+"""Streamed events into the warehouse, exactly once: read, validate, write, acknowledge.
+
+A micro-batch (``ingest``): first the messages another consumer read and never acknowledged
+for ``min_idle_ms`` (it died between its write and its acknowledgement: ``claim_stale``), then
+new ones; each is parsed and checked against the event contract; the valid ones go to
+``raw.flight_events`` and the others to ``quarantine.flight_events`` (with the rule and the
+reason; a message that cannot be parsed at all is kept whole, its raw payload), both in one
+transaction; only after the commit are the messages acknowledged. A message delivered twice
+(its consumer was killed after the commit and before the acknowledgement) is written once:
+``event_id`` is the raw table's primary key and the message id the quarantine's, and the insert
+ignores what is already there. Nothing is dropped and nothing blocks the stream: a bad message
+is quarantined and acknowledged like a good one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass, field
+
+from mlplatform.stream.broker import Broker
+from mlplatform.stream.events import KINDS, WEATHER_FIELDS
+from mlplatform.warehouse import in_one_transaction
+
+STREAM_SOURCE = "redis-stream"  # the raw table's _source_file for streamed rows
+FLIGHT_KINDS = ("departure", "arrival", "cancellation")
+EARLIEST, LATEST = dt.datetime(2012, 12, 31), dt.datetime(2014, 1, 2)  # event times the platform accepts (UTC)
+DELAY_RANGE = (-720, 2880)  # minutes, as the batch contract's
+
+EVENTS_DDL = """
+CREATE SCHEMA IF NOT EXISTS raw;
+CREATE SCHEMA IF NOT EXISTS quarantine;
+CREATE TABLE IF NOT EXISTS raw.flight_events (
+    event_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL,
+    flight_id VARCHAR, carrier VARCHAR, flight_number BIGINT, origin VARCHAR NOT NULL, dest VARCHAR,
+    sched_dep_time BIGINT, tailnum VARCHAR, dep_delay DOUBLE, arr_delay DOUBLE, weather JSON,
+    _partition_date DATE NOT NULL, _source_file VARCHAR, _message_id VARCHAR, _ingested_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS quarantine.flight_events (
+    _message_id VARCHAR PRIMARY KEY, event_id VARCHAR, kind VARCHAR, event_time TIMESTAMP,
+    _partition_date DATE, payload VARCHAR, _rule VARCHAR NOT NULL, _reason VARCHAR NOT NULL, _ingested_at TIMESTAMP
+);
+"""
+COLUMNS = ["event_id", "kind", "event_time", "flight_id", "carrier", "flight_number", "origin", "dest",
+           "sched_dep_time", "tailnum", "dep_delay", "arr_delay", "weather", "_partition_date", "_source_file",
+           "_message_id", "_ingested_at"]
+
+
+class Invalid(ValueError):
+    def __init__(self, rule: str, reason: str):
+        super().__init__(f"{rule}: {reason}")
+        self.rule, self.reason = rule, reason
+
+
+def _time(text) -> dt.datetime:
+    if not isinstance(text, str):
+        raise Invalid("event_time_valid", f"event_time {text!r} is not an ISO 8601 timestamp")
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise Invalid("event_time_valid", f"event_time {text!r} is not an ISO 8601 timestamp") from None
+    if when.tzinfo is None:
+        raise Invalid("event_time_valid", f"event_time {text!r} has no time zone (UTC is required)")
+    when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    if not EARLIEST <= when <= LATEST:
+        raise Invalid("event_time_valid", f"event_time {text} is outside {EARLIEST:%Y-%m-%d}..{LATEST:%Y-%m-%d}")
+    return when
+
+
+def _date(text, what: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise Invalid("key_present", f"{what} {text!r} is not a date YYYY-MM-DD") from None
+
+
+def _delay(payload: dict, name: str, required: bool) -> float | None:
+    value = payload.get(name)
+    if value is None:
+        if required:
+            raise Invalid("payload_complete", f"a departure needs {name}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise Invalid("payload_complete", f"{name} {value!r} is not a number")
+    if not DELAY_RANGE[0] <= value <= DELAY_RANGE[1]:
+        raise Invalid("delay_in_range", f"{name} {value} min is outside {DELAY_RANGE[0]}..{DELAY_RANGE[1]}")
+    return float(value)
+
+
+def validate(body: dict) -> dict:
+    """The raw row of one parsed event, or ``Invalid`` naming the rule it breaks and why."""
+    event_id, kind = body.get("event_id"), body.get("kind")
+    if not isinstance(event_id, str) or not event_id:
+        raise Invalid("key_present", "event_id is missing")
+    if kind not in KINDS:
+        raise Invalid("kind_known", f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    when = _time(body.get("event_time"))
+    payload = body.get("payload") or {}
+    if not isinstance(payload, dict):
+        raise Invalid("payload_complete", "payload is not an object")
+    row = dict.fromkeys(COLUMNS[:13])
+    row.update(event_id=event_id, kind=kind, event_time=when)
+    if kind == "weather":
+        origin = body.get("origin")
+        if not isinstance(origin, str) or len(origin) != 3:
+            raise Invalid("key_present", f"origin {origin!r} is not an airport code")
+        row.update(origin=origin, weather=json.dumps({k: payload.get(k) for k in WEATHER_FIELDS}),
+                   _partition_date=_date(body.get("flight_date"), "flight_date"))
+        return row
+    flight = body.get("flight") or {}
+    if not isinstance(flight, dict):
+        raise Invalid("key_present", "flight is not an object")
+    for name in ("flight_id", "carrier", "origin", "dest"):
+        if not isinstance(flight.get(name), str) or not flight.get(name):
+            raise Invalid("key_present", f"flight.{name} is missing")
+    for name in ("flight_number", "sched_dep_time"):
+        if isinstance(flight.get(name), bool) or not isinstance(flight.get(name), int):
+            raise Invalid("key_present", f"flight.{name} {flight.get(name)!r} is not an integer")
+    row.update({k: flight[k] for k in ("flight_id", "carrier", "flight_number", "origin", "dest", "sched_dep_time")},
+               tailnum=flight.get("tailnum") if isinstance(flight.get("tailnum"), str) else None,
+               dep_delay=_delay(payload, "dep_delay", required=kind == "departure"),
+               arr_delay=_delay(payload, "arr_delay", required=kind == "arrival"),
+               _partition_date=_date(flight.get("flight_date"), "flight.flight_date"))
+    return row
+
+
+@dataclass
+class MicroBatch:
+    messages: int = 0
+    events: int = 0          # written to raw (new)
+    duplicates: int = 0      # valid, but already in raw (a redelivery, or the same event published again)
+    quarantined: int = 0
+    claimed: int = 0         # of the messages, taken over from a consumer that did not acknowledge them
+    last_event_time: dt.datetime | None = None
+    days: dict = field(default_factory=dict)  # day -> [events, quarantined]
+    by_rule: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def ingest(broker: Broker, conn, consumer: str, count: int = 20_000, min_idle_ms: int = 30_000,
+           block_ms: int | None = None, before_ack=None) -> MicroBatch:
+    """One micro-batch of up to ``count`` messages into the warehouse (see the module)."""
+    import pandas as pd
+
+    began = time.perf_counter()
+    broker.ensure_group()
+    claimed = broker.claim_stale(consumer, min_idle_ms, count)
+    messages = claimed + (broker.read(consumer, count - len(claimed), block_ms=block_ms) if len(claimed) < count else [])
+    batch = MicroBatch(messages=len(messages), claimed=len(claimed))
+    if not messages:
+        batch.seconds = time.perf_counter() - began
+        return batch
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    rows, bad = [], []
+    for message_id, raw in messages:
+        body = None
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise Invalid("parseable", "the message is not a JSON object")
+            row = validate(body)
+            row.update(_source_file=STREAM_SOURCE, _message_id=message_id, _ingested_at=now)
+            rows.append(row)
+        except (ValueError, UnicodeDecodeError) as exc:
+            invalid = exc if isinstance(exc, Invalid) else Invalid("parseable", f"not JSON: {exc}")
+            body = body if isinstance(body, dict) else {}
+            try:
+                when = _time(body.get("event_time"))
+            except Invalid:
+                when = None
+            day = (body.get("flight") or {}).get("flight_date") if isinstance(body.get("flight"), dict) else \
+                body.get("flight_date")
+            try:
+                day = dt.date.fromisoformat(day) if isinstance(day, str) else None
+            except ValueError:
+                day = None
+            bad.append({"_message_id": message_id, "event_id": body.get("event_id") if isinstance(body.get("event_id"), str)
+                        else None, "kind": body.get("kind") if isinstance(body.get("kind"), str) else None,
+                        "event_time": when, "_partition_date": day,
+                        "payload": raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw),
+                        "_rule": invalid.rule, "_reason": invalid.reason, "_ingested_at": now})
+            batch.by_rule[invalid.rule] = batch.by_rule.get(invalid.rule, 0) + 1
+    conn.execute(EVENTS_DDL)
+    good = pd.DataFrame(rows, columns=COLUMNS)
+    quarantine = pd.DataFrame(bad, columns=["_message_id", "event_id", "kind", "event_time", "_partition_date", "payload",
+                                            "_rule", "_reason", "_ingested_at"])
+    conn.register("good", good)
+    conn.register("bad", quarantine)
+    try:
+        before = conn.execute("SELECT (SELECT count(*) FROM raw.flight_events), "
+                              "(SELECT count(*) FROM quarantine.flight_events)").fetchall()[0]
+        columns = ", ".join(COLUMNS)
+        in_one_transaction(conn, [
+            f"INSERT OR IGNORE INTO raw.flight_events ({columns}) SELECT {columns} FROM good",
+            "INSERT OR IGNORE INTO quarantine.flight_events SELECT * FROM bad",
+        ])
+        after = conn.execute("SELECT (SELECT count(*) FROM raw.flight_events), "
+                             "(SELECT count(*) FROM quarantine.flight_events)").fetchall()[0]
+    finally:
+        conn.unregister("good")
+        conn.unregister("bad")
+    if before_ack:
+        before_ack()  # (fault injection: a consumer killed after the commit, before the acknowledgement)
+    broker.ack([m for m, _ in messages])
+    batch.events, batch.quarantined = after[0] - before[0], after[1] - before[1]
+    batch.duplicates = len(good) - batch.events
+    if len(good):
+        batch.last_event_time = good.event_time.max().to_pydatetime()
+        for day, n in good.groupby("_partition_date").size().items():
+            batch.days.setdefault(day, [0, 0])[0] += int(n)
+    for day in quarantine._partition_date:
+        batch.days.setdefault(day, [0, 0])[1] += 1
+    batch.seconds = time.perf_counter() - began
+    return batch
+
+
+def consume(broker: Broker, warehouse, consumer: str, count: int = 20_000, max_seconds: float | None = None,
+            min_idle_ms: int = 30_000, on_batch=None, before_ack=None) -> list[MicroBatch]:
+    """Micro-batches until the group has nothing left, delivered or pending (or ``max_seconds``),
+    each in a connection of its own to ``warehouse`` (the writer's lock is held only while a
+    batch is written). ``on_batch(batch, lag)`` is told about each."""
+    from mlplatform.warehouse import connect
+
+    batches, began = [], time.monotonic()
+    while max_seconds is None or time.monotonic() - began < max_seconds:
+        with connect(warehouse) as conn:
+            batch = ingest(broker, conn, consumer, count, min_idle_ms, before_ack=before_ack)
+        if not batch.messages:
+            lag = broker.lag()
+            if lag.total == 0:
+                break
+            # messages another consumer read and never acknowledged: they are claimed once idle
+            time.sleep(min(1.0, min_idle_ms / 1000 / 4))
+            continue
+        batches.append(batch)
+        if on_batch:
+            on_batch(batch, broker.lag())
+    return batches
