@@ -32,7 +32,7 @@ UV_SYNC := $(BIN)/uv pip sync --quiet --compile-bytecode
 # The install is redone when the lock, the project metadata or the install command change.
 STAMP := $(VENV)/.installed-$(shell (cat requirements.lock pyproject.toml; echo '$(UV_SYNC)') 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help setup install home ui test test-fast system-deps run serve bench lock clean-home deliver
+.PHONY: help setup install home ui test test-fast system-deps run serve bench lock clean-home deliver stream
 
 help:
 	@echo "make ui      set up (idempotent) and start the Dagster UI on http://$(HOST):$(PORT) and the MLflow UI"
@@ -40,6 +40,7 @@ help:
 	@echo "make test-fast   the unit lane only"
 	@echo "make run START=YYYY-MM-DD END=YYYY-MM-DD   headless run of the whole graph for a range"
 	@echo "make deliver DAYS=N [DRIFT=weather|schedule|all]   deliver the next days into the landing zone"
+	@echo "make stream START=D END=D [SPEED=3600]   publish days' events to the broker (rt_ features)"
 	@echo "make serve   serve the champion model over HTTP on http://$(HOST):$(SERVE_PORT) (after make run)"
 	@echo "make bench   run the benchmarks, write benchmarks/results.{md,json}"
 	@echo "make lock    re-resolve requirements.lock from pyproject.toml"
@@ -87,6 +88,11 @@ deliver: setup
 
 serve: setup
 	$(BIN)/mlplatform serve --host $(HOST) --port $(SERVE_PORT)
+
+# publish days' events to the broker (the one `make ui` runs, else one started for the command);
+# SPEED=3600 plays an hour of event time a second
+stream: setup
+	$(BIN)/mlplatform stream --start $(START) --end $(END) $(if $(SPEED),--speed $(SPEED))
 
 run: setup
 	$(BIN)/mlplatform run --start $(START) --end $(END) --replay

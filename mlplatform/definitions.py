@@ -38,6 +38,7 @@ SERVING_CHECK_JOB = "serving_check_job"
 def build_defs(settings: Settings) -> Definitions:
     from mlplatform.ingest.assets import raw_assets
     from mlplatform.ingest.sensors import landing_sensor
+    from mlplatform.ingest.streamed import broker_resource, raw_flight_events, stream_ingest_job, stream_sensor
     from mlplatform.monitoring.assets import monitoring_assets, reference_profile
     from mlplatform.monitoring.sensors import sensors
     from mlplatform.operations import dead_run_sensor
@@ -58,7 +59,7 @@ def build_defs(settings: Settings) -> Definitions:
     dbt_asset_defs = build_dbt_assets(project, settings)
     skew_check = online_features_match(settings)
 
-    daily_selection = (AssetSelection.assets(*[a for a in raw_assets if a.partitions_def])
+    daily_selection = (AssetSelection.assets(*[a for a in raw_assets if a.partitions_def], raw_flight_events)
                        | AssetSelection.assets(*[a for a in dbt_asset_defs if a.partitions_def]))
     training_selection = AssetSelection.assets(*training_assets, reference_profile)
     predictions_selection = AssetSelection.assets(flight_delay_predictions)
@@ -97,11 +98,11 @@ def build_defs(settings: Settings) -> Definitions:
         description="Every morning, after the night's deliveries: is the online path still the offline one?",
     )
     return Definitions(
-        assets=[*raw_assets, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets],
+        assets=[*raw_assets, raw_flight_events, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets],
         asset_checks=[skew_check],
-        jobs=jobs,
+        jobs=[*jobs, stream_ingest_job],
         schedules=[serving_check_schedule],
-        sensors=[landing_sensor(settings), *sensors(settings), serving_check_sensor(jobs[1], jobs[5]),
+        sensors=[landing_sensor(settings), stream_sensor(settings), *sensors(settings), serving_check_sensor(jobs[1], jobs[5]),
                  automation_sensor, dead_run_sensor],
         resources={
             "warehouse": warehouse_resource(settings),
@@ -110,6 +111,7 @@ def build_defs(settings: Settings) -> Definitions:
             "dbt": dbt_resource(settings, project),
             "mlflow": mlflow_resource(settings),
             "profile_store": profile_store_resource(settings),
+            "broker": broker_resource(settings),
         },
         # One process per run: an in-process step costs milliseconds, a subprocess a second and a
         # half, and DuckDB allows one writer at a time anyway.

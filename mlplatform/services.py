@@ -44,10 +44,18 @@ class Service:
 
 
 def services(settings: Settings, host: str, port: int) -> list[Service]:
-    """The Dagster UI, and the MLflow UI on ``settings.mlflow_ui_url`` over the platform's own
-    MLflow store (none when MLPLATFORM_MLFLOW_URI is a tracking server: that is the UI)."""
+    """The Dagster UI, the MLflow UI on ``settings.mlflow_ui_url`` over the platform's own
+    MLflow store (none when MLPLATFORM_MLFLOW_URI is a tracking server: that is the UI), and the
+    platform's own broker (none when MLPLATFORM_REDIS_URL points elsewhere, or one answers)."""
+    from mlplatform.stream.server import broker_answers, own_broker, server_argv
+
     scripts = Path(sys.executable).parent
-    found = [Service(
+    found = []
+    own = own_broker(settings)
+    if own is not None and not broker_answers(settings.redis_url):
+        # the event stream's broker, first: the stream sensor looks for it
+        found.append(Service("redis", server_argv(settings.home / "redis", own[1], own[0]), settings.redis_url))
+    found += [Service(
         "dagster", [str(scripts / "dagster"), "dev", "-w", "workspace.yaml", "--host", host, "--port", str(port)],
         f"http://{host}:{port}", echo=True,
     )]
@@ -163,6 +171,14 @@ def _tee(source, log: TextIO, out: TextIO) -> None:
 
 
 def _answers(url: str) -> bool:
+    if url.startswith("redis://"):
+        from mlplatform.stream.broker import Broker
+
+        broker = Broker(url)
+        try:
+            return broker.ping()
+        finally:
+            broker.close()
     try:
         with urllib.request.urlopen(url, timeout=POLL_SECONDS):
             return True

@@ -78,9 +78,14 @@ def shared(tmp_path_factory, name: str, build) -> Path:
     return target
 
 
+# where no broker answers: a test never consumes the stream of a developer's own `make ui`
+NO_BROKER = "redis://127.0.0.1:9/0"
+
+
 def settings_of(home: Path) -> Settings:
-    """The settings of a home directory, as a process with only MLPLATFORM_HOME set reads them."""
-    return Settings.from_env({"MLPLATFORM_HOME": str(home)})
+    """The settings of a home directory, as a process with only MLPLATFORM_HOME set (and no
+    broker) reads them."""
+    return Settings.from_env({"MLPLATFORM_HOME": str(home), "MLPLATFORM_REDIS_URL": NO_BROKER})
 
 
 @pytest.fixture(scope="session")
@@ -201,6 +206,7 @@ def home(tmp_path, monkeypatch, replayed, dbt_target, mlflow_store, home_path) -
     for var in [v for v in os.environ if v.startswith("MLPLATFORM_")] + ["DAGSTER_HOME"]:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLPLATFORM_HOME", str(home))
+    monkeypatch.setenv("MLPLATFORM_REDIS_URL", NO_BROKER)
     # the MLflow store is the test's own path: MLflow caches a store per URI in the process
     mlflow_dir = tmp_path / "mlflow"
     mlflow_dir.mkdir()

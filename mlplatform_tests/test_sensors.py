@@ -44,7 +44,9 @@ def tick(sensor, instance, cursor):
 
 
 DAILY_FEATURES = {"raw_flights", "raw_weather", "staging/stg_flights", "staging/stg_weather", "marts/fct_flights",
-                  "marts/agg_daily_route_stats", "features/flight_features"}
+                  "marts/agg_daily_route_stats", "features/flight_features",
+                  # the day's streamed events: what still waits is consumed, then reconciled with the file
+                  "raw_flight_events", "staging/stg_departure_events"}
 NEEDS_CHAMPION = {"predictions/flight_delay", "monitoring/feature_profiles", "monitoring/drift_report",
                   "monitoring/model_performance"}
 

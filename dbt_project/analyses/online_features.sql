@@ -5,4 +5,4 @@
   the tables it reads.
 #}
 -- the server also checks requests against the airlines: depends_on: {{ ref('stg_airlines') }}
-{{ flight_features('online_requests') }}
+{{ flight_features('online_requests', online=true) }}

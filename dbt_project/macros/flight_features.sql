@@ -15,9 +15,23 @@
   - the aircraft (staging.stg_planes);
   - rolling delay rates of the carrier, origin, route and origin-hour over the 1, 7 and 28 days
     BEFORE the flight's date (agg_daily_route_stats): never the flight's day or later, so adding
-    later days never changes an earlier flight's features.
+    later days never changes an earlier flight's features;
+  - intraday features (rt_*) from the streamed departures (staging.stg_departure_events) as of
+    the flight's prediction time: only departures with event_time BEFORE it count, and never the
+    flight's own. The prediction time is var('prediction_lead_minutes') (60) before the scheduled
+    departure (UTC). Online (online=true) the requests carry two more columns: as_of, the instant
+    the caller asks about (used as given), and stream_clock, the latest event time the server has
+    seen; without as_of a request is answered as of the earlier of stream_clock and the
+    prediction time, so a flight whose prediction time has passed gets exactly its offline row.
+      rt_origin_departures_2h      departures from the origin in the 2 hours before
+      rt_origin_dep_delay_2h       their mean departure delay (minutes; NULL when none)
+      rt_origin_delayed_share_2h   their share delayed more than 15 minutes
+      rt_carrier_origin_dep_delay_today   the carrier's mean departure delay at the origin so far
+                                   that local day
+      rt_tail_prev_dep_delay       the aircraft's latest earlier departure delay that day
+      rt_tail_departures_today     the aircraft's departures that day so far
 #}
-{% macro flight_features(flights) -%}
+{% macro flight_features(flights, online=false) -%}
 {%- set grains = [
     ('carrier', ['carrier'], [1, 7, 28]),
     ('origin', ['origin'], [1, 7, 28]),
@@ -29,7 +43,7 @@
 {%- if var('feature_lookback_days') < lookback -%}
     {{ exceptions.raise_compiler_error("feature_lookback_days must be at least " ~ lookback) }}
 {%- endif -%}
-with requested as (
+with requested_flights as (
     select
         flight_id,
         cast(flight_date as date)                        as flight_date,
@@ -42,8 +56,60 @@ with requested as (
         cast(sched_dep_time // 100 as integer)           as sched_dep_hour,
         {{ local_hour_to_utc('cast(flight_date as date)', 'sched_dep_time // 100') }} as sched_dep_hour_utc,
         cast(sched_arr_time as bigint)                   as given_sched_arr_time,
-        cast(distance_miles as double)                   as given_distance_miles
+        cast(distance_miles as double)                   as given_distance_miles,
+        strftime(cast(flight_date as date), '%Y-%m-%d') || '_' || carrier || cast(flight_number as varchar) || '_'
+            || origin || '_' || lpad(cast(sched_dep_time as varchar), 4, '0') as flight_key,
+        {{ local_minute_to_utc('cast(flight_date as date)', 'sched_dep_time') }}
+            - interval {{ var('prediction_lead_minutes') }} minute as default_prediction_time,
+        {%- if online %}
+        cast(as_of as timestamp)                         as as_of,
+        cast(stream_clock as timestamp)                  as stream_clock
+        {%- else %}
+        cast(null as timestamp)                          as as_of,
+        cast(null as timestamp)                          as stream_clock
+        {%- endif %}
     from {{ flights }}
+),
+requested as (
+    select *, coalesce(as_of, case when stream_clock < default_prediction_time then stream_clock
+                                   else default_prediction_time end) as prediction_time
+    from requested_flights
+),
+-- the streamed departures that may count for some requested flight (its local day, or the 2 hours before)
+departures as (
+    select event_id, flight_id, flight_date, carrier, origin, tailnum, event_time, dep_delay_minutes
+    from {{ ref('stg_departure_events') }}
+    where event_time >= (select min(prediction_time) from requested) - interval 1 day
+      and event_time < (select max(prediction_time) from requested)
+),
+rt_origin as (
+    select r.flight_id,
+           count(d.event_id)                                   as rt_origin_departures_2h,
+           avg(d.dep_delay_minutes)                            as rt_origin_dep_delay_2h,
+           avg(cast(d.dep_delay_minutes > 15 as double))       as rt_origin_delayed_share_2h
+    from requested r
+    left join departures d
+        on d.origin = r.origin and d.event_time >= r.prediction_time - interval 2 hour
+       and d.event_time < r.prediction_time and d.flight_id <> r.flight_key
+    group by r.flight_id
+),
+rt_carrier as (
+    select r.flight_id, avg(d.dep_delay_minutes) as rt_carrier_origin_dep_delay_today
+    from requested r
+    left join departures d
+        on d.origin = r.origin and d.carrier = r.carrier and d.flight_date = r.flight_date
+       and d.event_time < r.prediction_time and d.flight_id <> r.flight_key
+    group by r.flight_id
+),
+rt_tail as (
+    select r.flight_id,
+           arg_max(d.dep_delay_minutes, d.event_time)          as rt_tail_prev_dep_delay,
+           count(d.event_id)                                   as rt_tail_departures_today
+    from requested r
+    left join departures d
+        on d.tailnum = r.tailnum and d.flight_date = r.flight_date
+       and d.event_time < r.prediction_time and d.flight_id <> r.flight_key
+    group by r.flight_id
 ),
 -- the published schedule of the requested days (known in advance of departure)
 schedule as (
@@ -125,7 +191,12 @@ select
     c.carrier_delay_rate_1d, c.carrier_delay_rate_7d, c.carrier_delay_rate_28d, c.carrier_flights_28d,
     og.origin_delay_rate_1d, og.origin_delay_rate_7d, og.origin_delay_rate_28d, og.origin_flights_28d,
     rt.route_delay_rate_1d, rt.route_delay_rate_7d, rt.route_delay_rate_28d, rt.route_flights_28d,
-    oh.origin_hour_delay_rate_28d
+    oh.origin_hour_delay_rate_28d,
+    -- intraday, as of the prediction time (streamed departures before it only)
+    r.prediction_time,
+    ro.rt_origin_departures_2h, ro.rt_origin_dep_delay_2h, ro.rt_origin_delayed_share_2h,
+    rc.rt_carrier_origin_dep_delay_today,
+    rtl.rt_tail_prev_dep_delay, rtl.rt_tail_departures_today
 from requested r
 left join schedule s
     on s.flight_date = r.flight_date and s.carrier = r.carrier and s.flight_number = r.flight_number
@@ -144,6 +215,9 @@ left join origin_rates og on og.flight_date = r.flight_date and og.origin = r.or
 left join route_rates rt on rt.flight_date = r.flight_date and rt.origin = r.origin and rt.dest = r.dest
 left join origin_hour_rates oh
     on oh.flight_date = r.flight_date and oh.origin = r.origin and oh.sched_dep_hour = r.sched_dep_hour
+left join rt_origin ro on ro.flight_id = r.flight_id
+left join rt_carrier rc on rc.flight_id = r.flight_id
+left join rt_tail rtl on rtl.flight_id = r.flight_id
 {%- endmacro %}
 
 
@@ -183,6 +257,13 @@ left join origin_hour_rates oh
 {# The naive UTC timestamp of a local New York hour on a date (the scheduled departure hour). #}
 {% macro local_hour_to_utc(date_expr, hour_expr) -%}
     timezone('UTC', timezone('America/New_York', {{ date_expr }} + to_hours(cast({{ hour_expr }} as integer))))
+{%- endmacro %}
+
+
+{# The naive UTC timestamp of a local New York time HHMM on a date (the scheduled departure). #}
+{% macro local_minute_to_utc(date_expr, hhmm_expr) -%}
+    timezone('UTC', timezone('America/New_York', {{ date_expr }}
+        + to_minutes(cast(({{ hhmm_expr }}) // 100 * 60 + ({{ hhmm_expr }}) % 100 as integer))))
 {%- endmacro %}
 
 

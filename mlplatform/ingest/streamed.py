@@ -16,7 +16,6 @@ file's (``stream_matches_batch``: the same flights, the same delays; the differe
 batch file stays the system of record: a day streamed incompletely, or not at all, warns.
 """
 
-from __future__ import annotations
 
 import datetime as dt
 import os
@@ -32,7 +31,6 @@ from dagster import (
     DefaultSensorStatus,
     MaterializeResult,
     MetadataValue,
-    OpExecutionContext,
     RunRequest,
     RunsFilter,
     SkipReason,
@@ -94,7 +92,7 @@ def observation(batch, lag, day) -> AssetObservation:
 
 @op(pool=keys.WAREHOUSE_POOL, description="Consume the event stream into raw.flight_events, micro-batch by "
     "micro-batch, until nothing waits (at most a minute); each micro-batch is an observation of raw_flight_events.")
-def ingest_stream_events(context: OpExecutionContext, broker: StreamBroker, warehouse: Warehouse) -> None:
+def ingest_stream_events(context, broker: StreamBroker, warehouse: Warehouse) -> None:
     from mlplatform.stream.ingest import consume
 
     connected = broker.connect()

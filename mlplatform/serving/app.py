@@ -257,6 +257,11 @@ class Metrics:
         )
 
 
+AS_OF = ("The instant (ISO 8601; UTC when no offset is given) the intraday rt_ features are computed as of: only "
+         "streamed events before it count. Default: now on the stream's clock, but never after the flight's "
+         "prediction time (60 minutes before its scheduled departure), which is exactly the training row.")
+
+
 def create_app(service: PredictionService, start_service: bool = True) -> FastAPI:
     metrics = Metrics()
     started = threading.Event()
@@ -322,14 +327,16 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
     async def invalid(request: Request, exc: InvalidFlight):
         return JSONResponse({"detail": exc.errors}, status_code=422)
 
-    async def _predict(flights: list[BaseModel], explain: bool, batch: bool) -> list[dict]:
+    async def _predict(flights: list[BaseModel], explain: bool, batch: bool, as_of: dt.datetime | None) -> list[dict]:
         if not started.is_set() and start_service:
             raise NotReady("starting: compiling the feature SQL and loading the warehouse and the champion")
         flights = [f.model_dump() for f in flights]
-        if service.is_quick(flights):  # lookups: cheaper inline than a thread hop
+        if as_of is not None:  # naive UTC, as the warehouse's event times
+            as_of = as_of.astimezone(dt.timezone.utc).replace(tzinfo=None) if as_of.tzinfo else as_of
+        if as_of is None and service.is_quick(flights):  # lookups: cheaper inline than a thread hop
             out = service.predict(flights, explain=explain, batch=batch)
         else:  # a query or a big batch: off the event loop
-            out = await run_in_threadpool(service.predict, flights, explain=explain, batch=batch)
+            out = await run_in_threadpool(service.predict, flights, explain=explain, batch=batch, as_of=as_of)
         if out:
             metrics.predictions.labels(out[0]["model_version"]).inc(len(out))
         return out
@@ -338,15 +345,17 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
               responses={400: {"model": Unreadable, "description": "The body is not text (not UTF-8)"},
                          422: {"model": ClientErrors, "description": "Invalid flight"},
                          503: {"model": Unavailable, "description": "No champion or warehouse yet"}})
-    async def predict(flight: ServedFlight, explain: bool = Query(False, description="Also return the feature vector.")):
-        return (await _predict([flight], explain, batch=False))[0]
+    async def predict(flight: ServedFlight, explain: bool = Query(False, description="Also return the feature vector."),
+                      as_of: dt.datetime | None = Query(None, description=AS_OF)):
+        return (await _predict([flight], explain, batch=False, as_of=as_of))[0]
 
     @app.post("/predict/batch", response_model=Predictions, response_model_exclude_none=True,
               responses={400: {"model": Unreadable, "description": "The body is not text (not UTF-8)"},
                          422: {"model": ClientErrors, "description": "Invalid flights"},
                          503: {"model": Unavailable, "description": "No champion or warehouse yet"}})
-    async def predict_batch(body: ServedBatch, explain: bool = Query(False, description="Also return the feature vectors.")):
-        return {"predictions": await _predict(body.flights, explain, batch=True)}
+    async def predict_batch(body: ServedBatch, explain: bool = Query(False, description="Also return the feature vectors."),
+                            as_of: dt.datetime | None = Query(None, description=AS_OF)):
+        return {"predictions": await _predict(body.flights, explain, batch=True, as_of=as_of)}
 
     @app.get("/health", responses={503: {"description": "Not ready: the reasons say why"}})
     def health():

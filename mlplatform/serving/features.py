@@ -26,6 +26,7 @@ from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
 
 ANALYSIS = "online_features"
 REQUESTS_TABLE = "online_requests"
+EVENTS_RELATION = "stg_departure_events"  # the streamed departures, which the server also tails live
 # what a client tells us about a flight; the last two are looked up in the schedule when absent
 REQUEST_COLUMNS = [
     "flight_date", "carrier", "flight_number", "origin", "dest", "sched_dep_time", "tailnum",
@@ -93,9 +94,13 @@ def compile_online_features(settings: Settings, target_dir: Path) -> CompiledFea
     return CompiledFeatures(sql=sql_path.read_text(), relations=tuple(relations))
 
 
-def requests_frame(flights: list[dict]) -> pd.DataFrame:
+def requests_frame(flights: list[dict], as_of: dt.datetime | None = None,
+                   stream_clock: dt.datetime | None = None) -> pd.DataFrame:
     """The ``online_requests`` table for a list of flights (dicts of REQUEST_COLUMNS). Rows are
-    identified by their position: a batch may ask about one flight twice."""
+    identified by their position: a batch may ask about one flight twice. ``as_of`` (naive UTC)
+    is the instant the intraday features are asked for; without it they are as of the earlier of
+    ``stream_clock`` (the latest event time seen) and each flight's prediction time
+    (``macros/flight_features.sql``)."""
     frame = pd.DataFrame.from_records(flights, columns=REQUEST_COLUMNS)
     frame.insert(0, "flight_id", [str(i) for i in range(len(frame))])
     frame["flight_date"] = pd.to_datetime(frame["flight_date"]).dt.date
@@ -104,6 +109,8 @@ def requests_frame(flights: list[dict]) -> pd.DataFrame:
     frame["distance_miles"] = pd.to_numeric(frame["distance_miles"], errors="coerce").astype("float64")
     for column in ("carrier", "origin", "dest", "tailnum"):
         frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+    frame["as_of"] = pd.Series([as_of] * len(frame), dtype="datetime64[us]")
+    frame["stream_clock"] = pd.Series([stream_clock] * len(frame), dtype="datetime64[us]")
     return frame
 
 
@@ -135,6 +142,8 @@ class Snapshot:
     first_flight_date: dt.date | None
     last_flight_date: dt.date | None
     holidays: tuple[dt.date | None, dt.date | None]  # the holiday calendar's first and last day
+    events: Relation | None = None  # the streamed departures the rt_ features read
+    events_clock: dt.datetime | None = None  # the latest event time among them at load
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -150,6 +159,21 @@ class Snapshot:
     def features(self, sql: str, requests: pd.DataFrame) -> pd.DataFrame:
         with self.lock:  # one DuckDB connection: one query at a time
             return compute_features(self.conn, sql, requests)
+
+    def add_events(self, departures: pd.DataFrame) -> int:
+        """Streamed departures (``stg_departure_events``' columns) that reached the server after
+        the warehouse copy: added to the snapshot's copy, each event once; returns how many were new."""
+        if self.events is None or not len(departures):
+            return 0
+        with self.lock:
+            self.conn.register("arrived", departures)
+            try:
+                before = self.conn.execute(f"SELECT count(*) FROM {self.events.sql}").fetchall()[0][0]
+                self.conn.execute(f"INSERT INTO {self.events.sql} BY NAME SELECT * FROM arrived a "
+                                  f"WHERE NOT EXISTS (SELECT 1 FROM {self.events.sql} e WHERE e.event_id = a.event_id)")
+                return self.conn.execute(f"SELECT count(*) FROM {self.events.sql}").fetchall()[0][0] - before
+            finally:
+                self.conn.unregister("arrived")
 
     @classmethod
     def load(cls, warehouse: Path, relations: tuple[Relation, ...]) -> "Snapshot":
@@ -189,10 +213,12 @@ class Snapshot:
             first, last = conn.execute(
                 f"SELECT min(flight_date), max(flight_date) FROM {tables['stg_flights'].sql}"
             ).fetchone()
+            events = tables.get(EVENTS_RELATION)
+            events_clock = conn.execute(f"SELECT max(event_time) FROM {events.sql}").fetchall()[0][0] if events else None
         finally:
             conn.execute("DETACH __warehouse__")
         return cls(conn, dt.datetime.now(dt.timezone.utc), mtime, frozenset(carriers), frozenset(origins),
-                   frozenset(airports), first, last, holidays)
+                   frozenset(airports), first, last, holidays, events, events_clock)
 
     def close(self) -> None:
         with self.lock:

@@ -5,6 +5,10 @@
   with that SQL, so a request for a scheduled flight is a lookup; any other request (a flight
   not in the schedule, or one whose scheduled arrival or distance the client overrides) runs the
   same SQL for that request. Either way the numbers come from the one dbt definition.
+  The intraday (rt_) features move with the event stream (``live.StreamTail`` adds each
+  streamed departure to the snapshot within a second): a scheduled flight whose prediction time
+  is after the snapshot's last event, once the stream has moved past the snapshot, is computed
+  with the SQL as of the stream's clock instead of looked up; so is any request with ``as_of``.
 - ``Champion``: the model the registry's ``champion`` alias points at, reloaded when it moves.
 - ``PredictionService``: validates flights against the snapshot, scores them and writes the
   inference log; background threads refresh the snapshot and the champion.
@@ -36,6 +40,7 @@ from mlplatform.serving.features import (
     requests_frame,
 )
 from mlplatform.serving.inference_log import InferenceLog
+from mlplatform.serving.live import StreamTail
 from mlplatform.settings import Settings
 from mlplatform.training.model import CATEGORICAL, NUMERIC, model_input
 from mlplatform.training.tracking import CHAMPION, MlflowTracking, tracking_from
@@ -98,6 +103,7 @@ class ScheduledFeatures:
 
     index: dict[tuple, int]
     vectors: Vectors
+    prediction_time: np.ndarray  # (n,) datetime64: as of when each row's rt_ features are
 
 
 @dataclass(frozen=True)
@@ -109,11 +115,23 @@ class Loaded:
 
 
 class OnlineFeatures:
-    def __init__(self, settings: Settings, compiled: CompiledFeatures | None = None):
+    def __init__(self, settings: Settings, compiled: CompiledFeatures | None = None, tail: StreamTail | None = None):
         self.settings = settings
         self.compiled = compiled  # compiled on the first refresh when not given
         self.loaded: Loaded | None = None
         self.error: str | None = None
+        self.tail = tail  # the event stream, when the server follows one
+
+    @property
+    def clock(self) -> dt.datetime | None:
+        """Now on the stream's clock: the latest event time the server has seen (None: no stream)."""
+        return self.tail.clock if self.tail else None
+
+    def add_departures(self, departures: pd.DataFrame) -> None:
+        """``StreamTail``'s callback: streamed departures into the current snapshot."""
+        loaded = self.loaded
+        if loaded is not None:
+            loaded.snapshot.add_events(departures)
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -135,6 +153,8 @@ class OnlineFeatures:
                 return False
             snapshot = Snapshot.load(warehouse, self.compiled.relations)
             loaded = Loaded(snapshot, self.schedule_features(snapshot))
+            if self.tail is not None:  # what the stream brought that the warehouse may not have yet
+                snapshot.add_events(self.tail.recent())
         except WarehouseUnavailable as exc:
             self.error = str(exc)
             return False
@@ -159,25 +179,39 @@ class OnlineFeatures:
         features = snapshot.features(self.compiled.sql, requests)
         keys = zip(*(schedule[c].tolist() for c in KEY))
         index = {_key(dict(zip(KEY, k))): i for i, k in enumerate(keys)}
-        return ScheduledFeatures(index, Vectors.from_features(features))
+        return ScheduledFeatures(index, Vectors.from_features(features),
+                                 features["prediction_time"].to_numpy(dtype="datetime64[us]"))
 
-    def rows(self, flights: list[dict], scheduled: ScheduledFeatures) -> list[int | None]:
+    def rows(self, flights: list[dict], scheduled: ScheduledFeatures, snapshot: Snapshot | None = None,
+             as_of: dt.datetime | None = None) -> list[int | None]:
         """Each flight's row among the scheduled ones, or None when its features must be
-        computed on demand (not in the schedule, or arrival time or distance given)."""
-        return [
-            None if f.get("sched_arr_time") is not None or f.get("distance_miles") is not None
-            else scheduled.index.get(_key(f))
-            for f in flights
-        ]
+        computed on demand: not in the schedule, arrival time or distance given, an ``as_of``
+        asked for, or rt_ features the stream has moved since the snapshot (its prediction time
+        after the snapshot's last event while the stream is past it)."""
+        if as_of is not None:
+            return [None] * len(flights)
+        clock = self.clock
+        moved = snapshot is not None and clock is not None and (snapshot.events_clock is None
+                                                                or clock > snapshot.events_clock)
+        since = np.datetime64(snapshot.events_clock or dt.datetime(1970, 1, 1), "us") if moved else None
+        out = []
+        for f in flights:
+            row = None if f.get("sched_arr_time") is not None or f.get("distance_miles") is not None \
+                else scheduled.index.get(_key(f))
+            if row is not None and moved and scheduled.prediction_time[row] > since:
+                row = None
+            out.append(row)
+        return out
 
     def lookup(self, flights: list[dict], rows: list[int | None], scheduled: ScheduledFeatures,
-               snapshot: Snapshot) -> Vectors:
+               snapshot: Snapshot, as_of: dt.datetime | None = None) -> Vectors:
         """The flights' feature vectors, in order: scheduled rows where there are some, the
-        feature SQL for the others."""
+        feature SQL for the others (as of ``as_of``, else of the stream's clock)."""
         if None not in rows:
             return scheduled.vectors.take(rows)
         missing = [f for f, r in zip(flights, rows) if r is None]
-        computed = Vectors.from_features(snapshot.features(self.compiled.sql, requests_frame(missing)))
+        requests = requests_frame(missing, as_of=as_of, stream_clock=self.clock)
+        computed = Vectors.from_features(snapshot.features(self.compiled.sql, requests))
         if all(r is None for r in rows):
             return computed
         parts, j = [], 0
@@ -211,6 +245,8 @@ class OnlineFeatures:
             "loaded_at": s.loaded_at.isoformat() if s else None,
             "last_flight_date": s.last_flight_date.isoformat() if s and s.last_flight_date else None,
             "scheduled_flights": len(self.scheduled.index) if self.scheduled else 0,
+            "events_up_to": s.events_clock.isoformat() if s and s.events_clock else None,
+            "stream": self.tail.status() if self.tail else None,
             "error": self.error,
         }
 
@@ -305,10 +341,13 @@ class PredictionService:
         self.error: str | None = None  # of the last preparation of the champion for the schedule
 
     @classmethod
-    def from_settings(cls, settings: Settings, refresh_seconds: float = 30.0) -> "PredictionService":
+    def from_settings(cls, settings: Settings, refresh_seconds: float = 30.0, stream: bool = True) -> "PredictionService":
+        features = OnlineFeatures(settings)
+        if stream:  # follow the event stream (retried quietly while no broker answers)
+            features.tail = StreamTail(settings.redis_url, features.add_departures)
         return cls(
             settings,
-            OnlineFeatures(settings),
+            features,
             Champion(tracking_from(settings)),
             InferenceLog(settings.home / "serving" / "inference_log"),
             refresh_seconds,
@@ -317,6 +356,8 @@ class PredictionService:
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         self.log.start()
+        if self.features.tail is not None:
+            self.features.tail.start()
         try:
             self.refresh()
         finally:  # whatever the first refresh met, keep trying
@@ -325,6 +366,8 @@ class PredictionService:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.features.tail is not None:
+            self.features.tail.stop()
         if self._thread:
             self._thread.join(timeout=10)
         self.log.stop()
@@ -367,9 +410,9 @@ class PredictionService:
         """Whether scoring these flights is a lookup of a few rows (well under a
         millisecond), cheaper on the event loop than a thread hop. A query, or a big batch, is not:
         the HTTP layer runs those in a thread so the server keeps answering meanwhile."""
-        scheduled = self.features.scheduled
-        return (scheduled is not None and len(flights) <= QUICK_BATCH
-                and None not in self.features.rows(flights, scheduled))
+        loaded = self.features.loaded
+        return (loaded is not None and len(flights) <= QUICK_BATCH
+                and None not in self.features.rows(flights, loaded.scheduled, loaded.snapshot))
 
     def _prepare(self) -> None:
         """Score the scheduled flights with the loaded champion once, in one batch: their features
@@ -385,7 +428,8 @@ class PredictionService:
         probability = model.estimator[-1].predict_proba(encoded)[:, 1] if len(encoded) else np.array([])
         self._scored = (scheduled, model.version, probability)
 
-    def predict(self, flights: list[dict], explain: bool = False, batch: bool = False) -> list[dict]:
+    def predict(self, flights: list[dict], explain: bool = False, batch: bool = False,
+                as_of: dt.datetime | None = None) -> list[dict]:
         started = time.perf_counter()
         model = self.champion.model
         if model is None:
@@ -395,8 +439,8 @@ class PredictionService:
             raise NotReady(self.features.error or "no warehouse snapshot loaded yet")
         snapshot, scheduled = loaded.snapshot, loaded.scheduled
         self.features.validate(flights, snapshot, batch=batch)
-        rows = self.features.rows(flights, scheduled)
-        vectors = self.features.lookup(flights, rows, scheduled, snapshot)
+        rows = self.features.rows(flights, scheduled, snapshot, as_of)
+        vectors = self.features.lookup(flights, rows, scheduled, snapshot, as_of)
         scored = self._scored
         try:
             if scored is not None and scored[0] is scheduled and scored[1] == model.version and None not in rows:

@@ -59,15 +59,19 @@ def wait_until_up(url: str, seconds: float = 20) -> None:
         broker.close()
 
 
+def broker_answers(url: str) -> bool:
+    broker = Broker(url)
+    try:
+        return broker.ping()
+    finally:
+        broker.close()
+
+
 @contextlib.contextmanager
 def running_broker(settings: Settings):
     """The broker's URL: the one answering at MLPLATFORM_REDIS_URL, or the platform's own
     started for the block (and stopped after it, its data kept)."""
-    broker = Broker(settings.redis_url)
-    try:
-        up = broker.ping()
-    finally:
-        broker.close()
+    up = broker_answers(settings.redis_url)
     own = own_broker(settings)
     if up or own is None:
         yield settings.redis_url

@@ -28,6 +28,9 @@ NUMERIC = [
     "origin_delay_rate_1d", "origin_delay_rate_7d", "origin_delay_rate_28d", "origin_flights_28d",
     "route_delay_rate_1d", "route_delay_rate_7d", "route_delay_rate_28d", "route_flights_28d",
     "origin_hour_delay_rate_28d",
+    # intraday, from the event stream, as of the prediction time (macros/flight_features.sql)
+    "rt_origin_departures_2h", "rt_origin_dep_delay_2h", "rt_origin_delayed_share_2h",
+    "rt_carrier_origin_dep_delay_today", "rt_tail_prev_dep_delay", "rt_tail_departures_today",
 ]
 FEATURES = CATEGORICAL + NUMERIC
 LABEL = "is_delayed"

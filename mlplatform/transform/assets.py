@@ -127,8 +127,10 @@ class Translator(DagsterDbtTranslator):
             return TimeWindowPartitionMapping(
                 start_offset=-FEATURE_LOOKBACK_DAYS, end_offset=0, allow_nonexistent_upstream_partitions=True
             )
-        if edge in {("fct_flights", "stg_weather"), ("flight_features", "stg_weather")}:
-            # the trailing weather window reaches into the day before
+        if edge in {("fct_flights", "stg_weather"), ("flight_features", "stg_weather"),
+                    ("flight_features", "stg_departure_events")}:
+            # the trailing weather window, and the 2 hours of departures before an early flight's
+            # prediction time, reach into the day before
             return TimeWindowPartitionMapping(start_offset=-1, end_offset=0, allow_nonexistent_upstream_partitions=True)
         return super().get_partition_mapping(dbt_resource_props, dbt_parent_resource_props)
 
