@@ -113,9 +113,14 @@ def measure(command: list[str], env: dict | None = None, cwd: Path = ROOT, log: 
             "rss_samples": sampler.samples if sampler else []}
 
 
+NO_BROKER = "redis://127.0.0.1:9/0"
+
+
 def home_env(home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLPLATFORM_", "DAGSTER_"))}
-    return {**env, "MLPLATFORM_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
+    # no broker unless a figure starts one: a developer's own `make ui` stream is never consumed
+    return {**env, "MLPLATFORM_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
+            "MLPLATFORM_REDIS_URL": NO_BROKER}
 
 
 def fresh_home(workdir: Path, name: str, landing: Path) -> Path:
@@ -261,7 +266,7 @@ def full_year(workdir: Path, landing: Path, start: dt.date, end: dt.date, repeat
                        env=home_env(workdir / "baseline"))
         base_result = json.loads(base["stdout"].strip().splitlines()[-1])
         home = fresh_home(workdir, f"pipeline-{name}", landing)
-        pipe = measure([str(BIN / "mlplatform"), "run", "--start", str(start), "--end", str(end)],
+        pipe = measure([str(BIN / "mlplatform"), "run", "--start", str(start), "--end", str(end), "--no-stream"],
                        env=home_env(home), log=workdir / f"pipeline-{name}-{r}.log", sample_rss=True)
         runs.append({
             "baseline_s": round(base["seconds"], 2), "baseline_peak_rss_gib": round(base["peak_rss_bytes"] / GiB, 2),
@@ -550,6 +555,14 @@ def serving(home: Path, smoke: bool) -> dict:
     return data
 
 
+def stream(workdir: Path, home: Path, smoke: bool) -> dict:
+    """The event stream's ingestion throughput (platform and plain consumer) and freshness
+    (``benchmarks/stream.py``), in a process of its own."""
+    command = [sys.executable, str(HERE / "stream.py"), "--workdir", str(workdir / "stream"), "--home", str(home)]
+    result = measure(command + (["--smoke"] if smoke else []), env=home_env(home))
+    return json.loads(result["stdout"].strip().splitlines()[-1])
+
+
 PROFILE = """
 import sys, datetime as dt
 from pathlib import Path
@@ -559,7 +572,7 @@ profiler = Profiler(interval=0.005)
 if what == "full_year":
     profiler.start()
     from mlplatform.cli import main
-    main(["run", "--start", start, "--end", end])
+    main(["run", "--start", start, "--end", end, "--no-stream"])
 else:  # one day: its three jobs, after a first run that loads what a warm process has loaded
     from dagster import DagsterInstance
     from mlplatform.definitions import load_defs
@@ -652,6 +665,21 @@ def verdicts(results: dict) -> list[tuple[str, str, str, bool | None]]:
         rows.append(("A landed day -> its drift verdict, through the daemon", f"**{lv['seconds']:.0f} s** (runs "
                      f"{lv['runs_s']} s; the work itself, warm: {d['seconds']:.1f} s)" if d else
                      f"**{lv['seconds']:.0f} s**", "<= 60 s", lv["seconds"] <= 60))
+    st = results.get("stream")
+    if st:
+        day = st["one_day"]
+        rows.append(("Stream ingestion, a day as fast as possible", f"**{day['platform']['events_per_s']:,} events/s** "
+                     f"(plain redis-py consumer: {day['plain']['events_per_s']:,}; {day['events']:,} events)",
+                     ">= 20,000 events/s", day["platform"]["events_per_s"] >= 20_000))
+        if "one_month" in st:
+            month = st["one_month"]
+            rows.append(("Stream ingestion, a month", f"{month['platform']['events_per_s']:,} events/s (plain: "
+                         f"{month['plain']['events_per_s']:,}; {month['events']:,} events)", ">= 20,000 events/s",
+                         month["platform"]["events_per_s"] >= 20_000))
+        fr = st.get("freshness")
+        if fr:
+            rows.append(("Freshness: published -> served rt_ feature", f"p50 {fr['p50_ms']:.0f} ms, **p99 "
+                         f"{fr['p99_ms']:.0f} ms** ({fr['samples']} events)", "p99 <= 5 s", fr["p99_ms"] <= 5000))
     c = results.get("code_location")
     if c:
         rows.append(("Code-location load", f"**{c['seconds']:.2f} s** (process {c['process_s']:.2f} s)", "<= 3 s",
@@ -738,6 +766,21 @@ def markdown(results: dict) -> str:
                   f"same 39 columns) built and serialized takes {floor} ms; {w['days']} of them are "
                   f"{w['days'] * floor / 1000:.1f} s, which alone caps the daily profiles at "
                   f"{w['rows'] / (w['days'] * floor / 1000):,.0f} rows/s."]
+    st = results.get("stream")
+    if st:
+        day = st["one_day"]
+        rows.append(("Stream ingestion, a day as fast as possible", f"**{day['platform']['events_per_s']:,} events/s** "
+                     f"(plain redis-py consumer: {day['plain']['events_per_s']:,}; {day['events']:,} events)",
+                     ">= 20,000 events/s", day["platform"]["events_per_s"] >= 20_000))
+        if "one_month" in st:
+            month = st["one_month"]
+            rows.append(("Stream ingestion, a month", f"{month['platform']['events_per_s']:,} events/s (plain: "
+                         f"{month['plain']['events_per_s']:,}; {month['events']:,} events)", ">= 20,000 events/s",
+                         month["platform"]["events_per_s"] >= 20_000))
+        fr = st.get("freshness")
+        if fr:
+            rows.append(("Freshness: published -> served rt_ feature", f"p50 {fr['p50_ms']:.0f} ms, **p99 "
+                         f"{fr['p99_ms']:.0f} ms** ({fr['samples']} events)", "p99 <= 5 s", fr["p99_ms"] <= 5000))
     c = results.get("code_location")
     if c:
         lines += ["", "## Code location", "", f"Import of `mlplatform.definitions` and repository build: runs "
@@ -817,6 +860,10 @@ def main(argv: list[str] | None = None) -> int:
     if "serving" not in skip:
         print("serving ...", flush=True)
         results["serving"] = serving(home, args.smoke)
+        save()
+    if "stream" not in skip:
+        print("stream ...", flush=True)
+        results["stream"] = stream(args.workdir, home, args.smoke)
         save()
     if "growth" not in skip:
         print(f"growth {factor}x ...", flush=True)

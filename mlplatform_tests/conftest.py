@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import duckdb
@@ -167,12 +168,18 @@ def build_home(path: Path, replayed: Path, target: Path, jobs) -> None:
     copy_dbt_target(target, path)
     init_home(settings)
     defs = build_defs(settings)
+    saved = os.environ.get("MLPLATFORM_REDIS_URL")
+    os.environ["MLPLATFORM_REDIS_URL"] = NO_BROKER  # (the broker resource reads it where the run executes)
     with DagsterInstance.from_config(str(settings.dagster_home)) as instance:
         for job, start, end, config in jobs:
             tags = {RANGE_START_TAG: str(start), RANGE_END_TAG: str(end)} if start else {}
             result = defs.resolve_job_def(job).execute_in_process(instance=instance, tags=tags,
                                                                    run_config=config or {}, raise_on_error=False)
             assert result.success, f"{job}: {failures(result)}"
+    if saved is None:
+        os.environ.pop("MLPLATFORM_REDIS_URL")
+    else:
+        os.environ["MLPLATFORM_REDIS_URL"] = saved
 
 
 @pytest.fixture(scope="session")
@@ -315,3 +322,38 @@ def failures(result) -> str:
     return "\n".join(
         str(e.event_specific_data.error)[:2000] for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE
     )
+
+
+# --- the event stream's broker -----------------------------------------------------------
+
+class RedisServer:
+    """A real redis-server on a free loopback port, its data (and append-only file) in ``path``."""
+
+    def __init__(self, path: Path):
+        self.path, self.port = path, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+
+    def start(self) -> "RedisServer":
+        from mlplatform.stream.server import server_argv, wait_until_up
+
+        self.process = subprocess.Popen(server_argv(self.path, self.port), stdout=(self.path / "redis.log").open("a"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until_up(self.url)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: redis writes its append-only file and exits
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server of the test's own (stopped at the end)."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -21,8 +21,7 @@ import pytest
 from mlplatform.stream import events as ev
 from mlplatform.stream.broker import Broker
 from mlplatform.stream.ingest import Invalid, validate
-from mlplatform.stream.server import server_argv, wait_until_up
-from mlplatform_tests.conftest import D, free_port
+from mlplatform_tests.conftest import D
 
 LANE = "system"
 
@@ -37,36 +36,6 @@ MALFORMED = [
                            "origin": "EWR", "dest": "IAH", "sched_dep_time": 500, "tailnum": "N1"},
                 "payload": {"dep_delay": 99999}}).encode(),
 ]
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port, its data (and append-only file) in ``path``."""
-
-    def __init__(self, path: Path):
-        self.path, self.port = path, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = None
-
-    def start(self) -> "RedisServer":
-        self.process = subprocess.Popen(server_argv(self.path, self.port), stdout=(self.path / "redis.log").open("a"),
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until_up(self.url)
-        return self
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: redis writes its append-only file and exits
-            self.process.wait(timeout=30)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 CONSUMER = """

@@ -76,8 +76,10 @@ def consumer_name(context) -> str:
 
 
 def observation(batch, lag, day) -> AssetObservation:
+    """The micro-batch's part of one day (None: messages quarantined with no readable day, an
+    observation of the whole asset)."""
     events, quarantined = batch.days[day]
-    return AssetObservation(asset_key=keys.RAW_FLIGHT_EVENTS, partition=str(day), metadata={
+    return AssetObservation(asset_key=keys.RAW_FLIGHT_EVENTS, partition=str(day) if day else None, metadata={
         "micro_batch_messages": batch.messages,
         "events": events,
         "quarantined": quarantined,
@@ -101,7 +103,7 @@ def ingest_stream_events(context, broker: StreamBroker, warehouse: Warehouse) ->
         return
 
     def report(batch, lag):
-        for day in sorted(batch.days):
+        for day in sorted(batch.days, key=str):
             context.log_event(observation(batch, lag, day))
         context.log.info("micro-batch: %d messages, %d events, %d quarantined, lag %d", batch.messages, batch.events,
                          batch.quarantined, lag.total)

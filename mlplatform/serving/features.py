@@ -144,6 +144,7 @@ class Snapshot:
     holidays: tuple[dt.date | None, dt.date | None]  # the holiday calendar's first and last day
     events: Relation | None = None  # the streamed departures the rt_ features read
     events_clock: dt.datetime | None = None  # the latest event time among them at load
+    added_from: dt.datetime | None = None  # the earliest event time the stream added since (add_events)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -162,16 +163,21 @@ class Snapshot:
 
     def add_events(self, departures: pd.DataFrame) -> int:
         """Streamed departures (``stg_departure_events``' columns) that reached the server after
-        the warehouse copy: added to the snapshot's copy, each event once; returns how many were new."""
+        the warehouse copy: added to the snapshot's copy, each event once; returns how many were
+        new. ``added_from`` keeps the earliest event time added: a scheduled flight whose
+        prediction time is after it has rt_ features the schedule's precomputed row lacks."""
         if self.events is None or not len(departures):
             return 0
         with self.lock:
             self.conn.register("arrived", departures)
             try:
-                before = self.conn.execute(f"SELECT count(*) FROM {self.events.sql}").fetchall()[0][0]
-                self.conn.execute(f"INSERT INTO {self.events.sql} BY NAME SELECT * FROM arrived a "
-                                  f"WHERE NOT EXISTS (SELECT 1 FROM {self.events.sql} e WHERE e.event_id = a.event_id)")
-                return self.conn.execute(f"SELECT count(*) FROM {self.events.sql}").fetchall()[0][0] - before
+                new = (f"SELECT * FROM arrived a WHERE NOT EXISTS "
+                       f"(SELECT 1 FROM {self.events.sql} e WHERE e.event_id = a.event_id)")
+                earliest, n = self.conn.execute(f"SELECT min(event_time), count(*) FROM ({new})").fetchall()[0]
+                if n:
+                    self.conn.execute(f"INSERT INTO {self.events.sql} BY NAME {new}")
+                    self.added_from = earliest if self.added_from is None else min(self.added_from, earliest)
+                return n
             finally:
                 self.conn.unregister("arrived")
 

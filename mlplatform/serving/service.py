@@ -7,8 +7,8 @@
   same SQL for that request. Either way the numbers come from the one dbt definition.
   The intraday (rt_) features move with the event stream (``live.StreamTail`` adds each
   streamed departure to the snapshot within a second): a scheduled flight whose prediction time
-  is after the snapshot's last event, once the stream has moved past the snapshot, is computed
-  with the SQL as of the stream's clock instead of looked up; so is any request with ``as_of``.
+  is after the earliest departure the stream added to the snapshot is computed with the SQL as
+  of the stream's clock instead of looked up; so is any request with ``as_of``.
 - ``Champion``: the model the registry's ``champion`` alias points at, reloaded when it moves.
 - ``PredictionService``: validates flights against the snapshot, scores them and writes the
   inference log; background threads refresh the snapshot and the champion.
@@ -124,8 +124,11 @@ class OnlineFeatures:
 
     @property
     def clock(self) -> dt.datetime | None:
-        """Now on the stream's clock: the latest event time the server has seen (None: no stream)."""
-        return self.tail.clock if self.tail else None
+        """Now on the stream's clock: just after the latest event time the server has seen (so
+        that event counts: the rt_ features take the events strictly before their instant); None
+        without a stream."""
+        clock = self.tail.clock if self.tail else None
+        return clock + dt.timedelta(microseconds=1) if clock else None
 
     def add_departures(self, departures: pd.DataFrame) -> None:
         """``StreamTail``'s callback: streamed departures into the current snapshot."""
@@ -187,19 +190,17 @@ class OnlineFeatures:
         """Each flight's row among the scheduled ones, or None when its features must be
         computed on demand: not in the schedule, arrival time or distance given, an ``as_of``
         asked for, or rt_ features the stream has moved since the snapshot (its prediction time
-        after the snapshot's last event while the stream is past it)."""
+        after the earliest event the stream added to the snapshot)."""
         if as_of is not None:
             return [None] * len(flights)
-        clock = self.clock
-        moved = snapshot is not None and clock is not None and (snapshot.events_clock is None
-                                                                or clock > snapshot.events_clock)
-        since = np.datetime64(snapshot.events_clock or dt.datetime(1970, 1, 1), "us") if moved else None
+        added = snapshot.added_from if snapshot is not None else None
+        since = np.datetime64(added, "us") if added is not None else None
         out = []
         for f in flights:
             row = None if f.get("sched_arr_time") is not None or f.get("distance_miles") is not None \
                 else scheduled.index.get(_key(f))
-            if row is not None and moved and scheduled.prediction_time[row] > since:
-                row = None
+            if row is not None and since is not None and scheduled.prediction_time[row] > since:
+                row = None  # an event the stream added since the snapshot may count for it
             out.append(row)
         return out
 
