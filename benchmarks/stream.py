@@ -69,7 +69,9 @@ def plain_consume(url: str, warehouse: Path, group: str = "plain", count: int = 
                          p.get("dep_delay"), p.get("arr_delay")))
         frame = pd.DataFrame(rows, columns=["event_id", "kind", "event_time", "flight_id", "origin", "dep_delay",
                                             "arr_delay"])
+        conn.register("frame", frame)
         conn.execute("INSERT INTO events SELECT * FROM frame")
+        conn.unregister("frame")
         r.xack("mlplatform:flight_events", group, *[i for i, _ in messages])
         n += len(messages)
     conn.close()

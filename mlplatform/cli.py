@@ -189,7 +189,7 @@ def publish(url: str, start: dt.date, end: dt.date, speed: float | None, again: 
     shown = [time.monotonic()]
 
     def progress(published, event_time):
-        if time.monotonic() - shown[0] >= 5 or speed:
+        if time.monotonic() - shown[0] >= (1 if speed else 5):
             print(f"  published {published:,} events, up to {event_time:%Y-%m-%d %H:%M} UTC")
             shown[0] = time.monotonic()
 

@@ -47,14 +47,13 @@ def services(settings: Settings, host: str, port: int) -> list[Service]:
     """The Dagster UI, the MLflow UI on ``settings.mlflow_ui_url`` over the platform's own
     MLflow store (none when MLPLATFORM_MLFLOW_URI is a tracking server: that is the UI), and the
     platform's own broker (none when MLPLATFORM_REDIS_URL points elsewhere, or one answers)."""
-    from mlplatform.stream.server import broker_answers, own_broker, server_argv
+    from mlplatform.stream.server import broker_answers
 
     scripts = Path(sys.executable).parent
     found = []
-    own = own_broker(settings)
-    if own is not None and not broker_answers(settings.redis_url):
-        # the event stream's broker, first: the stream sensor looks for it
-        found.append(Service("redis", server_argv(settings.home / "redis", own[1], own[0]), settings.redis_url))
+    broker = broker_service(settings)
+    if broker is not None and not broker_answers(settings.redis_url):
+        found.append(broker)  # first: the stream sensor looks for it
     found += [Service(
         "dagster", [str(scripts / "dagster"), "dev", "-w", "workspace.yaml", "--host", host, "--port", str(port)],
         f"http://{host}:{port}", echo=True,
@@ -72,6 +71,17 @@ def services(settings: Settings, host: str, port: int) -> list[Service]:
             # the server's job runner (7 huey consumers, ~1 GB) serves GenAI features the platform has none of
             env=(("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),)))
     return found
+
+
+def broker_service(settings: Settings) -> Service | None:
+    """The platform's own broker (a redis-server, its data under MLPLATFORM_HOME/redis), or None
+    when MLPLATFORM_REDIS_URL points elsewhere."""
+    from mlplatform.stream.server import own_broker, server_argv
+
+    own = own_broker(settings)
+    if own is None:
+        return None
+    return Service("redis", server_argv(settings.home / "redis", own[1], own[0]), settings.redis_url)
 
 
 def artifact_root_uri(location: Path) -> str:

@@ -68,6 +68,9 @@ def test_bench_smoke_writes_every_figure(tmp_path, monkeypatch):
     floor = results["dagster_floor"]
     assert floor["ms_per_partition"] > 0 and floor["ms_per_partition_sync_off"] > 0 and floor["full_year_floor_s"] > 0
     assert results["whylogs"]["rows"] == year["flights"] and results["whylogs"]["one_profile_rows_per_s"] > 0
+    stream = results["stream"]
+    assert stream["one_day"]["events"] > 1800 and stream["one_day"]["platform"]["events_per_s"] > 0
+    assert stream["one_day"]["plain"]["events_per_s"] > 0 and stream["freshness"]["samples"] == 5
     assert results["code_location"]["seconds"] > 0 and "dagster" in results["code_location"]["slowest_imports_s"]
     # pyinstrument's profiles of the full year and one day, where Dagster's event storage shows
     tree, flat = ((out / "profiles" / name).read_text() for name in ("full_year.txt", "full_year.flat.txt"))

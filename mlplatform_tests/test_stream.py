@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import duckdb
 import pytest
@@ -137,3 +136,18 @@ def test_every_published_event_lands_exactly_once_through_consumer_kills(redis_s
     broker = Broker(redis_server.url)
     assert broker.length() == length and broker.lag().total == 0
     broker.close()
+
+
+@pytest.mark.unit
+def test_make_ui_runs_the_broker_unless_one_is_configured(tmp_path):
+    from mlplatform.services import broker_service
+    from mlplatform.settings import REDIS_URL, Settings
+
+    own = Settings.from_env({"MLPLATFORM_HOME": str(tmp_path)})
+    assert own.redis_url == REDIS_URL
+    redis = broker_service(own)
+    argv = " ".join(redis.argv)
+    assert "--bind 127.0.0.1 --port 6380" in argv and f"--dir {tmp_path / 'redis'}" in argv
+    assert "--appendonly yes --appendfsync everysec" in argv and redis.url == REDIS_URL
+    external = Settings.from_env({"MLPLATFORM_HOME": str(tmp_path), "MLPLATFORM_REDIS_URL": "redis://10.0.0.5:6379/2"})
+    assert broker_service(external) is None

@@ -153,7 +153,7 @@ def reconcile(conn, start: dt.date, end: dt.date) -> dict:
     """Per day of start..end: the batch file's departures (raw.flights with a departure time)
     against the stream's departure events: (batch, streamed, matched, delay mismatches, missing
     from the stream, not in the batch, examples)."""
-    rows = conn.execute(f"""
+    rows = conn.execute("""
         with batch as (
             select strftime(_partition_date, '%Y-%m-%d') || '_' || carrier || cast(flight as varchar) || '_' || origin
                    || '_' || lpad(cast(sched_dep_time as varchar), 4, '0') as flight_id,  -- (as stg_flights)

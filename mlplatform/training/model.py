@@ -58,13 +58,14 @@ def pip_requirements() -> list[str]:
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    # slower learning, larger trees with larger leaves: with the rt_ features, ROC AUC 0.751 on
-    # Oct-Dec trained on Jan-Sep (0.748 with 0.1 / 150 / 31 / 20; benchmarks/README.md, "Model")
+    # slower learning, larger trees with larger leaves, some L2: with the rt_ features, ROC AUC
+    # 0.750 on Oct-Dec trained on Jan-Sep (0.748 with the former 0.1 / 150 / 31 / 20 / 0;
+    # benchmarks/README.md, "Model")
     learning_rate: float = 0.05
     max_iter: int = 400
     max_leaf_nodes: int = 63
-    min_samples_leaf: int = 100
-    l2_regularization: float = 0.0
+    min_samples_leaf: int = 200
+    l2_regularization: float = 1.0
     random_state: int = 0
 
     def as_dict(self) -> dict:
