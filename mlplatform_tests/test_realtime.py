@@ -225,3 +225,22 @@ def test_the_stream_sensor_starts_micro_batches_that_show_in_the_ui(home, broker
     assert min(o.metadata["lag_undelivered"].value for o in observed) == 0
     with duckdb.connect(str(home.warehouse), read_only=True) as conn:
         assert conn.execute("SELECT _rule FROM quarantine.flight_events").fetchall() == [("parseable",)]
+
+
+def test_the_reconciliation_names_what_the_stream_and_the_file_disagree_on(home, broker, instance):
+    day = DAYS[0]
+    messages = [json.loads(m) for _, m in ev.day_messages(day, day)]
+    departures_ = [b for b in messages if b["kind"] == "departure"]
+    changed, dropped = departures_[10], departures_[20]
+    changed["payload"]["dep_delay"] += 7  # the airport's system and the file disagree on a delay
+    broker.publish([json.dumps(b).encode() for b in messages if b is not dropped])  # and one never streamed
+    for job, days in [("reference_job", ()), ("daily_job", (day, day))]:
+        result = run_job(instance, job, *days)
+        assert result.success, failures(result)  # a warning: the file is the system of record
+    (check,) = [e.asset_check_evaluation_data for e in result.all_events
+                if e.event_type_value == "ASSET_CHECK_EVALUATION"
+                and e.asset_check_evaluation_data.check_name == "stream_matches_batch"]
+    assert not check.passed and check.severity.value == "WARN"
+    text = check.description
+    assert "1 departure(s) of the file not streamed" in text and dropped["flight"]["flight_id"] in text, text
+    assert "1 delay(s) differ" in text and changed["flight"]["flight_id"] in text, text

@@ -25,8 +25,10 @@ LANE = "integration"
 # On a month of data the year's default (150 trees) overfits and loses to the baseline's log
 # loss, so the tests use smaller, regularised models, which is what the config is for.
 WINDOW = {"eval_days": 7, "validation_days": 7, "learning_rate": 0.05, "min_samples_leaf": 100}
-GOOD = {**WINDOW, "max_iter": 60}       # eval ROC AUC ~0.68
-FAIR = {**WINDOW, "max_iter": 10}       # eval ROC AUC ~0.65
+# the gate's scenarios were measured with these (the model's defaults before the rt_ features)
+CLASSIC = {"learning_rate": 0.1, "max_leaf_nodes": 31, "min_samples_leaf": 20, "l2_regularization": 0.0}
+GOOD = {**WINDOW, **CLASSIC, "max_iter": 60}       # eval ROC AUC ~0.66
+FAIR = {**WINDOW, **CLASSIC, "max_iter": 10}       # eval ROC AUC ~0.65
 WEAK = {**WINDOW, "max_iter": 1, "learning_rate": 0.01, "max_leaf_nodes": 2}
 
 
@@ -227,8 +229,8 @@ def test_gate_rejects_a_worse_challenger_and_promotes_a_better_one(features_home
     assert alias(mlflow, CHAMPION) == "1"
     assert alias(mlflow, CHALLENGER) == "2"
 
-    # Better overall (about +0.02 ROC AUC), and every carrier improves, United (UA) only by about
-    # 0.013: a rule that wants every carrier to gain 0.02 rejects it for that segment ...
+    # Better overall (about +0.01 ROC AUC), but not every carrier gains 0.02: a rule that wants
+    # every carrier to gain that much rejects it for those segments ...
     strict = training_config(**GOOD)
     strict["ops"]["model_evaluation"] = {"config": {"segment_tolerance": -0.02}}
     regressed = run_job(instance, "training_job", run_config=strict)
@@ -243,7 +245,7 @@ def test_gate_rejects_a_worse_challenger_and_promotes_a_better_one(features_home
     assert decisions.decision.tolist() == ["promoted", "rejected", "rejected", "promoted"]
     assert decisions.champion_version.tolist()[1:] == ["1", "1", "1"]
     assert decisions.challenger_roc_auc[1] < decisions.champion_roc_auc[1]
-    assert "carriers regress beyond -0.02: UA" in decisions.reason[2]
+    assert "carriers regress beyond -0.02: " in decisions.reason[2]  # named, with their change
     assert decisions.challenger_roc_auc[2] >= decisions.champion_roc_auc[2] + 0.002
     history = query(home, "SELECT version, champion_until FROM monitoring.champion_history ORDER BY champion_from")
     assert history.version.tolist() == ["1", "4"] and history.champion_until.notna().tolist() == [True, False]

@@ -92,7 +92,7 @@ def test_dagster_dev_serves_the_graph_with_sensors_running(ui):
     sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
     assert sensors == {name: "RUNNING" for name in ("landing_sensor", "retraining_sensor", "alert_on_run_failure",
                                                     "automation_sensor", "dead_run_sensor",
-                                                    "serving_check_after_rebuild")}
+                                                    "serving_check_after_rebuild", "stream_sensor")}
     # bound to loopback only
     with socket.socket() as s:
         s.settimeout(1)
