@@ -155,7 +155,10 @@ def predict(estimator, frame: pd.DataFrame, batch_rows: int = 200_000):
     return np.concatenate(parts) if parts else np.array([], dtype=float)
 
 
-def build_estimator(params: Hyperparameters):
+STOP_AFTER = 20  # boosting iterations without a better validation loss before the validation fit stops
+
+
+def build_estimator(params: Hyperparameters, stop_early: bool = False):
     import numpy as np
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -171,8 +174,10 @@ def build_estimator(params: Hyperparameters):
         remainder="passthrough",
         verbose_feature_names_out=False,
     )
+    # stop_early: scikit-learn's early stopping on the validation set given to ``fit`` (X_val)
     classifier = HistGradientBoostingClassifier(
-        categorical_features=list(range(len(CATEGORICAL))), early_stopping=False, **params.as_dict()
+        categorical_features=list(range(len(CATEGORICAL))), early_stopping=stop_early, scoring="loss",
+        n_iter_no_change=STOP_AFTER, validation_fraction=None, **params.as_dict()
     )
     return Pipeline([("encode", encode), ("classify", classifier)])
 
@@ -284,7 +289,12 @@ def fit(frame: pd.DataFrame, params: Hyperparameters, validation_days: int, thre
     for column in [c for c in NUMERIC if inputs[c].isna().all()]:
         inputs[column] = 0.0
     valid = frame[in_valid]
-    estimator = build_estimator(params).fit(inputs[~in_valid], labels[~in_valid])
+    # the validation fit stops STOP_AFTER iterations after the validation loss last improved (the
+    # validation days given to scikit-learn's own early stopping), not at max_iter
+    estimator = build_estimator(params, stop_early=True)
+    encode, classify = estimator[:-1], estimator[-1]
+    classify.fit(encode.fit_transform(inputs[~in_valid]), labels[~in_valid],
+                 X_val=encode.transform(inputs[in_valid]), y_val=labels[in_valid])
     iterations, probability = best_stage(estimator, valid)
     params = replace(params, max_iter=iterations)
     validation = metrics(valid[LABEL], probability, threshold)
