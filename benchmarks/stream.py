@@ -83,6 +83,9 @@ def ingestion(workdir: Path, start: dt.date, end: dt.date) -> dict:
     from mlplatform.stream.events import publish_days
     from mlplatform.stream.ingest import consume
 
+    import duckdb  # noqa: F401 - imported before either consumer is timed
+    import pandas  # noqa: F401
+
     proc, url = redis(workdir)
     try:
         broker = Broker(url)

@@ -218,22 +218,23 @@ def ingest(broker: Broker, conn, consumer: str, count: int = 20_000, min_idle_ms
 def consume(broker: Broker, warehouse, consumer: str, count: int = 20_000, max_seconds: float | None = None,
             min_idle_ms: int = 30_000, on_batch=None, before_ack=None) -> list[MicroBatch]:
     """Micro-batches until the group has nothing left, delivered or pending (or ``max_seconds``),
-    each in a connection of its own to ``warehouse`` (the writer's lock is held only while a
-    batch is written). ``on_batch(batch, lag)`` is told about each."""
+    on one connection to ``warehouse`` (opening the file costs more than a small batch; a
+    caller in Dagster holds the warehouse writers' pool anyway). ``on_batch(batch, lag)`` is
+    told about each."""
     from mlplatform.warehouse import connect
 
     batches, began = [], time.monotonic()
-    while max_seconds is None or time.monotonic() - began < max_seconds:
-        with connect(warehouse) as conn:
+    with connect(warehouse) as conn:
+        while max_seconds is None or time.monotonic() - began < max_seconds:
             batch = ingest(broker, conn, consumer, count, min_idle_ms, before_ack=before_ack)
-        if not batch.messages:
-            lag = broker.lag()
-            if lag.total == 0:
-                break
-            # messages another consumer read and never acknowledged: they are claimed once idle
-            time.sleep(min(1.0, min_idle_ms / 1000 / 4))
-            continue
-        batches.append(batch)
-        if on_batch:
-            on_batch(batch, broker.lag())
+            if not batch.messages:
+                lag = broker.lag()
+                if lag.total == 0:
+                    break
+                # messages another consumer read and never acknowledged: they are claimed once idle
+                time.sleep(min(1.0, min_idle_ms / 1000 / 4))
+                continue
+            batches.append(batch)
+            if on_batch:
+                on_batch(batch, broker.lag())
     return batches
