@@ -32,3 +32,9 @@ TRIGGER_TAG = "mlplatform/trigger"            # what started a run: "landing", o
 REQUESTED_BY_TAG = "mlplatform/requested_by"  # the sensor that requested it
 WINDOWS_TAG = "mlplatform/retrain_windows"    # where a retraining put its signal days
 RUN_KEY_TAG = "dagster/run_key"               # Dagster's: the run key of a sensor's request
+
+
+def flight_id(date, carrier: str, number: int, origin: str, sched_dep_time: int) -> str:
+    """The warehouse's flight id, '<local date>_<carrier><number>_<origin>_<HHMM>' (dbt's
+    ``flight_id()`` macro builds the same in SQL)."""
+    return f"{date}_{carrier}{number}_{origin}_{int(sched_dep_time):04d}"

@@ -182,13 +182,9 @@ def _tee(source, log: TextIO, out: TextIO) -> None:
 
 def _answers(url: str) -> bool:
     if url.startswith("redis://"):
-        from mlplatform.stream.broker import Broker
+        from mlplatform.stream.server import broker_answers
 
-        broker = Broker(url)
-        try:
-            return broker.ping()
-        finally:
-            broker.close()
+        return broker_answers(url)
     try:
         with urllib.request.urlopen(url, timeout=POLL_SECONDS):
             return True

@@ -57,8 +57,7 @@ with requested_flights as (
         {{ local_hour_to_utc('cast(flight_date as date)', 'sched_dep_time // 100') }} as sched_dep_hour_utc,
         cast(sched_arr_time as bigint)                   as given_sched_arr_time,
         cast(distance_miles as double)                   as given_distance_miles,
-        strftime(cast(flight_date as date), '%Y-%m-%d') || '_' || carrier || cast(flight_number as varchar) || '_'
-            || origin || '_' || lpad(cast(sched_dep_time as varchar), 4, '0') as flight_key,
+        {{ flight_id('cast(flight_date as date)', 'carrier', 'flight_number', 'origin', 'sched_dep_time') }} as flight_key,
         {{ local_minute_to_utc('cast(flight_date as date)', 'sched_dep_time') }}
             - interval {{ var('prediction_lead_minutes') }} minute as default_prediction_time,
         {%- if online %}
@@ -257,6 +256,14 @@ left join rt_tail rtl on rtl.flight_id = r.flight_id
 {# The naive UTC timestamp of a local New York hour on a date (the scheduled departure hour). #}
 {% macro local_hour_to_utc(date_expr, hour_expr) -%}
     timezone('UTC', timezone('America/New_York', {{ date_expr }} + to_hours(cast({{ hour_expr }} as integer))))
+{%- endmacro %}
+
+
+{# The warehouse's flight id, '<local date>_<carrier><number>_<origin>_<HHMM>' (mlplatform.keys.flight_id
+   builds the same in Python). #}
+{% macro flight_id(date_expr, carrier, number, origin, hhmm) -%}
+    strftime({{ date_expr }}, '%Y-%m-%d') || '_' || {{ carrier }} || cast({{ number }} as varchar) || '_' || {{ origin }}
+        || '_' || lpad(cast({{ hhmm }} as varchar), 4, '0')
 {%- endmacro %}
 
 

@@ -155,29 +155,34 @@ def reconcile(conn, start: dt.date, end: dt.date) -> dict:
     from the stream, not in the batch, examples)."""
     rows = conn.execute("""
         with batch as (
-            select strftime(_partition_date, '%Y-%m-%d') || '_' || carrier || cast(flight as varchar) || '_' || origin
-                   || '_' || lpad(cast(sched_dep_time as varchar), 4, '0') as flight_id,  -- (as stg_flights)
-                   _partition_date as day, dep_delay
+            select _partition_date as day, carrier, flight, origin, sched_dep_time, dep_delay
             from raw.flights where dep_time is not null and _partition_date between ? and ?
         ),
         streamed as (
-            select flight_id, _partition_date as day, dep_delay from raw.flight_events
-            where kind = 'departure' and _partition_date between ? and ?
+            select _partition_date as day, carrier, flight_number as flight, origin, sched_dep_time, dep_delay
+            from raw.flight_events where kind = 'departure' and _partition_date between ? and ?
+        ),
+        paired as (
+            select coalesce(b.day, s.day) as day, b.day is not null as in_batch, s.day is not null as in_stream,
+                   b.dep_delay is distinct from s.dep_delay as differs,
+                   [strftime(coalesce(b.day, s.day), '%Y-%m-%d'), coalesce(b.carrier, s.carrier),
+                    cast(coalesce(b.flight, s.flight) as varchar), coalesce(b.origin, s.origin),
+                    cast(coalesce(b.sched_dep_time, s.sched_dep_time) as varchar)] as key
+            from batch b full join streamed s using (day, carrier, flight, origin, sched_dep_time)
         )
-        select coalesce(b.day, s.day) as day,
-               count(b.flight_id) as batch, count(s.flight_id) as streamed,
-               count(*) filter (where b.flight_id is not null and s.flight_id is not null
-                                and b.dep_delay is not distinct from s.dep_delay) as matched,
-               list(b.flight_id) filter (where s.flight_id is not null and b.dep_delay is distinct from s.dep_delay)[:5]
-                   as mismatched,
-               count(*) filter (where s.flight_id is not null and b.flight_id is not null
-                                and b.dep_delay is distinct from s.dep_delay) as n_mismatched,
-               count(*) filter (where s.flight_id is null) as missing,
-               list(b.flight_id) filter (where s.flight_id is null)[:5] as missing_examples,
-               count(*) filter (where b.flight_id is null) as extra
-        from batch b full join streamed s using (flight_id)
-        group by 1 order by 1""", [start, end, start, end]).fetchall()
-    found = {r[0]: r for r in rows}
+        select day,
+               count(*) filter (where in_batch) as batch, count(*) filter (where in_stream) as streamed,
+               count(*) filter (where in_batch and in_stream and not differs) as matched,
+               list(key) filter (where in_batch and in_stream and differs)[:5] as mismatched,
+               count(*) filter (where in_batch and in_stream and differs) as n_mismatched,
+               count(*) filter (where not in_stream) as missing,
+               list(key) filter (where not in_stream)[:5] as missing_examples,
+               count(*) filter (where not in_batch) as extra
+        from paired group by 1 order by 1""", [start, end, start, end]).fetchall()
+    found = {}
+    for r in rows:  # the examples named by their flight ids
+        found[r[0]] = (*r[:4], [keys.flight_id(*k) for k in r[4] or []], r[5], r[6],
+                     [keys.flight_id(*k) for k in r[7] or []], r[8])
     return {day: found.get(day) for day in days_between(start, end)}
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from mlplatform import keys
 from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
 
 ANALYSIS = "online_features"
@@ -126,7 +127,8 @@ def compute_features(conn: duckdb.DuckDBPyConnection, sql: str, requests: pd.Dat
 
 def flight_id(flight: dict) -> str:
     """The warehouse's flight_id (stg_flights): '<date>_<carrier><number>_<origin>_<HHMM>'."""
-    return f"{flight['flight_date']}_{flight['carrier']}{flight['flight_number']}_{flight['origin']}_{flight['sched_dep_time']:04d}"
+    return keys.flight_id(flight["flight_date"], flight["carrier"], flight["flight_number"], flight["origin"],
+                          flight["sched_dep_time"])
 
 
 @dataclass

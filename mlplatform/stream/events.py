@@ -25,6 +25,8 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Iterator
 
+from mlplatform.keys import flight_id
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -38,11 +40,6 @@ WEATHER_FIELDS = ("temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust"
 
 def event_id(*parts) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:20]
-
-
-def flight_id(date: str, carrier: str, number: int, origin: str, sched_dep_time: int) -> str:
-    """The warehouse's flight id: <date>_<carrier><number>_<origin>_<HHMM>."""
-    return f"{date}_{carrier}{number}_{origin}_{int(sched_dep_time):04d}"
 
 
 def _local(dates: "pd.Series", hhmm: "pd.Series", tz) -> "pd.Series":

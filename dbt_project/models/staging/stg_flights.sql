@@ -10,8 +10,7 @@
   undefined for them, so they are kept in the tables and left out of training and evaluation.
 #}
 select
-    strftime(_partition_date, '%Y-%m-%d') || '_' || carrier || cast(flight as varchar)
-        || '_' || origin || '_' || lpad(cast(sched_dep_time as varchar), 4, '0')  as flight_id,
+    {{ flight_id('_partition_date', 'carrier', 'flight', 'origin', 'sched_dep_time') }}  as flight_id,
     _partition_date                                   as flight_date,
     carrier,
     flight                                            as flight_number,
