@@ -88,20 +88,25 @@ def staging_table(conn: duckdb.DuckDBPyConnection, name: str, ddl: str):
         conn.execute(f"DROP TABLE IF EXISTS {staging}")
 
 
-def in_one_transaction(conn: duckdb.DuckDBPyConnection, statements: Iterable, before_commit=None) -> None:
+def in_one_transaction(conn: duckdb.DuckDBPyConnection, statements: Iterable, before_commit=None) -> list:
     """``statements`` (SQL, or (SQL, parameters)) in one transaction: all of them or none.
-    ``before_commit`` runs inside it, after every write (fault injection for the crash tests)."""
+    ``before_commit`` runs inside it, after every write (fault injection for the crash tests).
+    Returns what each statement answered first (an INSERT's or DELETE's row count)."""
     conn.execute("BEGIN TRANSACTION")
     try:
+        answers = []
         for statement in statements:
             sql, params = (statement, None) if isinstance(statement, str) else statement
-            conn.execute(sql, params) if params is not None else conn.execute(sql)
+            cursor = conn.execute(sql, params) if params is not None else conn.execute(sql)
+            first = cursor.fetchone() if cursor.description else None
+            answers.append(first[0] if first else None)
         if before_commit:
             before_commit()
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    return answers
 
 
 def replace_window(conn: duckdb.DuckDBPyConnection, table: str, date_column: str, start, end,

@@ -167,10 +167,13 @@ def test_a_served_rt_feature_moves_within_seconds_of_a_departure(champion_home, 
                 for k, v in flight.drop("prediction_time").items()}
         pt = flight.prediction_time.to_pydatetime()
 
-        def served(**params):
+        def answer(**params):
             response = client.post("/predict", json=body, params={"explain": "true", **params})
             assert response.status_code == 200, response.text
-            return response.json()["features"]
+            return response.json()
+
+        def served(**params):
+            return answer(**params)["features"]
 
         assert served()["rt_origin_departures_2h"] == 0  # the world was built without a stream
         # a departure from the flight's origin half an hour before its prediction time
@@ -185,6 +188,12 @@ def test_a_served_rt_feature_moves_within_seconds_of_a_departure(champion_home, 
             assert time.monotonic() - published < 5, features
             time.sleep(0.05)
         assert features["rt_origin_dep_delay_2h"] == 95 and features["rt_origin_delayed_share_2h"] == 1
+        # still a lookup: the flights the departure moved were computed again and scored off the
+        # request path, to what the feature SQL answers for it on demand at its prediction time
+        assert service.is_quick([body])
+        on_demand = answer(as_of=pt.isoformat() + "Z")
+        assert on_demand["features"] == features
+        assert answer()["delay_probability"] == pytest.approx(on_demand["delay_probability"], abs=1e-12)
         # as of an instant before the departure, it does not count
         assert served(as_of=(pt - dt.timedelta(minutes=40)).isoformat() + "Z")["rt_origin_departures_2h"] == 0
         health = client.get("/health").json()

@@ -30,8 +30,10 @@
                                    that local day
       rt_tail_prev_dep_delay       the aircraft's latest earlier departure delay that day
       rt_tail_departures_today     the aircraft's departures that day so far
+  With intraday_only=true it returns flight_id, prediction_time and the rt_ features alone (the
+  server recomputes those as the stream moves, without the rest's table scans).
 #}
-{% macro flight_features(flights, online=false) -%}
+{% macro flight_features(flights, online=false, intraday_only=false) -%}
 {%- set grains = [
     ('carrier', ['carrier'], [1, 7, 28]),
     ('origin', ['origin'], [1, 7, 28]),
@@ -110,6 +112,19 @@ rt_tail as (
        and d.event_time < r.prediction_time and d.flight_id <> r.flight_key
     group by r.flight_id
 ),
+intraday as (
+    select r.flight_id, r.prediction_time,
+           ro.rt_origin_departures_2h, ro.rt_origin_dep_delay_2h, ro.rt_origin_delayed_share_2h,
+           rc.rt_carrier_origin_dep_delay_today,
+           rtl.rt_tail_prev_dep_delay, rtl.rt_tail_departures_today
+    from requested r
+    left join rt_origin ro on ro.flight_id = r.flight_id
+    left join rt_carrier rc on rc.flight_id = r.flight_id
+    left join rt_tail rtl on rtl.flight_id = r.flight_id
+)
+{%- if intraday_only %}
+select * from intraday
+{%- else %},
 -- the published schedule of the requested days (known in advance of departure)
 schedule as (
     select flight_date, carrier, flight_number, origin, dest, sched_dep_time, sched_dep_hour,
@@ -192,10 +207,7 @@ select
     rt.route_delay_rate_1d, rt.route_delay_rate_7d, rt.route_delay_rate_28d, rt.route_flights_28d,
     oh.origin_hour_delay_rate_28d,
     -- intraday, as of the prediction time (streamed departures before it only)
-    r.prediction_time,
-    ro.rt_origin_departures_2h, ro.rt_origin_dep_delay_2h, ro.rt_origin_delayed_share_2h,
-    rc.rt_carrier_origin_dep_delay_today,
-    rtl.rt_tail_prev_dep_delay, rtl.rt_tail_departures_today
+    i.* exclude (flight_id)
 from requested r
 left join schedule s
     on s.flight_date = r.flight_date and s.carrier = r.carrier and s.flight_number = r.flight_number
@@ -214,9 +226,8 @@ left join origin_rates og on og.flight_date = r.flight_date and og.origin = r.or
 left join route_rates rt on rt.flight_date = r.flight_date and rt.origin = r.origin and rt.dest = r.dest
 left join origin_hour_rates oh
     on oh.flight_date = r.flight_date and oh.origin = r.origin and oh.sched_dep_hour = r.sched_dep_hour
-left join rt_origin ro on ro.flight_id = r.flight_id
-left join rt_carrier rc on rc.flight_id = r.flight_id
-left join rt_tail rtl on rtl.flight_id = r.flight_id
+left join intraday i on i.flight_id = r.flight_id
+{%- endif %}
 {%- endmacro %}
 
 

@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -390,6 +391,9 @@ def serve(settings: Settings, host: str, port: int, refresh_seconds: float, acce
 
     # one request scores one row: OpenMP threads for the trees cost more than they save
     threadpool_limits(limits=1, user_api="openmp")
+    # the background threads (the stream's recomputes, the refresh) hold the GIL in stretches of
+    # Python; at the default 5 ms switch interval a request waits that long for each hand-over
+    sys.setswitchinterval(0.0005)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = PredictionService.from_settings(settings, refresh_seconds=refresh_seconds)
     uvicorn.run(create_app(service), host=host, port=port, workers=1, access_log=access_log, log_level="info")

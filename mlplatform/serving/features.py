@@ -26,6 +26,7 @@ from mlplatform import keys
 from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
 
 ANALYSIS = "online_features"
+INTRADAY_ANALYSIS = "online_intraday_features"  # the rt_ features alone, as the stream moves them
 REQUESTS_TABLE = "online_requests"
 EVENTS_RELATION = "stg_departure_events"  # the streamed departures, which the server also tails live
 # what a client tells us about a flight; the last two are looked up in the schedule when absent
@@ -54,24 +55,27 @@ class Relation:
 class CompiledFeatures:
     sql: str
     relations: tuple[Relation, ...]  # the warehouse tables the SQL reads
+    intraday_sql: str  # the same macro's rt_ features alone (flight_id, prediction_time, rt_...)
 
 
 def compile_online_features(settings: Settings, target_dir: Path) -> CompiledFeatures:
-    """Compile the online-features analysis with dbt (about 3 s; needs no warehouse connection).
+    """Compile the online-features analyses with dbt (about 3 s; needs no warehouse connection).
 
     ``target_dir`` is dbt's target path for this compile: keep it apart from the one Dagster's
     dbt runs use, so the two never write one manifest at the same time. A compile is reused
     while no dbt project file changed and the warehouse path is the same."""
     manifest_path = target_dir / "manifest.json"
     sql_path = target_dir / "compiled" / "mlplatform" / "analyses" / f"{ANALYSIS}.sql"
+    intraday_path = sql_path.with_name(f"{INTRADAY_ANALYSIS}.sql")
     stamp = target_dir / f"{ANALYSIS}.warehouse"
     newest = max(
         p.stat().st_mtime for p in DBT_PROJECT_DIR.rglob("*")
         if p.suffix in {".sql", ".yml", ".yaml", ".csv"} and "target" not in p.parts and "logs" not in p.parts
     )
     fresh = (
-        sql_path.exists() and manifest_path.exists() and stamp.exists()
-        and stamp.read_text() == str(settings.warehouse) and min(sql_path.stat().st_mtime, manifest_path.stat().st_mtime) > newest
+        sql_path.exists() and intraday_path.exists() and manifest_path.exists() and stamp.exists()
+        and stamp.read_text() == str(settings.warehouse)
+        and min(p.stat().st_mtime for p in (sql_path, intraday_path, manifest_path)) > newest
     )
     if not fresh:
         env = {
@@ -81,7 +85,8 @@ def compile_online_features(settings: Settings, target_dir: Path) -> CompiledFea
             "DBT_LOG_PATH": str(target_dir / "logs"),
             "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
         }
-        command = [dbt_executable(), "compile", "--select", ANALYSIS, "--no-populate-cache", "--quiet"]
+        command = [dbt_executable(), "compile", "--select", ANALYSIS, INTRADAY_ANALYSIS, "--no-populate-cache",
+                   "--quiet"]
         done = subprocess.run(command, cwd=DBT_PROJECT_DIR, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"dbt compile of {ANALYSIS} failed:\n{done.stdout}\n{done.stderr}")
@@ -92,7 +97,8 @@ def compile_online_features(settings: Settings, target_dir: Path) -> CompiledFea
     for unique_id in node["depends_on"]["nodes"]:
         dep = manifest["nodes"][unique_id]
         relations.append(Relation(dep["database"], dep["schema"], dep.get("alias") or dep["name"]))
-    return CompiledFeatures(sql=sql_path.read_text(), relations=tuple(relations))
+    return CompiledFeatures(sql=sql_path.read_text(), relations=tuple(relations),
+                            intraday_sql=intraday_path.read_text())
 
 
 def requests_frame(flights: list[dict], as_of: dt.datetime | None = None,
@@ -131,6 +137,18 @@ def flight_id(flight: dict) -> str:
                           flight["sched_dep_time"])
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """Departures the stream added to a snapshot: their event times and local days."""
+
+    since: dt.datetime
+    until: dt.datetime
+    days: frozenset[dt.date]
+
+    def __or__(self, other: "Streamed") -> "Streamed":
+        return Streamed(min(self.since, other.since), max(self.until, other.until), self.days | other.days)
+
+
 @dataclass
 class Snapshot:
     """An in-memory copy of the tables the feature SQL reads, and what a request is checked against."""
@@ -146,7 +164,6 @@ class Snapshot:
     holidays: tuple[dt.date | None, dt.date | None]  # the holiday calendar's first and last day
     events: Relation | None = None  # the streamed departures the rt_ features read
     events_clock: dt.datetime | None = None  # the latest event time among them at load
-    added_from: dt.datetime | None = None  # the earliest event time the stream added since (add_events)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -163,23 +180,25 @@ class Snapshot:
         with self.lock:  # one DuckDB connection: one query at a time
             return compute_features(self.conn, sql, requests)
 
-    def add_events(self, departures: pd.DataFrame) -> int:
+    def add_events(self, departures: pd.DataFrame) -> Streamed | None:
         """Streamed departures (``stg_departure_events``' columns) that reached the server after
-        the warehouse copy: added to the snapshot's copy, each event once; returns how many were
-        new. ``added_from`` keeps the earliest event time added: a scheduled flight whose
-        prediction time is after it has rt_ features the schedule's precomputed row lacks."""
+        the warehouse copy: added to the snapshot's copy, each event once. Returns what the new
+        ones span (the scheduled flights whose rt_ features they move are found from it), or
+        None when every one was there already."""
         if self.events is None or not len(departures):
-            return 0
+            return None
         with self.lock:
             self.conn.register("arrived", departures)
             try:
                 new = (f"SELECT * FROM arrived a WHERE NOT EXISTS "
                        f"(SELECT 1 FROM {self.events.sql} e WHERE e.event_id = a.event_id)")
-                earliest, n = self.conn.execute(f"SELECT min(event_time), count(*) FROM ({new})").fetchall()[0]
-                if n:
-                    self.conn.execute(f"INSERT INTO {self.events.sql} BY NAME {new}")
-                    self.added_from = earliest if self.added_from is None else min(self.added_from, earliest)
-                return n
+                earliest, latest, days, n = self.conn.execute(
+                    f"SELECT min(event_time), max(event_time), list(DISTINCT flight_date), count(*) FROM ({new})"
+                ).fetchall()[0]
+                if not n:
+                    return None
+                self.conn.execute(f"INSERT INTO {self.events.sql} BY NAME {new}")
+                return Streamed(earliest, latest, frozenset(days))
             finally:
                 self.conn.unregister("arrived")
 

@@ -5,7 +5,8 @@ of the last hours and the stream's clock, within a second of their publication.
 ``StreamTail`` runs in a thread of the server. Each departure it reads is validated with the
 warehouse's own contract (``mlplatform.stream.ingest.validate``: what ingestion would quarantine
 is not served either) and handed to ``on_departures`` (the server adds it to its snapshot's copy
-of ``staging.stg_departure_events``, where the feature SQL finds it). ``clock`` is the latest
+of ``staging.stg_departure_events``, where the feature SQL finds it); ``on_poll`` is called
+after each read, also an empty one (the server recomputes the flights the departures moved). ``clock`` is the latest
 event time read, of any kind: "now" on the stream's clock. The departures of the last
 ``KEEP`` of event time are kept, to be added again to the next snapshot of the warehouse (which
 may not have them yet).
@@ -14,14 +15,14 @@ may not have them yet).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
+import os
 import threading
 
 import pandas as pd
 
 from mlplatform.stream.broker import Broker
-from mlplatform.stream.ingest import Invalid, validate
+from mlplatform.stream.ingest import Invalid, parse, validate
 
 log = logging.getLogger("mlplatform.serving.live")
 KEEP = dt.timedelta(hours=36)  # longer than the rt_ features look back (the flight's local day)
@@ -34,8 +35,8 @@ def departures_of(messages: list[tuple[str, bytes]]) -> tuple[pd.DataFrame, dt.d
     rows, clock = [], None
     for _, raw in messages:
         try:
-            row = validate(json.loads(raw))
-        except (Invalid, ValueError, TypeError, UnicodeDecodeError):
+            row = validate(parse(raw))
+        except Invalid:
             continue
         clock = row["event_time"] if clock is None else max(clock, row["event_time"])
         if row["kind"] == "departure":
@@ -46,15 +47,28 @@ def departures_of(messages: list[tuple[str, bytes]]) -> tuple[pd.DataFrame, dt.d
     return frame, clock
 
 
+BACKGROUND_NICENESS = 10  # the server's background threads give way to the one answering requests
+
+
+def in_background() -> None:
+    """Lower the calling thread's CPU priority (Linux schedules threads one by one): on a busy
+    machine the requests' thread runs first and the background work waits, not the reverse."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+    except (AttributeError, OSError):  # not Linux: the default priority
+        pass
+
+
 class StreamTail:
-    def __init__(self, url: str, on_departures, batch: int = 5_000, block_ms: int = 500, retry_seconds: float = 5.0):
-        self.url, self.on_departures = url, on_departures
+    def __init__(self, url: str, on_departures, on_poll=None, batch: int = 5_000, block_ms: int = 500,
+                 retry_seconds: float = 5.0):
+        self.url, self.on_departures, self.on_poll = url, on_departures, on_poll
         self.batch, self.block_ms, self.retry_seconds = batch, block_ms, retry_seconds
         self.clock: dt.datetime | None = None
         self.last_id = "0-0"
         self.read = 0  # messages read
         self.error: str | None = None
-        self._recent: list[pd.DataFrame] = []
+        self._recent: list[tuple[pd.Timestamp, pd.DataFrame]] = []  # (latest event time, departures)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -62,7 +76,8 @@ class StreamTail:
     def recent(self) -> pd.DataFrame:
         """The departures of the last ``KEEP`` of event time."""
         with self._lock:
-            return pd.concat(self._recent, ignore_index=True) if self._recent else pd.DataFrame(columns=COLUMNS)
+            frames = [f for _, f in self._recent]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
 
     def poll(self, broker: Broker, block_ms: int | None = None) -> int:
         """Read what was published since the last poll (waiting up to ``block_ms`` for some)."""
@@ -76,13 +91,15 @@ class StreamTail:
             self.clock = clock
         if len(departures):
             with self._lock:
-                self._recent.append(departures)
+                self._recent.append((departures["event_time"].max(), departures))
                 horizon = pd.Timestamp(self.clock - KEEP)
-                self._recent = [f for f in self._recent if f["event_time"].max() >= horizon]
+                if self._recent[0][0] < horizon:
+                    self._recent = [(t, f) for t, f in self._recent if t >= horizon]
             self.on_departures(departures)
         return len(messages)
 
     def _run(self) -> None:
+        in_background()
         broker = None
         while not self._stop.is_set():
             try:
@@ -92,6 +109,8 @@ class StreamTail:
                         raise ConnectionError(f"no broker answers at {self.url}")
                 self.poll(broker, self.block_ms)
                 self.error = None
+                if self.on_poll:
+                    self.on_poll()
             except Exception as exc:  # noqa: BLE001 - no broker yet, or it restarted: try again
                 if self.error is None:
                     log.info("stream tail: %s", exc)

@@ -5,10 +5,13 @@
   with that SQL, so a request for a scheduled flight is a lookup; any other request (a flight
   not in the schedule, or one whose scheduled arrival or distance the client overrides) runs the
   same SQL for that request. Either way the numbers come from the one dbt definition.
-  The intraday (rt_) features move with the event stream (``live.StreamTail`` adds each
-  streamed departure to the snapshot within a second): a scheduled flight whose prediction time
-  is after the earliest departure the stream added to the snapshot is computed with the SQL as
-  of the stream's clock instead of looked up; so is any request with ``as_of``.
+  The intraday (rt_) features move with the event stream: ``live.StreamTail`` adds each
+  streamed departure to the snapshot as it is read, and at most every ``LIVE_INTERVAL_SECONDS``
+  the scheduled flights those departures can move (``Live``: prediction time after the earliest
+  of them, and within ``ORIGIN_WINDOW`` of the latest or on their local day) get their rt_
+  features computed again with the
+  same macro in one batch (``analyses/online_intraday_features.sql``) and are scored before they
+  are swapped in, so a request for one stays a lookup. A request with ``as_of`` runs the SQL.
 - ``Champion``: the model the registry's ``champion`` alias points at, reloaded when it moves.
 - ``PredictionService``: validates flights against the snapshot, scores them and writes the
   inference log; background threads refresh the snapshot and the champion.
@@ -33,6 +36,7 @@ import pandas as pd
 from mlplatform.serving.features import (
     CompiledFeatures,
     Snapshot,
+    Streamed,
     WarehouseUnavailable,
     changed_at,
     compile_online_features,
@@ -40,9 +44,9 @@ from mlplatform.serving.features import (
     requests_frame,
 )
 from mlplatform.serving.inference_log import InferenceLog
-from mlplatform.serving.live import StreamTail
+from mlplatform.serving.live import StreamTail, in_background
 from mlplatform.settings import Settings
-from mlplatform.training.model import CATEGORICAL, NUMERIC, model_input
+from mlplatform.training.model import CATEGORICAL, INTRADAY, NUMERIC, as_number, model_input
 from mlplatform.training.tracking import CHAMPION, MlflowTracking, tracking_from
 
 log = logging.getLogger("mlplatform.serving")
@@ -102,25 +106,59 @@ class ScheduledFeatures:
     """The feature vectors of every flight in the snapshot's schedule, by flight key."""
 
     index: dict[tuple, int]
+    keys: list[tuple]  # row -> flight key (KEY's values), to compute a row again
     vectors: Vectors
     prediction_time: np.ndarray  # (n,) datetime64: as of when each row's rt_ features are
+    flight_date: np.ndarray  # (n,) datetime64[D]
+
+
+# A departure moves the rt_ features of flights whose prediction time is after it: those of the
+# next 2 hours (at its origin) and the rest of its local day (its carrier, its aircraft); see
+# macros/flight_features.sql.
+ORIGIN_WINDOW = dt.timedelta(hours=2)
+LIVE_INTERVAL_SECONDS = 2.0  # how often, at most, the streamed departures reach the scheduled rows
+INTRADAY_AT = [NUMERIC.index(c) for c in INTRADAY]  # the rt_ features' columns in Vectors.numeric
+
+
+@dataclass(frozen=True)
+class Live:
+    """The scheduled flights whose rt_ features the stream moved since the snapshot, computed
+    again on the snapshot with the streamed departures in it: scheduled row -> row of ``vectors``."""
+
+    rows: dict[int, int]
+    vectors: Vectors
+    scored: tuple[str, np.ndarray] | None = None  # (model version, probabilities of ``vectors``)
+
+    def hits(self, rows: list[int]) -> list[tuple[int, int]]:
+        """(position in ``rows``, row of ``vectors``) for the rows this overlay replaces."""
+        return [(i, self.rows[r]) for i, r in enumerate(rows) if r in self.rows]
 
 
 @dataclass(frozen=True)
 class Loaded:
-    """A snapshot and the schedule's features computed on it: swapped together, read together."""
+    """A snapshot, the schedule's features computed on it and what the stream moved since:
+    swapped together, read together."""
 
     snapshot: Snapshot
     scheduled: ScheduledFeatures
+    live: Live | None = None
 
 
 class OnlineFeatures:
-    def __init__(self, settings: Settings, compiled: CompiledFeatures | None = None, tail: StreamTail | None = None):
+    def __init__(self, settings: Settings, compiled: CompiledFeatures | None = None, tail: StreamTail | None = None,
+                 score=None):
         self.settings = settings
+        # ``score(vectors) -> (model version, probabilities)``: the rows the stream moves are
+        # scored before they are swapped in (the service's champion), or None when it cannot
+        self.score = score
         self.compiled = compiled  # compiled on the first refresh when not given
         self.loaded: Loaded | None = None
         self.error: str | None = None
         self.tail = tail  # the event stream, when the server follows one
+        self._swap = threading.Lock()  # one writer of ``loaded`` at a time (refresh, the stream)
+        self._pending: Streamed | None = None  # streamed, not in ``loaded.live`` yet
+        self._live_at = 0.0  # monotonic time of the last ``catch_up`` that recomputed
+        self.live_updates, self.live_seconds = 0, 0.0  # how often, and how long in all
 
     @property
     def clock(self) -> dt.datetime | None:
@@ -131,10 +169,69 @@ class OnlineFeatures:
         return clock + dt.timedelta(microseconds=1) if clock else None
 
     def add_departures(self, departures: pd.DataFrame) -> None:
-        """``StreamTail``'s callback: streamed departures into the current snapshot."""
-        loaded = self.loaded
-        if loaded is not None:
-            loaded.snapshot.add_events(departures)
+        """``StreamTail``'s callback: streamed departures into the current snapshot; the flights
+        they move are recomputed by the next ``catch_up``."""
+        with self._swap:
+            loaded = self.loaded
+            span = loaded.snapshot.add_events(departures) if loaded is not None else None
+            if span is not None:
+                self._pending = span if self._pending is None else self._pending | span
+
+    def catch_up(self, interval: float = LIVE_INTERVAL_SECONDS) -> bool:
+        """Recompute the scheduled flights the departures added since the last time can move,
+        if there are some and ``interval`` seconds have passed; returns whether it did."""
+        if self._pending is None or time.monotonic() - self._live_at < interval:
+            return False
+        with self._swap:
+            if self._pending is None or self.loaded is None:
+                return False
+            began = time.monotonic()
+            self.loaded = self.relive(self.loaded, self._pending)
+            self._pending, self._live_at = None, time.monotonic()
+            self.live_updates, self.live_seconds = self.live_updates + 1, self.live_seconds + self._live_at - began
+        return True
+
+    def relive(self, loaded: Loaded, streamed: Streamed) -> Loaded:
+        """``loaded`` with the scheduled flights ``streamed`` departures can move (see
+        ``ORIGIN_WINDOW``) computed again (the intraday SQL, one batch) and scored (``score``)."""
+        scheduled, previous = loaded.scheduled, loaded.live
+        pt = scheduled.prediction_time
+        soon = pt <= np.datetime64(streamed.until + ORIGIN_WINDOW, "us")
+        same_day = np.isin(scheduled.flight_date, np.array(sorted(streamed.days), dtype="datetime64[D]"))
+        moved = np.flatnonzero((pt > np.datetime64(streamed.since, "us")) & (soon | same_day))
+        if not len(moved):
+            return loaded
+        # only the rt_ features move with the stream: the scheduled rows with those computed again
+        requests = requests_frame([dict(zip(KEY, scheduled.keys[r])) for r in moved])
+        intraday = loaded.snapshot.features(self.compiled.intraday_sql, requests)
+        computed = scheduled.vectors.take(moved)  # (a copy)
+        computed.numeric[:, INTRADAY_AT] = np.column_stack([as_number(intraday[c]).to_numpy() for c in INTRADAY])
+        rows, parts = {int(r): i for i, r in enumerate(moved)}, [computed]
+        scored = self.score(computed) if self.score else None
+        if previous is not None:  # what the stream moved before and this did not recompute
+            kept = [(r, j) for r, j in previous.rows.items() if r not in rows]
+            if kept:
+                positions = [j for _, j in kept]
+                parts.append(previous.vectors.take(positions))
+                rows.update({r: len(moved) + i for i, (r, _) in enumerate(kept)})
+                if scored is not None:
+                    earlier = previous.scored
+                    kept_scored = (earlier[0], earlier[1][positions]) if earlier and earlier[0] == scored[0] \
+                        else self.score(parts[-1])
+                    scored = (scored[0], np.concatenate([scored[1], kept_scored[1]])) \
+                        if kept_scored and kept_scored[0] == scored[0] else None
+        return Loaded(loaded.snapshot, scheduled, Live(rows, Vectors.stack(parts), scored))
+
+    def rescore(self, version: str) -> None:
+        """The rows the stream moved, scored again (``score``) unless by model ``version``."""
+        with self._swap:
+            loaded = self.loaded
+            live = loaded.live if loaded is not None else None
+            if live is None or self.score is None or (live.scored is not None and live.scored[0] == version):
+                return
+            scored = self.score(live.vectors)
+            if scored is not None:
+                self.loaded = Loaded(loaded.snapshot, loaded.scheduled, Live(live.rows, live.vectors, scored))
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -156,8 +253,14 @@ class OnlineFeatures:
                 return False
             snapshot = Snapshot.load(warehouse, self.compiled.relations)
             loaded = Loaded(snapshot, self.schedule_features(snapshot))
-            if self.tail is not None:  # what the stream brought that the warehouse may not have yet
-                snapshot.add_events(self.tail.recent())
+            with self._swap:
+                if self.tail is not None:  # what the stream brought that the warehouse may not have yet
+                    span = snapshot.add_events(self.tail.recent())
+                    if span is not None:
+                        loaded = self.relive(loaded, span)
+                # one assignment: a request sees the old snapshot and its rows or the new ones,
+                # never a mix; the old snapshot is freed when the last request using it is done
+                self.loaded, self.error, self._pending = loaded, None, None
         except WarehouseUnavailable as exc:
             self.error = str(exc)
             return False
@@ -165,9 +268,6 @@ class OnlineFeatures:
             self.error = f"could not load the features: {type(exc).__name__}: {exc}"
             log.exception("loading the online features failed")
             return False
-        # one assignment: a request sees the old pair or the new one, never a mix; the old
-        # snapshot is freed when the last request using it is done with it
-        self.loaded, self.error = loaded, None
         return True
 
     def schedule_features(self, snapshot: Snapshot, dates: list[dt.date] | None = None) -> ScheduledFeatures:
@@ -180,49 +280,45 @@ class OnlineFeatures:
         ).df()
         requests = requests_frame(schedule.to_dict("records")) if len(schedule) else requests_frame([])
         features = snapshot.features(self.compiled.sql, requests)
-        keys = zip(*(schedule[c].tolist() for c in KEY))
+        keys = list(zip(*(schedule[c].tolist() for c in KEY)))
         index = {_key(dict(zip(KEY, k))): i for i, k in enumerate(keys)}
-        return ScheduledFeatures(index, Vectors.from_features(features),
-                                 features["prediction_time"].to_numpy(dtype="datetime64[us]"))
+        return ScheduledFeatures(index, keys, Vectors.from_features(features),
+                                 features["prediction_time"].to_numpy(dtype="datetime64[us]"),
+                                 pd.to_datetime(features["flight_date"]).to_numpy(dtype="datetime64[D]"))
 
-    def rows(self, flights: list[dict], scheduled: ScheduledFeatures, snapshot: Snapshot | None = None,
+    def rows(self, flights: list[dict], scheduled: ScheduledFeatures,
              as_of: dt.datetime | None = None) -> list[int | None]:
         """Each flight's row among the scheduled ones, or None when its features must be
-        computed on demand: not in the schedule, arrival time or distance given, an ``as_of``
-        asked for, or rt_ features the stream has moved since the snapshot (its prediction time
-        after the earliest event the stream added to the snapshot)."""
+        computed on demand: not in the schedule, arrival time or distance given, or an
+        ``as_of`` asked for."""
         if as_of is not None:
             return [None] * len(flights)
-        added = snapshot.added_from if snapshot is not None else None
-        since = np.datetime64(added, "us") if added is not None else None
-        out = []
-        for f in flights:
-            row = None if f.get("sched_arr_time") is not None or f.get("distance_miles") is not None \
-                else scheduled.index.get(_key(f))
-            if row is not None and since is not None and scheduled.prediction_time[row] > since:
-                row = None  # an event the stream added since the snapshot may count for it
-            out.append(row)
-        return out
+        return [None if f.get("sched_arr_time") is not None or f.get("distance_miles") is not None
+                else scheduled.index.get(_key(f)) for f in flights]
 
     def lookup(self, flights: list[dict], rows: list[int | None], scheduled: ScheduledFeatures,
-               snapshot: Snapshot, as_of: dt.datetime | None = None) -> Vectors:
-        """The flights' feature vectors, in order: scheduled rows where there are some, the
-        feature SQL for the others (as of ``as_of``, else of the stream's clock)."""
-        if None not in rows:
-            return scheduled.vectors.take(rows)
+               snapshot: Snapshot, as_of: dt.datetime | None = None, live: Live | None = None) -> Vectors:
+        """The flights' feature vectors, in order: scheduled rows where there are some (those
+        the stream moved from ``live``), the feature SQL for the others (as of ``as_of``, else of
+        the stream's clock)."""
+        found = [r for r in rows if r is not None]
+        looked_up = scheduled.vectors.take(found)  # (a copy: fancy indexing)
+        for i, j in live.hits(found) if live is not None else ():
+            looked_up.categorical[i], looked_up.numeric[i] = live.vectors.categorical[j], live.vectors.numeric[j]
+            looked_up.has_weather[i] = live.vectors.has_weather[j]
+        if len(found) == len(rows):
+            return looked_up
         missing = [f for f, r in zip(flights, rows) if r is None]
         requests = requests_frame(missing, as_of=as_of, stream_clock=self.clock)
         computed = Vectors.from_features(snapshot.features(self.compiled.sql, requests))
-        if all(r is None for r in rows):
+        if not found:
             return computed
-        parts, j = [], 0
+        # back in the flights' order: the looked-up ones, then the computed ones, taken by position
+        order, seen, other = [], 0, len(found)
         for r in rows:
-            if r is None:
-                parts.append(computed.take([j]))
-                j += 1
-            else:
-                parts.append(scheduled.vectors.take([r]))
-        return Vectors.stack(parts)
+            order.append(seen if r is not None else other)
+            seen, other = seen + (r is not None), other + (r is None)
+        return Vectors.stack([looked_up, computed]).take(order)
 
     def validate(self, flights: list[dict], snapshot: Snapshot, batch: bool = False) -> None:
         """Dates, carriers and airports must be ones the warehouse serves: anything else is the
@@ -248,6 +344,8 @@ class OnlineFeatures:
             "scheduled_flights": len(self.scheduled.index) if self.scheduled else 0,
             "events_up_to": s.events_clock.isoformat() if s and s.events_clock else None,
             "stream": self.tail.status() if self.tail else None,
+            "live": {"flights": len(self.loaded.live.rows) if self.loaded and self.loaded.live else 0,
+                     "updates": self.live_updates, "seconds": round(self.live_seconds, 3)},
             "error": self.error,
         }
 
@@ -344,15 +442,17 @@ class PredictionService:
     @classmethod
     def from_settings(cls, settings: Settings, refresh_seconds: float = 30.0, stream: bool = True) -> "PredictionService":
         features = OnlineFeatures(settings)
-        if stream:  # follow the event stream (retried quietly while no broker answers)
-            features.tail = StreamTail(settings.redis_url, features.add_departures)
-        return cls(
+        service = cls(
             settings,
             features,
             Champion(tracking_from(settings)),
             InferenceLog(settings.home / "serving" / "inference_log"),
             refresh_seconds,
         )
+        if stream:  # follow the event stream (retried quietly while no broker answers)
+            features.tail = StreamTail(settings.redis_url, features.add_departures, on_poll=features.catch_up)
+            features.score = service.score_rows
+        return service
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -389,6 +489,7 @@ class PredictionService:
             gc.freeze()
 
     def _loop(self) -> None:
+        in_background()
         while not self._stop.wait(self.refresh_seconds):
             try:
                 self.refresh()
@@ -413,7 +514,8 @@ class PredictionService:
         the HTTP layer runs those in a thread so the server keeps answering meanwhile."""
         loaded = self.features.loaded
         return (loaded is not None and len(flights) <= QUICK_BATCH
-                and None not in self.features.rows(flights, loaded.scheduled, loaded.snapshot))
+                and None not in self.features.rows(flights, loaded.scheduled))
+
 
     def _prepare(self) -> None:
         """Score the scheduled flights with the loaded champion once, in one batch: their features
@@ -423,11 +525,19 @@ class PredictionService:
         model, scheduled = self.champion.model, self.features.scheduled
         if model is None or scheduled is None:
             return
-        if self._scored is not None and self._scored[0] is scheduled and self._scored[1] == model.version:
-            return
-        encoded = np.asarray(model.estimator[:-1].transform(scheduled.vectors.frame()), dtype=np.float64)
-        probability = model.estimator[-1].predict_proba(encoded)[:, 1] if len(encoded) else np.array([])
-        self._scored = (scheduled, model.version, probability)
+        if self._scored is None or self._scored[0] is not scheduled or self._scored[1] != model.version:
+            self._scored = (scheduled, model.version, self._score(model, scheduled.vectors))
+        self.features.rescore(model.version)
+
+    def score_rows(self, vectors: Vectors) -> tuple[str, np.ndarray] | None:
+        """The champion's probabilities for ``vectors`` and its version (None without one)."""
+        model = self.champion.model
+        return (model.version, self._score(model, vectors)) if model is not None else None
+
+    @staticmethod
+    def _score(model: LoadedModel, vectors: Vectors) -> np.ndarray:
+        encoded = np.asarray(model.estimator[:-1].transform(vectors.frame()), dtype=np.float64)
+        return model.estimator[-1].predict_proba(encoded)[:, 1] if len(encoded) else np.array([])
 
     def predict(self, flights: list[dict], explain: bool = False, batch: bool = False,
                 as_of: dt.datetime | None = None) -> list[dict]:
@@ -438,16 +548,13 @@ class PredictionService:
         loaded = self.features.loaded
         if loaded is None:
             raise NotReady(self.features.error or "no warehouse snapshot loaded yet")
-        snapshot, scheduled = loaded.snapshot, loaded.scheduled
+        snapshot, scheduled, live = loaded.snapshot, loaded.scheduled, loaded.live
         self.features.validate(flights, snapshot, batch=batch)
-        rows = self.features.rows(flights, scheduled, snapshot, as_of)
-        vectors = self.features.lookup(flights, rows, scheduled, snapshot, as_of)
-        scored = self._scored
+        rows = self.features.rows(flights, scheduled, as_of)
+        vectors = self.features.lookup(flights, rows, scheduled, snapshot, as_of, live)
         try:
-            if scored is not None and scored[0] is scheduled and scored[1] == model.version and None not in rows:
-                # scored once for this snapshot and champion (_prepare)
-                probability = scored[2][rows]
-            else:
+            probability = self._looked_up(model, scheduled, live, rows)
+            if probability is None:
                 probability = model.estimator.predict_proba(vectors.frame())[:, 1]
         except Exception as exc:  # the model does not fit the features: the server's problem, not the client's
             raise NotReady(f"the champion cannot score these features: {type(exc).__name__}: {exc}") from exc
@@ -479,6 +586,22 @@ class PredictionService:
                 "batch_size": len(flights),
             })
         return out
+
+
+    def _looked_up(self, model: LoadedModel, scheduled: ScheduledFeatures, live: Live | None,
+                   rows: list[int | None]) -> np.ndarray | None:
+        """The probabilities of scheduled rows scored ahead for this champion (``_prepare``), or
+        None when some are not (a row computed on demand, a snapshot or champion just swapped)."""
+        scored = self._scored
+        if None in rows or scored is None or scored[0] is not scheduled or scored[1] != model.version:
+            return None
+        probability = scored[2][rows]
+        hits = live.hits(rows) if live is not None else []
+        if hits:
+            if live.scored is None or live.scored[0] != model.version:
+                return None
+            probability[[i for i, _ in hits]] = live.scored[1][[j for _, j in hits]]
+        return probability
 
 
 def _warnings(flight: dict, row: dict, has_weather: bool, snapshot: Snapshot) -> list[str]:

@@ -19,6 +19,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
+import orjson
+
 from mlplatform.stream.broker import Broker
 from mlplatform.stream.events import KINDS, WEATHER_FIELDS
 from mlplatform.warehouse import in_one_transaction
@@ -53,16 +55,21 @@ class Invalid(ValueError):
         self.rule, self.reason = rule, reason
 
 
+UTC = dt.timezone.utc
+
+
 def _time(text) -> dt.datetime:
     if not isinstance(text, str):
         raise Invalid("event_time_valid", f"event_time {text!r} is not an ISO 8601 timestamp")
     try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        when = dt.datetime.fromisoformat(text)  # ("Z" included, Python 3.11)
     except ValueError:
         raise Invalid("event_time_valid", f"event_time {text!r} is not an ISO 8601 timestamp") from None
     if when.tzinfo is None:
         raise Invalid("event_time_valid", f"event_time {text!r} has no time zone (UTC is required)")
-    when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    if when.tzinfo is not UTC:
+        when = when.astimezone(UTC)
+    when = when.replace(tzinfo=None)
     if not EARLIEST <= when <= LATEST:
         raise Invalid("event_time_valid", f"event_time {text} is outside {EARLIEST:%Y-%m-%d}..{LATEST:%Y-%m-%d}")
     return when
@@ -81,48 +88,71 @@ def _delay(payload: dict, name: str, required: bool) -> float | None:
         if required:
             raise Invalid("payload_complete", f"a departure needs {name}")
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if value.__class__ not in (int, float) or value != value:
         raise Invalid("payload_complete", f"{name} {value!r} is not a number")
     if not DELAY_RANGE[0] <= value <= DELAY_RANGE[1]:
         raise Invalid("delay_in_range", f"{name} {value} min is outside {DELAY_RANGE[0]}..{DELAY_RANGE[1]}")
     return float(value)
 
 
+def _text(flight: dict, name: str) -> str:
+    value = flight.get(name)
+    if value.__class__ is not str or not value:
+        raise Invalid("key_present", f"flight.{name} is missing")
+    return value
+
+
+def _integer(flight: dict, name: str) -> int:
+    value = flight.get(name)
+    if value.__class__ is not int:  # (not a bool either)
+        raise Invalid("key_present", f"flight.{name} {value!r} is not an integer")
+    return value
+
+
+def parse(raw: bytes) -> dict:
+    """A message's event, parsed (``orjson``: bytes in), or ``Invalid`` (rule ``parseable``)."""
+    try:
+        body = orjson.loads(raw)
+    except ValueError as exc:  # malformed JSON or UTF-8
+        raise Invalid("parseable", f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise Invalid("parseable", "the message is not a JSON object")
+    return body
+
+
 def validate(body: dict) -> dict:
-    """The raw row of one parsed event, or ``Invalid`` naming the rule it breaks and why."""
+    """The raw row of one parsed event (``COLUMNS`` up to ``weather``), or ``Invalid`` naming
+    the rule it breaks and why."""
     event_id, kind = body.get("event_id"), body.get("kind")
-    if not isinstance(event_id, str) or not event_id:
+    if event_id.__class__ is not str or not event_id:
         raise Invalid("key_present", "event_id is missing")
     if kind not in KINDS:
         raise Invalid("kind_known", f"kind {kind!r} is not one of {', '.join(KINDS)}")
     when = _time(body.get("event_time"))
     payload = body.get("payload") or {}
-    if not isinstance(payload, dict):
+    if payload.__class__ is not dict:
         raise Invalid("payload_complete", "payload is not an object")
-    row = dict.fromkeys(COLUMNS[:13])
-    row.update(event_id=event_id, kind=kind, event_time=when)
     if kind == "weather":
         origin = body.get("origin")
-        if not isinstance(origin, str) or len(origin) != 3:
+        if origin.__class__ is not str or len(origin) != 3:
             raise Invalid("key_present", f"origin {origin!r} is not an airport code")
-        row.update(origin=origin, weather=json.dumps({k: payload.get(k) for k in WEATHER_FIELDS}),
-                   _partition_date=_date(body.get("flight_date"), "flight_date"))
-        return row
+        return {"event_id": event_id, "kind": kind, "event_time": when, "flight_id": None, "carrier": None,
+                "flight_number": None, "origin": origin, "dest": None, "sched_dep_time": None, "tailnum": None,
+                "dep_delay": None, "arr_delay": None,
+                "weather": json.dumps({k: payload.get(k) for k in WEATHER_FIELDS}),
+                "_partition_date": _date(body.get("flight_date"), "flight_date")}
     flight = body.get("flight") or {}
-    if not isinstance(flight, dict):
+    if flight.__class__ is not dict:
         raise Invalid("key_present", "flight is not an object")
-    for name in ("flight_id", "carrier", "origin", "dest"):
-        if not isinstance(flight.get(name), str) or not flight.get(name):
-            raise Invalid("key_present", f"flight.{name} is missing")
-    for name in ("flight_number", "sched_dep_time"):
-        if isinstance(flight.get(name), bool) or not isinstance(flight.get(name), int):
-            raise Invalid("key_present", f"flight.{name} {flight.get(name)!r} is not an integer")
-    row.update({k: flight[k] for k in ("flight_id", "carrier", "flight_number", "origin", "dest", "sched_dep_time")},
-               tailnum=flight.get("tailnum") if isinstance(flight.get("tailnum"), str) else None,
-               dep_delay=_delay(payload, "dep_delay", required=kind == "departure"),
-               arr_delay=_delay(payload, "arr_delay", required=kind == "arrival"),
-               _partition_date=_date(flight.get("flight_date"), "flight.flight_date"))
-    return row
+    tailnum = flight.get("tailnum")
+    return {"event_id": event_id, "kind": kind, "event_time": when, "flight_id": _text(flight, "flight_id"),
+            "carrier": _text(flight, "carrier"), "flight_number": _integer(flight, "flight_number"),
+            "origin": _text(flight, "origin"), "dest": _text(flight, "dest"),
+            "sched_dep_time": _integer(flight, "sched_dep_time"),
+            "tailnum": tailnum if tailnum.__class__ is str else None,
+            "dep_delay": _delay(payload, "dep_delay", required=kind == "departure"),
+            "arr_delay": _delay(payload, "arr_delay", required=kind == "arrival"), "weather": None,
+            "_partition_date": _date(flight.get("flight_date"), "flight.flight_date")}
 
 
 @dataclass
@@ -140,7 +170,7 @@ class MicroBatch:
 
 def ingest(broker: Broker, conn, consumer: str, count: int = 20_000, min_idle_ms: int = 30_000,
            block_ms: int | None = None, before_ack=None) -> MicroBatch:
-    """One micro-batch of up to ``count`` messages into the warehouse (see the module)."""
+    """One micro-batch of up to ``count`` messages into the warehouse's tables (``EVENTS_DDL``; see the module)."""
     import pandas as pd
 
     began = time.perf_counter()
@@ -156,9 +186,7 @@ def ingest(broker: Broker, conn, consumer: str, count: int = 20_000, min_idle_ms
     for message_id, raw in messages:
         body = None
         try:
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                raise Invalid("parseable", "the message is not a JSON object")
+            body = parse(raw)
             row = validate(body)
             row.update(_source_file=STREAM_SOURCE, _message_id=message_id, _ingested_at=now)
             rows.append(row)
@@ -181,29 +209,24 @@ def ingest(broker: Broker, conn, consumer: str, count: int = 20_000, min_idle_ms
                         "payload": raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw),
                         "_rule": invalid.rule, "_reason": invalid.reason, "_ingested_at": now})
             batch.by_rule[invalid.rule] = batch.by_rule.get(invalid.rule, 0) + 1
-    conn.execute(EVENTS_DDL)
     good = pd.DataFrame(rows, columns=COLUMNS)
     quarantine = pd.DataFrame(bad, columns=["_message_id", "event_id", "kind", "event_time", "_partition_date", "payload",
                                             "_rule", "_reason", "_ingested_at"])
     conn.register("good", good)
     conn.register("bad", quarantine)
     try:
-        before = conn.execute("SELECT (SELECT count(*) FROM raw.flight_events), "
-                              "(SELECT count(*) FROM quarantine.flight_events)").fetchall()[0]
-        columns = ", ".join(COLUMNS)
-        in_one_transaction(conn, [
-            f"INSERT OR IGNORE INTO raw.flight_events ({columns}) SELECT {columns} FROM good",
+        # the inserts' counts are the rows new to each table (what was there already is ignored)
+        written = in_one_transaction(conn, [
+            f"INSERT OR IGNORE INTO raw.flight_events ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM good",
             "INSERT OR IGNORE INTO quarantine.flight_events SELECT * FROM bad",
         ])
-        after = conn.execute("SELECT (SELECT count(*) FROM raw.flight_events), "
-                             "(SELECT count(*) FROM quarantine.flight_events)").fetchall()[0]
     finally:
         conn.unregister("good")
         conn.unregister("bad")
     if before_ack:
         before_ack()  # (fault injection: a consumer killed after the commit, before the acknowledgement)
     broker.ack([m for m, _ in messages])
-    batch.events, batch.quarantined = after[0] - before[0], after[1] - before[1]
+    batch.events, batch.quarantined = written
     batch.duplicates = len(good) - batch.events
     if len(good):
         batch.last_event_time = good.event_time.max().to_pydatetime()
@@ -225,6 +248,7 @@ def consume(broker: Broker, warehouse, consumer: str, count: int = 20_000, max_s
 
     batches, began = [], time.monotonic()
     with connect(warehouse) as conn:
+        conn.execute(EVENTS_DDL)
         while max_seconds is None or time.monotonic() - began < max_seconds:
             batch = ingest(broker, conn, consumer, count, min_idle_ms, before_ack=before_ack)
             if not batch.messages:

@@ -28,10 +28,13 @@ NUMERIC = [
     "origin_delay_rate_1d", "origin_delay_rate_7d", "origin_delay_rate_28d", "origin_flights_28d",
     "route_delay_rate_1d", "route_delay_rate_7d", "route_delay_rate_28d", "route_flights_28d",
     "origin_hour_delay_rate_28d",
-    # intraday, from the event stream, as of the prediction time (macros/flight_features.sql)
+]
+# intraday, from the event stream, as of the prediction time (macros/flight_features.sql)
+INTRADAY = [
     "rt_origin_departures_2h", "rt_origin_dep_delay_2h", "rt_origin_delayed_share_2h",
     "rt_carrier_origin_dep_delay_today", "rt_tail_prev_dep_delay", "rt_tail_departures_today",
 ]
+NUMERIC += INTRADAY
 FEATURES = CATEGORICAL + NUMERIC
 LABEL = "is_delayed"
 FEATURE_TABLE = "features.flight_features"
@@ -113,14 +116,19 @@ def load_frame(conn, start: dt.date, end: dt.date, labelled: bool = True, max_ro
 def model_input(frame: pd.DataFrame) -> pd.DataFrame:
     """The estimator's input: FEATURES, categoricals as text and numbers as floats (a stable
     schema for the MLflow signature, whatever nulls a day happens to have)."""
-    import pandas as pd
-
     out = frame[FEATURES].copy()
     for column in CATEGORICAL:
         out[column] = out[column].astype(object).where(out[column].notna(), None)
     for column in NUMERIC:
-        out[column] = pd.to_numeric(out[column], errors="coerce").astype("float64")
+        out[column] = as_number(out[column])
     return out
+
+
+def as_number(values: pd.Series) -> pd.Series:
+    """A numeric feature as the estimator takes it: float64, NaN where missing."""
+    import pandas as pd
+
+    return pd.to_numeric(values, errors="coerce").astype("float64")
 
 
 def score_window(conn, estimators: dict, start: dt.date, end: dt.date, days: int | None = None) -> pd.DataFrame:
