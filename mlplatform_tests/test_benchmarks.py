@@ -38,12 +38,13 @@ def test_synthetic_growth_has_distinct_keys_and_passes_the_contract(replayed, tm
     assert sum(r.loaded for r in results) == written and sum(r.quarantined for r in results) == 0
 
 
-def test_bench_smoke_writes_every_figure(tmp_path, monkeypatch):
+def test_bench_smoke_writes_the_figures_of_the_year(tmp_path, monkeypatch):
     """`benchmarks/run.py --smoke` (four weeks, once) fills results.json and results.md. The serving
-    figure has its own smoke test (test_serving) and growth runs the same code as the full year."""
+    figure has its own smoke test (test_serving), growth runs the same code as the full year, and
+    the floor and the profiles are the next test's (two workers share the smoke)."""
     out = tmp_path / "out"
     monkeypatch.delenv("MLPLATFORM_HOME", raising=False)
-    assert bench.main(["--smoke", "--skip", "serving,growth", "--workdir", str(tmp_path / "work"),
+    assert bench.main(["--smoke", "--skip", "serving,growth,dagster_floor,profile", "--workdir", str(tmp_path / "work"),
                        "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     year = results["full_year"]
@@ -65,17 +66,35 @@ def test_bench_smoke_writes_every_figure(tmp_path, monkeypatch):
     assert day["seconds"] > 0 and set(day["per_job_s"]) == {"daily_job", "predictions_job", "monitoring_job"}
     assert "daily_job.dbt_daily" in day["per_step_s"] and 0 < day["dbt_process_s"]["start_s"] < day["dbt_process_s"]["build_s"]
     assert results["whylogs"]["one_row_profile_ms"] > 0
-    floor = results["dagster_floor"]
-    assert floor["ms_per_partition"] > 0 and floor["ms_per_partition_sync_off"] > 0 and floor["full_year_floor_s"] > 0
     assert results["whylogs"]["rows"] == year["flights"] and results["whylogs"]["one_profile_rows_per_s"] > 0
     stream = results["stream"]
     assert stream["one_day"]["events"] > 1800 and stream["one_day"]["platform"]["events_per_s"] > 0
     assert stream["one_day"]["plain"]["events_per_s"] > 0 and stream["freshness"]["samples"] == 5
     assert results["code_location"]["seconds"] > 0 and "dagster" in results["code_location"]["slowest_imports_s"]
+    assert "profile" not in results and "dagster_floor" not in results
+    text = (out / "results.md").read_text()
+    assert "| Full year vs plain script |" in text and "Machine:" in text
+    assert text.count("**What dominates") == 2  # the dbt process, whylogs (the floor's is the next test's)
+
+
+def test_bench_smoke_profiles_and_measures_the_floor(tmp_path, monkeypatch):
+    """`--only profile,dagster_floor`: neither needs the full year's home, so it is not built."""
+    out = tmp_path / "out"
+    monkeypatch.delenv("MLPLATFORM_HOME", raising=False)
+    assert bench.main(["--smoke", "--only", "profile,dagster_floor", "--workdir", str(tmp_path / "work"),
+                       "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"profile", "dagster_floor"} and "full_year" not in results
+    floor = results["dagster_floor"]
+    assert floor["ms_per_partition"] > 0 and floor["ms_per_partition_sync_off"] > 0
     # pyinstrument's profiles of the full year and one day, where Dagster's event storage shows
     tree, flat = ((out / "profiles" / name).read_text() for name in ("full_year.txt", "full_year.flat.txt"))
     assert "run_range" in tree and "store_event" in tree and "SqliteEventLogStorage.store_event" in flat
     assert "dbt_daily" in (out / "profiles" / "one_day.txt").read_text()
-    text = (out / "results.md").read_text()
-    assert "| Full year vs plain script |" in text and "Machine:" in text
-    assert text.count("**What dominates") == 3
+    assert not (tmp_path / "work" / "pipeline-1x").exists()
+
+
+@pytest.mark.unit
+def test_bench_refuses_an_unknown_figure(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "speed", "--workdir", str(tmp_path)])

@@ -106,6 +106,29 @@ def test_metrics_and_time_split_on_known_values():
 
 
 @pytest.mark.unit
+def test_permutation_importance_after_the_encoding_is_that_of_the_raw_columns():
+    """feature_importance permutes the encoded columns: the same scores as scikit-learn's
+    permutation importance of the whole pipeline on the raw ones, feature by feature."""
+    from sklearn.inspection import permutation_importance
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    frame = pd.DataFrame({c: rng.normal(size=n) for c in m.NUMERIC})
+    for c, values in zip(m.CATEGORICAL, (["AA", "UA", "DL"], ["EWR", "JFK", "LGA"], ["ORD", "LAX", "ATL", None])):
+        frame[c] = rng.choice(np.array(values, dtype=object), size=n)
+    frame[m.LABEL] = frame["origin_delay_rate_1d"] + (frame["carrier"] == "UA") + rng.normal(size=n) > 0.5
+    estimator = m.build_estimator(m.Hyperparameters(max_iter=20)).fit(m.model_input(frame), frame[m.LABEL].astype(int))
+    ours = m.feature_importance(estimator, frame, rows=1000)
+    sample = frame.sample(1000, random_state=0)
+    theirs = permutation_importance(estimator, m.model_input(sample), sample[m.LABEL].astype(int), scoring="roc_auc",
+                                    n_repeats=3, random_state=0, n_jobs=1)
+    expected = pd.Series(theirs.importances_mean, index=m.FEATURES)
+    assert set(ours.index) == set(m.FEATURES)
+    assert ours.reindex(m.FEATURES).to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-12)
+    assert ours.index[0] in ("origin_delay_rate_1d", "carrier")  # and it measures something
+
+
+@pytest.mark.unit
 def test_champion_at_answers_from_the_warehouse(tmp_path):
     with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
         t0 = dt.datetime(2013, 6, 1)

@@ -191,7 +191,8 @@ class Snapshot:
             self.conn.register("arrived", departures)
             try:
                 new = (f"SELECT * FROM arrived a WHERE NOT EXISTS "
-                       f"(SELECT 1 FROM {self.events.sql} e WHERE e.event_id = a.event_id)")
+                       f"(SELECT 1 FROM {self.events.sql} e WHERE e.event_id = a.event_id) "
+                       f"QUALIFY row_number() OVER (PARTITION BY a.event_id ORDER BY a.event_time) = 1")
                 earliest, latest, days, n = self.conn.execute(
                     f"SELECT min(event_time), max(event_time), list(DISTINCT flight_date), count(*) FROM ({new})"
                 ).fetchall()[0]

@@ -12,6 +12,8 @@
   features computed again with the
   same macro in one batch (``analyses/online_intraday_features.sql``) and are scored before they
   are swapped in, so a request for one stays a lookup. A request with ``as_of`` runs the SQL.
+  (So a departure counts at once for a flight computed on request, and within about two seconds
+  for a scheduled one.)
 - ``Champion``: the model the registry's ``champion`` alias points at, reloaded when it moves.
 - ``PredictionService``: validates flights against the snapshot, scores them and writes the
   inference log; background threads refresh the snapshot and the champion.
@@ -186,10 +188,26 @@ class OnlineFeatures:
             if self._pending is None or self.loaded is None:
                 return False
             began = time.monotonic()
-            self.loaded = self.relive(self.loaded, self._pending)
+            try:
+                self.loaded = self.relive(self.loaded, self._pending)
+            except Exception:  # noqa: BLE001 - the stream goes on; the moved flights are tried again
+                self._live_at = time.monotonic()
+                log.exception("recomputing the flights the stream moved failed")
+                return False
             self._pending, self._live_at = None, time.monotonic()
             self.live_updates, self.live_seconds = self.live_updates + 1, self.live_seconds + self._live_at - began
         return True
+
+    def _score_safely(self, vectors: Vectors) -> tuple[str, np.ndarray] | None:
+        """``score(vectors)``, or None without a scorer or when it fails (the rows are then
+        scored on request, and again at the next refresh)."""
+        if self.score is None:
+            return None
+        try:
+            return self.score(vectors)
+        except Exception:  # noqa: BLE001 - e.g. a champion trained on other features: the server says so
+            log.exception("scoring the flights the stream moved failed")
+            return None
 
     def relive(self, loaded: Loaded, streamed: Streamed) -> Loaded:
         """``loaded`` with the scheduled flights ``streamed`` departures can move (see
@@ -207,7 +225,7 @@ class OnlineFeatures:
         computed = scheduled.vectors.take(moved)  # (a copy)
         computed.numeric[:, INTRADAY_AT] = np.column_stack([as_number(intraday[c]).to_numpy() for c in INTRADAY])
         rows, parts = {int(r): i for i, r in enumerate(moved)}, [computed]
-        scored = self.score(computed) if self.score else None
+        scored = self._score_safely(computed)
         if previous is not None:  # what the stream moved before and this did not recompute
             kept = [(r, j) for r, j in previous.rows.items() if r not in rows]
             if kept:
@@ -217,7 +235,7 @@ class OnlineFeatures:
                 if scored is not None:
                     earlier = previous.scored
                     kept_scored = (earlier[0], earlier[1][positions]) if earlier and earlier[0] == scored[0] \
-                        else self.score(parts[-1])
+                        else self._score_safely(parts[-1])
                     scored = (scored[0], np.concatenate([scored[1], kept_scored[1]])) \
                         if kept_scored and kept_scored[0] == scored[0] else None
         return Loaded(loaded.snapshot, scheduled, Live(rows, Vectors.stack(parts), scored))
@@ -229,7 +247,7 @@ class OnlineFeatures:
             live = loaded.live if loaded is not None else None
             if live is None or self.score is None or (live.scored is not None and live.scored[0] == version):
                 return
-            scored = self.score(live.vectors)
+            scored = self._score_safely(live.vectors)
             if scored is not None:
                 self.loaded = Loaded(loaded.snapshot, loaded.scheduled, Live(live.rows, live.vectors, scored))
 
