@@ -42,7 +42,7 @@ from dagster import (
 from pydantic import Field
 
 from mlplatform import keys
-from mlplatform.partitions import daily_partitions, days_between, single_run, window_of
+from mlplatform.partitions import chunks, daily_partitions, days_between, single_run, window_of
 from mlplatform.resources import Warehouse
 from mlplatform.settings import Settings
 
@@ -152,7 +152,15 @@ def stream_sensor(settings: Settings):
 def reconcile(conn, start: dt.date, end: dt.date) -> dict:
     """Per day of start..end: the batch file's departures (raw.flights with a departure time)
     against the stream's departure events: (batch, streamed, matched, delay mismatches, missing
-    from the stream, not in the batch, examples)."""
+    from the stream, not in the batch, examples). A month at a time: a year never streamed (every
+    departure missing) stays a month's rows in memory."""
+    found = {}
+    for first, last in chunks(start, end):
+        found.update(_reconcile(conn, first, last))
+    return {day: found.get(day) for day in days_between(start, end)}
+
+
+def _reconcile(conn, start: dt.date, end: dt.date) -> dict:
     rows = conn.execute("""
         with batch as (
             select _partition_date as day, carrier, flight, origin, sched_dep_time, dep_delay
@@ -169,21 +177,25 @@ def reconcile(conn, start: dt.date, end: dt.date) -> dict:
                     cast(coalesce(b.flight, s.flight) as varchar), coalesce(b.origin, s.origin),
                     cast(coalesce(b.sched_dep_time, s.sched_dep_time) as varchar)] as key
             from batch b full join streamed s using (day, carrier, flight, origin, sched_dep_time)
+        ),
+        -- five examples of each kind of disagreement a day, not lists of them all
+        ranked as (
+            select *, row_number() over (partition by day, in_batch and in_stream and differs, in_stream
+                                         order by key) as nth
+            from paired
         )
         select day,
                count(*) filter (where in_batch) as batch, count(*) filter (where in_stream) as streamed,
                count(*) filter (where in_batch and in_stream and not differs) as matched,
-               list(key) filter (where in_batch and in_stream and differs)[:5] as mismatched,
+               list(key order by key) filter (where in_batch and in_stream and differs and nth <= 5) as mismatched,
                count(*) filter (where in_batch and in_stream and differs) as n_mismatched,
                count(*) filter (where not in_stream) as missing,
-               list(key) filter (where not in_stream)[:5] as missing_examples,
+               list(key order by key) filter (where not in_stream and nth <= 5) as missing_examples,
                count(*) filter (where not in_batch) as extra
-        from paired group by 1 order by 1""", [start, end, start, end]).fetchall()
-    found = {}
-    for r in rows:  # the examples named by their flight ids
-        found[r[0]] = (*r[:4], [keys.flight_id(*k) for k in r[4] or []], r[5], r[6],
-                     [keys.flight_id(*k) for k in r[7] or []], r[8])
-    return {day: found.get(day) for day in days_between(start, end)}
+        from ranked group by 1 order by 1""", [start, end, start, end]).fetchall()
+    # the examples named by their flight ids
+    return {r[0]: (*r[:4], [keys.flight_id(*k) for k in r[4] or []], r[5], r[6],
+                   [keys.flight_id(*k) for k in r[7] or []], r[8]) for r in rows}
 
 
 @asset(
