@@ -668,6 +668,13 @@ def verdicts(results: dict) -> list[tuple[str, str, str, bool | None]]:
                          f"p50 {lat['p50']:.1f} ms, **p99 {lat['p99']:.1f} ms**, {s['streaming']['errors']} errors "
                          f"({s['streaming']['events_read']} events read, {s['streaming']['recomputed']['updates']} "
                          f"recomputes)", "p99 <= 10 ms", lat["p99"] <= 10 and s["streaming"]["errors"] == 0))
+        if "rollout" in s:
+            r = s["rollout"]
+            lat = r["latency_ms"]
+            rows.append(("Serving p99 at 200 req/s with a canary (10%) and a shadow on",
+                         f"p50 {lat['p50']:.1f} ms, **p99 {lat['p99']:.1f} ms**, {r['errors']} errors "
+                         f"({r['shadow_scored']:,} shadow scores, {r['shadow_dropped']} dropped)", "p99 <= 10 ms",
+                         lat["p99"] <= 10 and r["errors"] == 0))
     lv = results.get("landing_to_verdict")
     if lv:
         rows.append(("A landed day -> its drift verdict, through the daemon", f"**{lv['seconds']:.0f} s** (runs "

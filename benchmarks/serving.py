@@ -15,6 +15,10 @@ being hidden by a client that waits (no coordinated omission). Scenarios:
 - streaming: the flights of one day while that day's departures are published again (new event
   ids, so each one moves the rt_ features of the flights after it) over the same seconds: the
   server follows the broker and recomputes the moved flights every second -> still lookups;
+- rollout: the scheduled flights with a canary (10% of flights, sticky by flight id) and a shadow
+  (every request scored again off the request path, written to the inference log): a second
+  version of the champion's model, registered for the benchmark, under the aliases ``canary`` and
+  ``shadow``, picked up by the running server without a restart;
 - baseline: the same model in-process, no HTTP, no feature lookup (the floor the server adds to).
 """
 
@@ -248,6 +252,41 @@ def publish_again(url: str, day: str, seconds: float) -> threading.Thread:
     return thread
 
 
+def rollout_on(settings: Settings, url: str) -> tuple[str, str]:
+    """Register the champion's model again as a new version, make it the canary (10%) and the
+    shadow, and wait until the server has loaded them; returns (champion, candidate)."""
+    import httpx
+    from mlflow import MlflowClient
+
+    from mlplatform.training.tracking import CANARY_ALIAS, CANARY_SHARE_TAG, CHAMPION, SHADOW_ALIAS
+
+    client = MlflowClient(tracking_uri=settings.mlflow_uri, registry_uri=settings.mlflow_uri)
+    champion = client.get_model_version_by_alias("flight_delay", CHAMPION)
+    candidate = client.create_model_version("flight_delay", champion.source, champion.run_id,
+                                            description="serving benchmark: the champion's model as a canary").version
+    client.set_registered_model_tag("flight_delay", CANARY_SHARE_TAG, "0.1")
+    client.set_registered_model_alias("flight_delay", CANARY_ALIAS, str(candidate))
+    client.set_registered_model_alias("flight_delay", SHADOW_ALIAS, str(candidate))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rollout = httpx.get(f"{url}/health").json().get("rollout") or {}
+        if rollout.get("canary") == str(candidate) and rollout.get("shadow") == str(candidate):
+            return str(champion.version), str(candidate)
+        time.sleep(0.5)
+    raise RuntimeError("the server did not pick up the canary and the shadow within 120 s")
+
+
+def rollout_off(settings: Settings) -> None:
+    from mlflow import MlflowClient
+
+    from mlplatform.training.tracking import CANARY_ALIAS, CANARY_SHARE_TAG, SHADOW_ALIAS
+
+    client = MlflowClient(tracking_uri=settings.mlflow_uri, registry_uri=settings.mlflow_uri)
+    for alias in (CANARY_ALIAS, SHADOW_ALIAS):
+        client.delete_registered_model_alias("flight_delay", alias)
+    client.delete_registered_model_tag("flight_delay", CANARY_SHARE_TAG)
+
+
 def run(settings: Settings, rate: float = 200, seconds: float = 30, smoke: bool = False) -> dict:
     import dataclasses
     import httpx
@@ -283,6 +322,15 @@ def run(settings: Settings, rate: float = 200, seconds: float = 30, smoke: bool 
         stream = httpx.get(f"{url}/health").json()["features"]
         out["streaming"].update(day=STREAMED_DAY, events_read=stream["stream"]["messages_read"],
                                 recomputed=stream["live"])
+        champion, candidate = rollout_on(settings, url)
+        try:
+            open_loop(url, "/predict", scheduled, rate=50, seconds=warm)  # warm-up, not reported
+            out["rollout"] = open_loop(url, "/predict", scheduled, rate=rate, seconds=seconds)
+            health = httpx.get(f"{url}/health").json()["rollout"]
+        finally:
+            rollout_off(settings)
+        out["rollout"].update(champion=champion, canary=candidate, share=health["share"],
+                              shadow_scored=health["shadow_scored"], shadow_dropped=health["shadow_dropped"])
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -291,7 +339,7 @@ def run(settings: Settings, rate: float = 200, seconds: float = 30, smoke: bool 
     out["baseline_in_process"] = baseline(settings, flights, repeats=50 if smoke else 500)
     out["target"] = {"rate": 200, "p99_ms": 10.0,
                      "met": all(out[k]["latency_ms"]["p99"] <= 10.0 and out[k]["errors"] == 0
-                                for k in ("scheduled", "streaming")) and rate >= 200}
+                                for k in ("scheduled", "streaming", "rollout")) and rate >= 200}
     out["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
     return out
 

@@ -7,6 +7,11 @@
                                              streamed through the broker first)
     mlplatform stream --start D --end D [--speed X]  publish the days' events to the broker, as the airports would
     mlplatform loop-demo                     the closed loop: drift -> retraining -> gate
+    mlplatform rollout-demo                  a challenger through shadow and canary to champion; a worse one rolled back
+    mlplatform rollout status                the versions' stages, the history of moves, the latest verdicts
+    mlplatform rollout approve --by NAME --reason TEXT   promote the canary that awaits an approval
+    mlplatform rollout share X               the share of flights the canary answers (no server restart)
+    mlplatform rollout move VERSION STAGE --by NAME --reason TEXT   an operator's move (shadow, canary, rejected, ...)
     mlplatform serve [--host H] [--port P]   the champion model behind an HTTP API
     mlplatform ui [--host H] [--port P]      the Dagster UI and the MLflow UI, stopped together on Ctrl-C
     mlplatform recover                       mark runs whose process died as failed
@@ -223,6 +228,28 @@ def cmd_loop_demo(args) -> int:
     return 0 if run_loop(settings, sys.stdout, args.drift_start, args.days, args.severity) else 1
 
 
+def cmd_rollout_demo(args) -> int:
+    from mlplatform.rollout.demo import run_demo
+
+    settings = init_home(Settings.from_env())
+    return 0 if run_demo(settings, sys.stdout) else 1
+
+
+def cmd_rollout(args) -> int:
+    from mlplatform.rollout import operate
+
+    settings = init_home(Settings.from_env())
+    if args.action == "status":
+        print(operate.status(settings))
+    elif args.action == "approve":
+        print(operate.approve_in_dagster(settings, args.by, args.reason, args.version or ""))
+    elif args.action == "share":
+        print(operate.set_share(settings, args.share))
+    else:
+        print(operate.operator_move(settings, args.version, args.stage, args.by, args.reason))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from mlplatform.serving.app import serve
 
@@ -303,6 +330,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--days", type=int, default=5)
     p.add_argument("--severity", type=float, default=1.0)
     p.set_defaults(fn=cmd_loop_demo)
+    sub.add_parser("rollout-demo", help="replay Jan-Feb, a weak champion, a challenger through shadow and canary "
+                   "to champion, a worse one rolled back").set_defaults(fn=cmd_rollout_demo)
+    p = sub.add_parser("rollout", help="the staged rollout: status, approve, share, move")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("status", help="stages, moves and verdicts")
+    a = actions.add_parser("approve", help="promote the canary awaiting an approval (runs approve_canary_job)")
+    a.add_argument("--by", required=True, help="the approver's name")
+    a.add_argument("--reason", required=True)
+    a.add_argument("--version", help="default: the version in the canary")
+    a = actions.add_parser("share", help="the share of flights the canary answers, 0..1")
+    a.add_argument("share", type=float)
+    a = actions.add_parser("move", help="an operator's move of a version (recorded with the name)")
+    a.add_argument("version")
+    a.add_argument("stage", choices=["shadow", "canary", "rejected", "rolled_back"])
+    a.add_argument("--by", required=True, help="who decides")
+    a.add_argument("--reason", required=True)
+    p.set_defaults(fn=cmd_rollout)
     p = sub.add_parser("graph", help="print the asset graph as a Mermaid diagram (from the Definitions)")
     p.add_argument("--readme", action="store_true", help="write it into README.md between its markers")
     p.set_defaults(fn=cmd_graph)

@@ -33,6 +33,7 @@ TRAINING_JOB = "training_job"
 PREDICTIONS_JOB = "predictions_job"
 MONITORING_JOB = "monitoring_job"
 SERVING_CHECK_JOB = "serving_check_job"
+APPROVE_CANARY_JOB = "approve_canary_job"
 
 
 def build_defs(settings: Settings) -> Definitions:
@@ -44,6 +45,7 @@ def build_defs(settings: Settings) -> Definitions:
     from mlplatform.operations import dead_run_sensor
     from mlplatform.partitions import daily_partitions
     from mlplatform.predictions.assets import flight_delay_predictions
+    from mlplatform.rollout.assets import approve_canary_job, online_evaluation, rollout_policy_resource
     from mlplatform.resources import (
         landing_resource,
         profile_store_resource,
@@ -63,7 +65,7 @@ def build_defs(settings: Settings) -> Definitions:
                        | AssetSelection.assets(*[a for a in dbt_asset_defs if a.partitions_def]))
     training_selection = AssetSelection.assets(*training_assets, reference_profile)
     predictions_selection = AssetSelection.assets(flight_delay_predictions)
-    monitoring_selection = AssetSelection.assets(*[a for a in monitoring_assets if a.partitions_def])
+    monitoring_selection = AssetSelection.assets(*[a for a in monitoring_assets if a.partitions_def], online_evaluation)
     reference_selection = (AssetSelection.all() - daily_selection - training_selection - predictions_selection
                            - monitoring_selection)
     # the skew check reads the whole feature table and holds no writer: its own job, not every day's
@@ -81,7 +83,7 @@ def build_defs(settings: Settings) -> Definitions:
                          description="Score a day or a range of days with the champion."),
         define_asset_job(MONITORING_JOB, selection=monitoring_selection, partitions_def=daily_partitions,
                          description="Profile a day or a range, compare it with the champion's reference, measure "
-                         "realised performance."),
+                         "realised performance, judge the versions in the shadow and the canary."),
         define_asset_job(SERVING_CHECK_JOB, selection=not_the_skew_check,
                          description="Serving readiness: the server's own feature code, asked about real flights, "
                          "against features.flight_features (online_features_match)."),
@@ -98,9 +100,10 @@ def build_defs(settings: Settings) -> Definitions:
         description="Every morning, after the night's deliveries: is the online path still the offline one?",
     )
     return Definitions(
-        assets=[*raw_assets, raw_flight_events, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets],
+        assets=[*raw_assets, raw_flight_events, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets,
+                online_evaluation],
         asset_checks=[skew_check],
-        jobs=[*jobs, stream_ingest_job],
+        jobs=[*jobs, stream_ingest_job, approve_canary_job],
         schedules=[serving_check_schedule],
         sensors=[landing_sensor(settings), stream_sensor(settings), *sensors(settings), serving_check_sensor(jobs[1], jobs[5]),
                  automation_sensor, dead_run_sensor],
@@ -112,6 +115,7 @@ def build_defs(settings: Settings) -> Definitions:
             "mlflow": mlflow_resource(settings),
             "profile_store": profile_store_resource(settings),
             "broker": broker_resource(settings),
+            "rollout": rollout_policy_resource(settings),
         },
         # One process per run: an in-process step costs milliseconds, a subprocess a second and a
         # half, and DuckDB allows one writer at a time anyway.

@@ -36,7 +36,7 @@ DEMO_TRAINING = {"learning_rate": 0.05, "max_iter": 60, "min_samples_leaf": 100,
 LOG: list[Path] = []  # where the runs' own output (dbt's, the steps') goes: the demo prints its story
 
 
-def _run(defs, instance, job: str, out: TextIO, start=None, end=None, run_config=None, tags=None):
+def run_logged(defs, instance, job: str, out: TextIO, start=None, end=None, run_config=None, tags=None):
     tags = {**(tags or {}), **({RANGE_START_TAG: str(start), RANGE_END_TAG: str(end)} if start else {})}
     config = {**QUIET, **(run_config or {})}
     with open(LOG[0], "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -71,11 +71,11 @@ def run_loop(settings: Settings, out: TextIO = sys.stdout, drift_start: dt.date 
     print(f"1. replay and build {start}..{end}, train a champion", file=out)
     replay(settings.landing, start, end)
     landing_cursor = landing(build_sensor_context(instance=instance, cursor=None, definitions=defs)).cursor
-    _run(defs, instance, "reference_job", out)
-    _run(defs, instance, "daily_job", out, start, end)
-    _run(defs, instance, "training_job", out, run_config=training_config())
-    _run(defs, instance, "predictions_job", out, start, end)
-    _run(defs, instance, "monitoring_job", out, end - dt.timedelta(days=6), end)
+    run_logged(defs, instance, "reference_job", out)
+    run_logged(defs, instance, "daily_job", out, start, end)
+    run_logged(defs, instance, "training_job", out, run_config=training_config())
+    run_logged(defs, instance, "predictions_job", out, start, end)
+    run_logged(defs, instance, "monitoring_job", out, end - dt.timedelta(days=6), end)
 
     retrain_cursor = retraining_baseline(instance)  # the sensors start watching here
     targets = days_between(drift_start, drift_start + dt.timedelta(days=days - 1))
@@ -88,7 +88,7 @@ def run_loop(settings: Settings, out: TextIO = sys.stdout, drift_start: dt.date 
         first, last = request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]
         print(f"  requested ingestion of {first}..{last} (run key {request.run_key[:60]}...)", file=out)
         for job in ("daily_job", "predictions_job", "monitoring_job"):
-            _run(defs, instance, job, out, first, last, tags={TRIGGER_TAG: "landing"})
+            run_logged(defs, instance, job, out, first, last, tags={TRIGGER_TAG: "landing"})
 
     print("4. drift", file=out)
     import duckdb
@@ -115,7 +115,7 @@ def run_loop(settings: Settings, out: TextIO = sys.stdout, drift_start: dt.date 
     # hyperparameters
     windows = outcome.run_config["ops"]["flight_delay_model"]["config"]
     config = {"ops": {"flight_delay_model": {"config": {**DEMO_TRAINING, **windows}}}}
-    result = _run(defs, instance, "training_job", out, run_config=config, tags=outcome.tags)
+    result = run_logged(defs, instance, "training_job", out, run_config=config, tags=outcome.tags)
     with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
         decision = conn.execute(
             "SELECT challenger_version, champion_version, decision, reason FROM monitoring.model_promotions "

@@ -34,6 +34,15 @@ MLPLATFORM_RETRAIN_COOLDOWN_SECONDS            after a promotion the retraining 
                                                for, how long before it asks again
 MLPLATFORM_SERVE_HOST, _PORT                   where ``mlplatform serve`` listens              127.0.0.1, 8000
 MLPLATFORM_SERVE_REFRESH_SECONDS               how often the server looks for a new champion   30
+                                               (and the canary, the shadow and the share)
+MLPLATFORM_ROLLOUT_STAGED                      a version the gate passes goes through shadow   true
+                                               and canary (false: champion at once)
+MLPLATFORM_CANARY_SHARE                        share of flights the canary answers             0.1
+MLPLATFORM_ROLLOUT_SHADOW_DAYS                 labelled days in the shadow before the canary   1
+MLPLATFORM_ROLLOUT_MIN_FLIGHTS, _MIN_DAYS      labels before a canary is promoted              2000, 3
+MLPLATFORM_ROLLOUT_MAX_DAYS                    a canary not better by then is rejected         14
+MLPLATFORM_ROLLOUT_LEVEL                       significance over the canary's window           0.05
+MLPLATFORM_ROLLOUT_APPROVAL                    a passing canary waits for a named approval     false
 =============================================  ==============================================  =========================
 """
 
@@ -87,6 +96,9 @@ class Settings:
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000
     serve_refresh_seconds: float = 30.0
+    # the rollout policy's settings given in the environment ((field, value), ...): the rest are
+    # ``rollout.assets.RolloutPolicy``'s defaults
+    rollout_overrides: tuple = ()
     # which of VARIABLES were set in the environment these settings were read from
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
@@ -136,8 +148,18 @@ class Settings:
             serve_host=env.get("MLPLATFORM_SERVE_HOST") or "127.0.0.1",
             serve_port=number("MLPLATFORM_SERVE_PORT", 8000),
             serve_refresh_seconds=number("MLPLATFORM_SERVE_REFRESH_SECONDS", 30.0, float),
+            rollout_overrides=_rollout(env, number),
             explicit=frozenset(name for name in VARIABLES.values() if env.get(name)),
         )
+
+    @property
+    def rollout(self) -> dict:
+        return dict(self.rollout_overrides)
+
+    @property
+    def inference_log(self) -> Path:
+        """Where the server writes its inference log."""
+        return self.home / "serving" / "inference_log"
 
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables, for a process the platform starts (a server, a
@@ -152,6 +174,34 @@ class Settings:
 
         name = VARIABLES[attribute]
         return EnvVar(name) if name in self.explicit else str(getattr(self, attribute))
+
+
+# RolloutPolicy's fields read from the environment: field -> (variable, type)
+ROLLOUT_VARIABLES = {
+    "staged": ("MLPLATFORM_ROLLOUT_STAGED", bool),
+    "canary_share": ("MLPLATFORM_CANARY_SHARE", float),
+    "shadow_days": ("MLPLATFORM_ROLLOUT_SHADOW_DAYS", int),
+    "min_labelled_flights": ("MLPLATFORM_ROLLOUT_MIN_FLIGHTS", int),
+    "min_days": ("MLPLATFORM_ROLLOUT_MIN_DAYS", int),
+    "max_days": ("MLPLATFORM_ROLLOUT_MAX_DAYS", int),
+    "level": ("MLPLATFORM_ROLLOUT_LEVEL", float),
+    "approval_required": ("MLPLATFORM_ROLLOUT_APPROVAL", bool),
+}
+
+
+def _rollout(env: Mapping[str, str], number) -> tuple:
+    found = []
+    for field_name, (name, kind) in ROLLOUT_VARIABLES.items():
+        if not env.get(name):
+            continue
+        if kind is bool:
+            text = env[name].strip().lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{name}={env[name]!r}: not true or false")
+            found.append((field_name, text in ("true", "1", "yes")))
+        else:
+            found.append((field_name, number(name, None, kind)))
+    return tuple(found)
 
 
 def dbt_executable() -> str:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pytest
 
 from mlplatform.rollout.compare import delong, placements
 
 LANE = "unit"
+D = dt.date
 
 
 def by_definition(labels, a, b):
@@ -296,3 +299,108 @@ def test_two_moves_at_once_cannot_both_commit():
     assert st.current_stage(conn, "flight_delay", "2") == st.CANARY  # the refused move left nothing
     st.move(conn, "flight_delay", "2", st.CHAMPION, "judge", "better")
     assert st.versions_in(conn, "flight_delay", st.CHAMPION) == ["2"]
+
+
+# --- end to end: real days, labels landing, the jobs the daemon would run ------------------------
+
+def _stages(settings) -> dict[str, str]:
+    import duckdb
+
+    with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
+        return {v: s for v, s in conn.execute(
+            "SELECT version, stage FROM monitoring.rollout_stages ORDER BY version").fetchall()}
+
+
+def _aliases(settings) -> dict[str, str]:
+    from mlplatform.training.tracking import tracking_from
+
+    model = tracking_from(settings).client().get_registered_model("flight_delay")
+    return {alias: str(version) for alias, version in sorted(model.aliases.items())}
+
+
+@pytest.mark.integration
+def test_a_challenger_goes_through_shadow_and_canary_to_champion_and_a_worse_one_is_rolled_back(
+        features_home, instance):
+    """From five weeks of features: a weak first champion (trained on 300 flights); a real challenger
+    passes the offline gate into the shadow, takes the canary share after a labelled day, waits
+    for an approval once it is better, is promoted by a named person; a deliberately worse
+    version put in the canary by an operator is rolled back on its first labelled day, approval or
+    not. Every move is a row of the history; the aliases and the predictions' versions follow."""
+    import dataclasses
+
+    import duckdb
+
+    from mlplatform import keys
+    from mlplatform.definitions import load_defs
+    from mlplatform.rollout.assets import apply_move
+    from mlplatform.training.tracking import tracking_from
+    from mlplatform_tests.conftest import CHAMPION_TRAINING, failures, run_job
+
+    settings = dataclasses.replace(features_home, rollout_overrides=(
+        ("min_days", 2), ("min_labelled_flights", 1000), ("approval_required", True)))
+
+    def run(job, day=None, config=None):
+        result = run_job(instance, job, day, day, config, settings)
+        assert result.success, f"{job} {day}: {failures(result)}"
+        return result
+
+    def day(d):  # a day's labels have landed: score it, then monitor it (what automation runs)
+        run("predictions_job", d)
+        run("monitoring_job", d)
+
+    def train(**config):
+        return run("training_job", config={"ops": {"flight_delay_model": {"config": {**CHAMPION_TRAINING, **config}}}})
+
+    train(max_train_rows=300, max_iter=20)  # v1, weak, the first champion (it beats the baseline)
+    assert _stages(settings) == {"1": "champion"} and _aliases(settings) == {"challenger": "1", "champion": "1"}
+    gated = train()  # v2: better; the gate passes it into the shadow, not to the traffic
+    evaluation = gated.asset_materializations_for_node("model_evaluation")[0].metadata
+    assert evaluation["decision"].value == "SHADOW", evaluation["reason"]
+    assert _stages(settings) == {"1": "champion", "2": "shadow"} and _aliases(settings)["shadow"] == "2"
+
+    # (days chosen on which the challenger's AUC is not lower than the weak champion's: on 01-31 it
+    # is 0.547 against 0.650, and the shadow would rightly be rejected; README, Staged rollout)
+    day(D(2013, 2, 1))  # a day in the shadow, not worse: into the canary
+    with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
+        scored = dict(conn.execute("SELECT stage, count(*) FROM predictions.flight_delay WHERE flight_date = "
+                                   "'2013-02-01' GROUP BY stage").fetchall())
+    assert scored["shadow"] == scored["champion"] > 800, scored  # every flight, by both
+    assert _stages(settings)["2"] == "canary" and _aliases(settings)["canary"] == "2"
+    assert "shadow" not in _aliases(settings)
+
+    day(D(2013, 2, 2))  # better, but one day of the two required
+    day(D(2013, 2, 3))  # better with two days: waits for an approval, and nothing moves
+    with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
+        verdicts = conn.execute("SELECT evaluation_date, stage, action, p_value, roc_auc, champion_roc_auc FROM "
+                                "monitoring.online_evaluation WHERE version = '2' ORDER BY evaluation_date").fetchall()
+    assert [(str(d), s, a) for d, s, a, *_ in verdicts] == [
+        ("2013-02-01", "shadow", "to_canary"), ("2013-02-02", "canary", "wait"),
+        ("2013-02-03", "canary", "await_approval")], verdicts
+    assert verdicts[-1][3] < 0.05 / 14 and verdicts[-1][4] > verdicts[-1][5]
+    assert _stages(settings) == {"1": "champion", "2": "canary"}
+
+    approved = run("approve_canary_job", config={"ops": {"approve_canary": {"config": {
+        "approver": "Ada Lovelace", "reason": "better on two days of labels"}}}})
+    assert approved.success
+    assert _stages(settings) == {"1": "retired", "2": "champion"} and _aliases(settings)["champion"] == "2"
+    champion = instance.get_latest_materialization_event(keys.CHAMPION_MODEL).asset_materialization
+    assert champion.metadata["model_version"].value == "2"
+
+    # a deliberately worse version (200 flights, one tree), rejected by the gate, put in the canary by an operator
+    rejected = train(max_train_rows=200, max_iter=1, random_state=7)  # one tree of at most two leaves
+    assert rejected.asset_materializations_for_node("model_evaluation")[0].metadata["decision"].value == "REJECTED"
+    with duckdb.connect(str(settings.warehouse)) as conn:
+        mlflow = tracking_from(settings)
+        apply_move(conn, mlflow, "3", "shadow", "Grace Hopper", "see how the small model does live")
+        apply_move(conn, mlflow, "3", "canary", "Grace Hopper", "see how the small model does live")
+    day(D(2013, 2, 4))  # scored by the new champion (v2) and the canary; worse: rolled back at once
+    with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
+        scored = dict(conn.execute("SELECT model_version, stage FROM predictions.flight_delay WHERE flight_date = "
+                                   "'2013-02-04' GROUP BY ALL").fetchall())
+        history = conn.execute("SELECT version, stage, decided_by FROM monitoring.rollout_history ORDER BY move").fetchall()
+    assert scored == {"2": "champion", "3": "canary"}
+    assert _stages(settings)["3"] == "rolled_back" and "canary" not in _aliases(settings)
+    assert history == [("1", "champion", "gate"), ("2", "shadow", "gate"), ("2", "canary", "judge"),
+                       ("1", "retired", "Ada Lovelace"), ("2", "champion", "Ada Lovelace"),
+                       ("3", "shadow", "Grace Hopper"), ("3", "canary", "Grace Hopper"), ("3", "rolled_back", "judge")]
+    assert load_defs(settings)  # (the same definitions served every run)

@@ -3,6 +3,7 @@ days, built by the real jobs) and a real champion in a real MLflow registry."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -321,7 +322,7 @@ def test_every_prediction_is_in_the_inference_log(served):
         for path in log_dir.glob("*.jsonl"):
             for line in path.read_text().splitlines():
                 record = json.loads(line)
-                if record["request_id"] in ids:
+                if record.get("request_id") in ids and record["stage"] != "shadow":
                     found[record["request_id"]] = record
         time.sleep(0.2)
     assert set(found) == set(ids)
@@ -335,8 +336,9 @@ def test_a_new_champion_is_served_without_restart(served):
     """Train another version and move the alias: the server picks it up within its refresh."""
     with DagsterInstance.ephemeral() as instance:
         config = {**CHAMPION_TRAINING, "max_iter": 20}
+        unstaged = dataclasses.replace(served.settings, rollout_overrides=(("staged", False),))  # no shadow left
         result = run_job(instance, "training_job", run_config={"ops": {"flight_delay_model": {"config": config}}},
-                         settings=served.settings)
+                         settings=unstaged)
         assert result.success, failures(result)
     from mlflow import MlflowClient
 
@@ -461,3 +463,82 @@ def test_serving_benchmark_code_runs(served):
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"] <= result["latency_ms"]["max"]
     batch = closed_loop(served.url, "/predict/batch", [{"flights": flights}], seconds=0.5, concurrency=1)
     assert batch["requests"] >= 1
+
+
+def test_a_canary_answers_its_share_of_flights_and_the_shadow_scores_every_request(served):
+    """Staged rollout in the server: a canary and a shadow set by their aliases, the share by a tag
+    of the registered model, all picked up without a restart; the canary answers exactly the
+    flights ``to_canary`` gives it (sticky), the shadow's scores of every request are in the log."""
+    from mlflow import MlflowClient
+
+    from mlplatform.rollout.traffic import to_canary
+    from mlplatform.training.tracking import CANARY_ALIAS, CANARY_SHARE_TAG, SHADOW_ALIAS
+
+    with DagsterInstance.ephemeral() as instance:
+        config = {**CHAMPION_TRAINING, "max_iter": 10}
+        result = run_job(instance, "training_job", run_config={"ops": {"flight_delay_model": {"config": config}}},
+                         settings=dataclasses.replace(served.settings, rollout_overrides=(("staged", False),)))
+        assert result.success, failures(result)
+    candidate = result.asset_materializations_for_node("flight_delay_model")[0].metadata["model_version"].value
+    client = MlflowClient(tracking_uri=served.settings.mlflow_uri, registry_uri=served.settings.mlflow_uri)
+    champion = served.client.get("/health").json()["model"]["version"]
+    assert candidate != champion
+    offline = offline_rows(served.settings, "flight_date BETWEEN '2013-02-01' AND '2013-02-06'", 600)
+    flights = [request_of(r) for r in offline.to_dict("records")]
+    try:
+        client.set_registered_model_tag("flight_delay", CANARY_SHARE_TAG, "0.3")
+        client.set_registered_model_alias("flight_delay", CANARY_ALIAS, candidate)
+        client.set_registered_model_alias("flight_delay", SHADOW_ALIAS, candidate)
+        wait_for(served, lambda h: h["rollout"] == {**h["rollout"], "canary": candidate, "share": 0.3,
+                                                     "shadow": candidate})
+        answers = [p for i in range(0, len(flights), 100)
+                   for p in served.client.post("/predict/batch", json={"flights": flights[i:i + 100]}).json()["predictions"]]
+        again = served.client.post("/predict/batch", json={"flights": flights[:100]}).json()["predictions"]
+        expected = {v: champion_estimator(served.settings, v).predict_proba(m.model_input(offline))[:, 1]
+                    for v in (champion, candidate)}
+        canaries = 0
+        for i, answer in enumerate(answers):
+            canary = to_canary(answer["flight_id"], 0.3)
+            canaries += canary
+            assert (answer["stage"], answer["model_version"]) == (
+                ("canary", candidate) if canary else ("champion", champion)), answer
+            assert answer["delay_probability"] == pytest.approx(expected[answer["model_version"]][i], abs=1e-12)
+        assert 0.2 * len(answers) < canaries < 0.4 * len(answers)
+        assert [a["model_version"] for a in again] == [a["model_version"] for a in answers[:100]]  # sticky
+
+        # the shadow scored every request, off the request path, under the request's id
+        ids = {a["request_id"]: i for i, a in enumerate(answers)}
+        shadow = {}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(shadow) < len(ids):
+            for path in (served.settings.home / "serving" / "inference_log").glob("*.jsonl"):
+                for line in path.read_text().splitlines():
+                    record = json.loads(line)
+                    if record.get("stage") == "shadow" and record.get("request_id") in ids:
+                        shadow[record["request_id"]] = record
+            time.sleep(0.3)
+        assert set(shadow) == set(ids)
+        for request_id, record in shadow.items():
+            assert record["model_version"] == candidate
+            assert record["delay_probability"] == pytest.approx(expected[candidate][ids[request_id]], abs=1e-12)
+
+        # a share of 0: the champion answers everything, still without a restart
+        client.set_registered_model_tag("flight_delay", CANARY_SHARE_TAG, "0")
+        wait_for(served, lambda h: h["rollout"]["share"] == 0.0)
+        after = served.client.post("/predict/batch", json={"flights": flights[:100]}).json()["predictions"]
+        assert {(a["stage"], a["model_version"]) for a in after} == {("champion", champion)}
+    finally:
+        client.delete_registered_model_alias("flight_delay", CANARY_ALIAS)
+        client.delete_registered_model_alias("flight_delay", SHADOW_ALIAS)
+        client.delete_registered_model_tag("flight_delay", CANARY_SHARE_TAG)
+    wait_for(served, lambda h: h["rollout"]["canary"] is None and h["rollout"]["shadow"] is None)
+
+
+def wait_for(served, condition, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = served.client.get("/health").json()
+        if condition(health):
+            return health
+        time.sleep(0.3)
+    raise AssertionError(f"not within {timeout}s: {health}")

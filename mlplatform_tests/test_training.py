@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import duckdb
@@ -258,20 +259,28 @@ def test_gate_rejects_a_worse_challenger_and_promotes_a_better_one(features_home
     strict["ops"]["model_evaluation"] = {"config": {"segment_tolerance": -0.02}}
     regressed = run_job(instance, "training_job", run_config=strict)
     assert status_of(regressed)[0] == "CHALLENGER REJECTED" and alias(mlflow, CHAMPION) == "1"
-    # ... and the default rule promotes the same kind of challenger.
-    better = run_job(instance, "training_job", run_config=training_config(**GOOD))
+    # ... and the default rule passes the same kind of challenger: into the shadow (a staged
+    # rollout, the default: test_rollout) or, unstaged, to the champion at once
+    shadowed = run_job(instance, "training_job", run_config=training_config(**GOOD))
+    assert shadowed.success, failures(shadowed)
+    assert shadowed.asset_materializations_for_node("model_evaluation")[0].metadata["decision"].value == "SHADOW"
+    assert alias(mlflow, CHAMPION) == "1" and alias(mlflow, "shadow") == "4"
+    unstaged = dataclasses.replace(home, rollout_overrides=(("staged", False),))
+    better = run_job(instance, "training_job", run_config=training_config(**GOOD), settings=unstaged)
     assert better.success, failures(better)
-    assert alias(mlflow, CHAMPION) == "4"
+    assert alias(mlflow, CHAMPION) == "5"
 
     decisions = query(home, "SELECT challenger_version, champion_version, decision, reason, challenger_roc_auc, "
                             "champion_roc_auc FROM monitoring.model_promotions ORDER BY decided_at")
-    assert decisions.decision.tolist() == ["promoted", "rejected", "rejected", "promoted"]
-    assert decisions.champion_version.tolist()[1:] == ["1", "1", "1"]
+    assert decisions.decision.tolist() == ["promoted", "rejected", "rejected", "promoted", "promoted"]
+    assert decisions.champion_version.tolist()[1:] == ["1", "1", "1", "1"]
     assert decisions.challenger_roc_auc[1] < decisions.champion_roc_auc[1]
     assert "carriers regress beyond -0.02: " in decisions.reason[2]  # named, with their change
     assert decisions.challenger_roc_auc[2] >= decisions.champion_roc_auc[2] + 0.002
     history = query(home, "SELECT version, champion_until FROM monitoring.champion_history ORDER BY champion_from")
-    assert history.version.tolist() == ["1", "4"] and history.champion_until.notna().tolist() == [True, False]
+    assert history.version.tolist() == ["1", "5"] and history.champion_until.notna().tolist() == [True, False]
+    stages = query(home, "SELECT version, stage FROM monitoring.rollout_stages ORDER BY version")
+    assert dict(zip(stages.version, stages.stage)) == {"1": "retired", "4": "shadow", "5": "champion"}
 
 
 def test_training_sample_is_capped_and_stable(features_home, instance):

@@ -119,7 +119,8 @@ def monitoring_frame(conn, start: dt.date, end: dt.date) -> "pd.DataFrame":
         "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'predictions' AND table_name = 'flight_delay'"
     ).fetchone()[0]
     score = "p.delay_probability, p.model_version" if has_predictions else "NULL::DOUBLE AS delay_probability, NULL AS model_version"
-    join = "LEFT JOIN predictions.flight_delay p USING (flight_id)" if has_predictions else ""
+    join = ("LEFT JOIN predictions.flight_delay p ON p.flight_id = f.flight_id AND p.stage = 'champion'"
+            if has_predictions else "")
     return conn.execute(
         f"SELECT {columns}, {score} FROM {m.FEATURE_TABLE} f {join} WHERE f.flight_date BETWEEN ? AND ? "
         "ORDER BY f.flight_date, f.flight_id",
@@ -395,7 +396,8 @@ def labelled_scores(conn, start: dt.date, end: dt.date) -> "pd.DataFrame":
     return conn.execute(
         f"SELECT f.flight_date, p.model_version, f.{m.LABEL}::INT AS label, p.delay_probability AS score "
         f"FROM {m.FEATURE_TABLE} f JOIN predictions.flight_delay p USING (flight_id) "
-        f"WHERE f.flight_date BETWEEN ? AND ? AND f.{m.LABEL} IS NOT NULL ORDER BY f.flight_date",
+        f"WHERE f.flight_date BETWEEN ? AND ? AND f.{m.LABEL} IS NOT NULL AND p.stage = 'champion' "
+        "ORDER BY f.flight_date",
         [start, end],
     ).df()
 

@@ -93,11 +93,24 @@ def versions_in(conn, model_name: str, stage: str) -> list[str]:
         [model_name, stage]).fetchall()]
 
 
+def candidates(conn, model_name: str) -> dict[str, str]:
+    """{stage: version} of the versions in the shadow and the canary now (at most one each: the
+    latest to enter it)."""
+    found = {}
+    for stage in (SHADOW, CANARY):
+        versions = versions_in(conn, model_name, stage)
+        if versions:
+            found[stage] = versions[0]
+    return found
+
+
 def move(conn, model_name: str, version: str, stage: str, decided_by: str, reason: str,
-         evidence: dict | None = None, run_id: str | None = None, moved_at: dt.datetime | None = None) -> Move:
+         evidence: dict | None = None, run_id: str | None = None, moved_at: dt.datetime | None = None,
+         skip_stages: bool = False) -> Move:
     """Record ``version`` entering ``stage`` (refused with ``InvalidMove`` when its current stage
     does not lead there). Moving a version to champion retires the champion before it, in the
-    same transaction; rolling a canary back changes nothing else."""
+    same transaction; rolling a canary back changes nothing else. ``skip_stages``: a new version
+    may become champion with a champion already there (an unstaged rollout)."""
     if not decided_by or not reason:
         raise ValueError("a stage change needs who or what decided it and why")
     ensure_tables(conn)
@@ -110,7 +123,7 @@ def move(conn, model_name: str, version: str, stage: str, decided_by: str, reaso
         if stage not in MOVES.get(previous, set()):
             raise InvalidMove(f"version {version} of {model_name} cannot go from {previous or 'nowhere'} to {stage}"
                               f" (from {previous or 'nowhere'}: {', '.join(sorted(MOVES.get(previous, ()))) or 'none'})")
-        if previous is None and stage == CHAMPION and versions_in(conn, model_name, CHAMPION):
+        if previous is None and stage == CHAMPION and not skip_stages and versions_in(conn, model_name, CHAMPION):
             raise InvalidMove(f"version {version} of {model_name} cannot become champion without a shadow and a "
                               "canary: there is a champion already")
         if stage == CHAMPION:
@@ -129,17 +142,17 @@ def _insert(conn, moved_at, model_name, version, stage, previous, decided_by, re
     conn.execute("INSERT INTO monitoring.rollout_history (moved_at, model_name, version, stage, previous, decided_by, "
                  "reason, evidence, dagster_run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  [moved_at, model_name, version, stage, previous, decided_by, reason,
-                  json.dumps(_finite(evidence), default=str) if evidence is not None else None, run_id])
+                  json.dumps(finite(evidence), default=str) if evidence is not None else None, run_id])
 
 
-def _finite(value):
+def finite(value):
     """``value`` with NaN and infinities as None (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 

@@ -203,7 +203,8 @@ class Prediction(BaseModel):
     flight_id: str = Field(description="<date>_<carrier><number>_<origin>_<HHMM>, as in the warehouse.")
     delay_probability: float = Field(description="Probability that the arrival is more than 15 minutes late.")
     model_name: str
-    model_version: str
+    model_version: str = Field(description="The version that answered.")
+    stage: str = Field("champion", description="Its stage: champion, or canary (a share of flights, by flight id).")
     warnings: list[str] = Field(description="What the features of this prediction lacked, if anything.")
     features: dict[str, float | str | bool | None] | None = Field(
         None, description="With ?explain=true: the feature vector the model was given."
@@ -366,7 +367,7 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     def prometheus():
-        model = service.champion.model
+        model = service.models.model
         metrics.model_version.set(int(model.version) if model and model.version.isdigit() else 0)
         metrics.ready.set(1 if service.health()["ready"] else 0)
         metrics.log_dropped.set(service.log.dropped)

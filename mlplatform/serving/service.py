@@ -14,9 +14,16 @@
   are swapped in, so a request for one stays a lookup. A request with ``as_of`` runs the SQL.
   (So a departure counts at once for a flight computed on request, and within about two seconds
   for a scheduled one.)
-- ``Champion``: the model the registry's ``champion`` alias points at, reloaded when it moves.
+- ``Models``: the versions the registry's aliases point at (``champion``, and in a staged
+  rollout ``canary`` and ``shadow``) and the canary's share (a tag of the registered model),
+  reloaded when they move: no restart.
 - ``PredictionService``: validates flights against the snapshot, scores them and writes the
-  inference log; background threads refresh the snapshot and the champion.
+  inference log; background threads refresh the snapshot and the models. A stable share of flights
+  (``rollout.traffic``: by a hash of the flight id) is answered by the canary, the rest by the
+  champion; the response and the log say which version answered, at what stage. Every request is
+  also scored by the shadow off the request path (``ShadowScorer``): its scores go to the log with
+  the stage ``shadow`` and never slow or fail the answer. The schedule's flights are scored ahead
+  by every loaded version, so each of them stays a lookup.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import gc
 import hashlib
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -46,10 +54,18 @@ from mlplatform.serving.features import (
     requests_frame,
 )
 from mlplatform.serving.inference_log import InferenceLog
+from mlplatform.rollout.traffic import DEFAULT_CANARY_SHARE, to_canary
 from mlplatform.serving.live import StreamTail, in_background
 from mlplatform.settings import Settings
 from mlplatform.training.model import CATEGORICAL, INTRADAY, NUMERIC, as_number, model_input
-from mlplatform.training.tracking import CHAMPION, MlflowTracking, tracking_from
+from mlplatform.training.tracking import (
+    CANARY_ALIAS,
+    CANARY_SHARE_TAG,
+    CHAMPION,
+    SHADOW_ALIAS,
+    MlflowTracking,
+    tracking_from,
+)
 
 log = logging.getLogger("mlplatform.serving")
 QUICK_BATCH = 32  # flights: larger batches are scored off the event loop
@@ -129,7 +145,7 @@ class Live:
 
     rows: dict[int, int]
     vectors: Vectors
-    scored: tuple[str, np.ndarray] | None = None  # (model version, probabilities of ``vectors``)
+    scored: dict[str, np.ndarray] | None = None  # {model version: probabilities of ``vectors``}
 
     def hits(self, rows: list[int]) -> list[tuple[int, int]]:
         """(position in ``rows``, row of ``vectors``) for the rows this overlay replaces."""
@@ -150,8 +166,8 @@ class OnlineFeatures:
     def __init__(self, settings: Settings, compiled: CompiledFeatures | None = None, tail: StreamTail | None = None,
                  score=None):
         self.settings = settings
-        # ``score(vectors) -> (model version, probabilities)``: the rows the stream moves are
-        # scored before they are swapped in (the service's champion), or None when it cannot
+        # ``score(vectors) -> {model version: probabilities}``: the rows the stream moves are
+        # scored before they are swapped in (by the service's loaded versions), or None
         self.score = score
         self.compiled = compiled  # compiled on the first refresh when not given
         self.loaded: Loaded | None = None
@@ -198,7 +214,7 @@ class OnlineFeatures:
             self.live_updates, self.live_seconds = self.live_updates + 1, self.live_seconds + self._live_at - began
         return True
 
-    def _score_safely(self, vectors: Vectors) -> tuple[str, np.ndarray] | None:
+    def _score_safely(self, vectors: Vectors) -> dict[str, np.ndarray] | None:
         """``score(vectors)``, or None without a scorer or when it fails (the rows are then
         scored on request, and again at the next refresh)."""
         if self.score is None:
@@ -234,18 +250,18 @@ class OnlineFeatures:
                 rows.update({r: len(moved) + i for i, (r, _) in enumerate(kept)})
                 if scored is not None:
                     earlier = previous.scored
-                    kept_scored = (earlier[0], earlier[1][positions]) if earlier and earlier[0] == scored[0] \
-                        else self._score_safely(parts[-1])
-                    scored = (scored[0], np.concatenate([scored[1], kept_scored[1]])) \
-                        if kept_scored and kept_scored[0] == scored[0] else None
+                    kept_scored = {v: p[positions] for v, p in earlier.items()} \
+                        if earlier and earlier.keys() == scored.keys() else self._score_safely(parts[-1])
+                    scored = {v: np.concatenate([p, kept_scored[v]]) for v, p in scored.items()} \
+                        if kept_scored and kept_scored.keys() == scored.keys() else None
         return Loaded(loaded.snapshot, scheduled, Live(rows, Vectors.stack(parts), scored))
 
-    def rescore(self, version: str) -> None:
-        """The rows the stream moved, scored again (``score``) unless by model ``version``."""
+    def rescore(self, versions: set[str]) -> None:
+        """The rows the stream moved, scored again (``score``) unless by exactly ``versions``."""
         with self._swap:
             loaded = self.loaded
             live = loaded.live if loaded is not None else None
-            if live is None or self.score is None or (live.scored is not None and live.scored[0] == version):
+            if live is None or self.score is None or (live.scored is not None and set(live.scored) == set(versions)):
                 return
             scored = self._score_safely(live.vectors)
             if scored is not None:
@@ -407,38 +423,75 @@ class LoadedModel:
     estimator: object
 
 
-class Champion:
-    """The registered model's ``champion`` alias, loaded through the platform's MLflow resource
-    (``MlflowTracking``: the same loader as the gate and the predictions) and reloaded when the
-    alias moves."""
+class Models:
+    """The versions the registered model's aliases point at: ``champion`` (what answers), and in a
+    staged rollout ``canary`` (answers ``share`` of the flights) and ``shadow`` (scores every
+    request, answers none), loaded through the platform's MLflow resource (``MlflowTracking``: the
+    same loader as the gate and the predictions) and reloaded when an alias or the share moves."""
 
     def __init__(self, tracking: MlflowTracking, alias: str = CHAMPION):
         self.tracking, self.alias = tracking, alias
         self.model_name = tracking.registered_model
-        self.model: LoadedModel | None = None
+        self.model: LoadedModel | None = None  # the champion
+        self.canary: LoadedModel | None = None
+        self.shadow: LoadedModel | None = None
+        self.share = DEFAULT_CANARY_SHARE
         self.error: str | None = None
 
+    def loaded(self) -> list[LoadedModel]:
+        return [m for m in (self.model, self.canary, self.shadow) if m is not None]
+
     def refresh(self) -> bool:
-        """Load the version the alias points at if it is not the loaded one; keep the loaded
-        model when the registry cannot be read. Returns whether a new version was loaded."""
+        """Load the versions the aliases point at, where they are not the loaded ones; keep what
+        is loaded when the registry cannot be read. Returns whether anything changed."""
+        from mlflow.exceptions import MlflowException
+
         try:
             if self.tracking.tracking_uri.startswith("sqlite:///"):
                 Path(self.tracking.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            version = self.tracking.version_by_alias(self.alias)
-            if version is None:
+            try:
+                registered = self.tracking.client().get_registered_model(self.model_name)
+            except MlflowException as exc:
+                if exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+                    raise
+                registered = None
+            aliases = {a: str(v) for a, v in (registered.aliases if registered else {}).items()}
+            if self.alias not in aliases:
                 self.error = f"no model version has the alias {self.alias!r} in {self.model_name!r} yet"
                 return False
-            if self.model is not None and self.model.version == str(version.version):
-                return False
-            estimator = self.tracking.load_model(str(version.version))
-            self.model = LoadedModel(self.model_name, str(version.version), version.run_id, estimator)
+            before = (self.model, self.canary, self.shadow, self.share)
+            self.model = self._load(aliases[self.alias], self.model)
+            self.canary = self._load(aliases.get(CANARY_ALIAS), self.canary)
+            self.shadow = self._load(aliases.get(SHADOW_ALIAS), self.shadow)
+            share = (registered.tags or {}).get(CANARY_SHARE_TAG)
+            self.share = min(max(float(share), 0.0), 1.0) if share else DEFAULT_CANARY_SHARE
             self.error = None
-            log.info("loaded %s version %s", self.model_name, version.version)
-            return True
+            return (self.model, self.canary, self.shadow, self.share) != before
         except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop the server
             self.error = f"could not load the champion: {exc}"
             log.warning(self.error)
             return False
+
+    def _load(self, version: str | None, current: LoadedModel | None) -> LoadedModel | None:
+        if version is None:
+            return None
+        if current is not None and current.version == version:
+            return current
+        for model in self.loaded():  # e.g. the canary promoted: the same version under another alias
+            if model.version == version:
+                return model
+        details = self.tracking.client().get_model_version(self.model_name, version)
+        model = LoadedModel(self.model_name, version, details.run_id, self.tracking.load_model(version))
+        log.info("loaded %s version %s", self.model_name, version)
+        return model
+
+    def answering(self, flight_ids: list[str]) -> list[tuple[LoadedModel, str]]:
+        """(the version that answers, its stage) for each flight: the canary for its share of the
+        flights (sticky: by the flight id), the champion for the rest."""
+        champion, canary, share = self.model, self.canary, self.share
+        if canary is None or share <= 0.0:
+            return [(champion, "champion")] * len(flight_ids)
+        return [(canary, "canary") if to_canary(f, share) else (champion, "champion") for f in flight_ids]
 
 
 def feature_hash(values: dict) -> str:
@@ -448,14 +501,16 @@ def feature_hash(values: dict) -> str:
 
 
 class PredictionService:
-    def __init__(self, settings: Settings, features: OnlineFeatures, champion: Champion, inference_log: InferenceLog,
+    def __init__(self, settings: Settings, features: OnlineFeatures, models: Models, inference_log: InferenceLog,
                  refresh_seconds: float = 30.0):
-        self.settings, self.features, self.champion, self.log = settings, features, champion, inference_log
+        self.settings, self.features, self.models, self.log = settings, features, models, inference_log
         self.refresh_seconds = refresh_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._scored: tuple[ScheduledFeatures, str, np.ndarray] | None = None  # probabilities, for this schedule and version
-        self.error: str | None = None  # of the last preparation of the champion for the schedule
+        # the schedule's probabilities by each loaded version: (schedule, {version: probabilities})
+        self._scored: tuple[ScheduledFeatures, dict[str, np.ndarray]] | None = None
+        self.shadow = ShadowScorer(self)
+        self.error: str | None = None  # of the last preparation of the models for the schedule
 
     @classmethod
     def from_settings(cls, settings: Settings, refresh_seconds: float = 30.0, stream: bool = True) -> "PredictionService":
@@ -463,8 +518,8 @@ class PredictionService:
         service = cls(
             settings,
             features,
-            Champion(tracking_from(settings)),
-            InferenceLog(settings.home / "serving" / "inference_log"),
+            Models(tracking_from(settings)),
+            InferenceLog(settings.inference_log),
             refresh_seconds,
         )
         if stream:  # follow the event stream (retried quietly while no broker answers)
@@ -475,6 +530,7 @@ class PredictionService:
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         self.log.start()
+        self.shadow.start()
         if self.features.tail is not None:
             self.features.tail.start()
         try:
@@ -489,10 +545,11 @@ class PredictionService:
             self.features.tail.stop()
         if self._thread:
             self._thread.join(timeout=10)
+        self.shadow.stop()
         self.log.stop()
 
     def refresh(self) -> None:
-        changed = self.champion.refresh() | self.features.refresh()
+        changed = self.models.refresh() | self.features.refresh()
         try:
             self._prepare()
             self.error = None
@@ -516,12 +573,15 @@ class PredictionService:
 
     # requests -------------------------------------------------------------------------------
     def health(self) -> dict:
-        model = self.champion.model
-        reasons = [r for r in (self.champion.error if model is None else None,
+        model, models = self.models.model, self.models
+        reasons = [r for r in (models.error if model is None else None,
                                self.features.error if self.features.snapshot is None else None, self.error) if r]
         return {
             "ready": model is not None and self.features.snapshot is not None and self.error is None,
             "model": {"name": model.name, "version": model.version, "run_id": model.run_id} if model else None,
+            "rollout": {"canary": models.canary.version if models.canary else None, "share": models.share,
+                        "shadow": models.shadow.version if models.shadow else None,
+                        "shadow_scored": self.shadow.scored, "shadow_dropped": self.shadow.dropped},
             "features": self.features.status(),
             "reasons": reasons,
         }
@@ -536,21 +596,22 @@ class PredictionService:
 
 
     def _prepare(self) -> None:
-        """Score the scheduled flights with the loaded champion once, in one batch: their features
-        are fixed for a snapshot, so their probabilities are fixed for a (snapshot, champion), and
+        """Score the scheduled flights with each loaded version once, in one batch: their features
+        are fixed for a snapshot, so their probabilities are fixed for a (snapshot, version), and
         a request for one of them is a lookup (the 150 trees on one row cost 1.5-3 ms a request,
         most of the time a request took)."""
-        model, scheduled = self.champion.model, self.features.scheduled
-        if model is None or scheduled is None:
+        models, scheduled = self.models.loaded(), self.features.scheduled
+        if not models or scheduled is None:
             return
-        if self._scored is None or self._scored[0] is not scheduled or self._scored[1] != model.version:
-            self._scored = (scheduled, model.version, self._score(model, scheduled.vectors))
-        self.features.rescore(model.version)
+        earlier = self._scored[1] if self._scored is not None and self._scored[0] is scheduled else {}
+        self._scored = (scheduled, {m.version: earlier[m.version] if m.version in earlier
+                                    else self._score(m, scheduled.vectors) for m in models})
+        self.features.rescore({m.version for m in models})
 
-    def score_rows(self, vectors: Vectors) -> tuple[str, np.ndarray] | None:
-        """The champion's probabilities for ``vectors`` and its version (None without one)."""
-        model = self.champion.model
-        return (model.version, self._score(model, vectors)) if model is not None else None
+    def score_rows(self, vectors: Vectors) -> dict[str, np.ndarray] | None:
+        """Each loaded version's probabilities for ``vectors`` (None without a champion)."""
+        models = self.models.loaded()
+        return {m.version: self._score(m, vectors) for m in models} if models else None
 
     @staticmethod
     def _score(model: LoadedModel, vectors: Vectors) -> np.ndarray:
@@ -560,9 +621,10 @@ class PredictionService:
     def predict(self, flights: list[dict], explain: bool = False, batch: bool = False,
                 as_of: dt.datetime | None = None) -> list[dict]:
         started = time.perf_counter()
-        model = self.champion.model
+        models = self.models
+        model, shadow = models.model, models.shadow
         if model is None:
-            raise NotReady(self.champion.error or "no champion model loaded yet")
+            raise NotReady(models.error or "no champion model loaded yet")
         loaded = self.features.loaded
         if loaded is None:
             raise NotReady(self.features.error or "no warehouse snapshot loaded yet")
@@ -570,56 +632,156 @@ class PredictionService:
         self.features.validate(flights, snapshot, batch=batch)
         rows = self.features.rows(flights, scheduled, as_of)
         vectors = self.features.lookup(flights, rows, scheduled, snapshot, as_of, live)
-        try:
-            probability = self._looked_up(model, scheduled, live, rows)
-            if probability is None:
-                probability = model.estimator.predict_proba(vectors.frame())[:, 1]
-        except Exception as exc:  # the model does not fit the features: the server's problem, not the client's
-            raise NotReady(f"the champion cannot score these features: {type(exc).__name__}: {exc}") from exc
+        ids = [flight_id(f) for f in flights]
+        answering = models.answering(ids)
+        probability, errors = np.empty(len(flights)), {}
+        for version, positions in _by_version(answering).items():
+            answer = answering[positions[0]][0]
+            try:
+                probability[positions] = self._probabilities(answer, scheduled, live, rows, vectors, positions)
+            except Exception as exc:
+                if answer is model:  # the model does not fit the features: the server's problem, not the client's
+                    raise NotReady(f"the champion cannot score these features: {type(exc).__name__}: {exc}") from exc
+                # the canary failed: the champion answers, the failure counts against the canary
+                errors[version] = f"{type(exc).__name__}: {exc}"
+                log.warning("canary version %s failed, the champion answered: %s", version, errors[version])
+                probability[positions] = self._probabilities(model, scheduled, live, rows, vectors, positions)
+                for i in positions:
+                    answering[i] = (model, "champion")
         elapsed_ms = (time.perf_counter() - started) * 1000
-        out = []
+        now = dt.datetime.now(dt.timezone.utc).isoformat()
+        out, records = [], []
         for i, (flight, p) in enumerate(zip(flights, probability)):
             vector = vectors.vector(i)
             request_id = uuid.uuid4().hex
+            answer, stage = answering[i]
             result = {
                 "request_id": request_id,
-                "flight_id": flight_id(flight),
+                "flight_id": ids[i],
                 "delay_probability": float(p),
-                "model_name": model.name,
-                "model_version": model.version,
+                "model_name": answer.name,
+                "model_version": answer.version,
+                "stage": stage,
                 "warnings": _warnings(flight, vector, bool(vectors.has_weather[i]), snapshot),
             }
             if explain:
                 result["features"] = vector
             out.append(result)
-            self.log.append({
-                "ts": dt.datetime.now(dt.timezone.utc).isoformat(),
+            record = {
+                "ts": now,
                 "request_id": request_id,
-                "flight_id": result["flight_id"],
-                "model_name": model.name,
-                "model_version": model.version,
+                "flight_id": ids[i],
+                "model_name": answer.name,
+                "model_version": answer.version,
+                "stage": stage,
                 "feature_hash": feature_hash(vector),
                 "delay_probability": result["delay_probability"],
                 "latency_ms": round(elapsed_ms, 3),
                 "batch_size": len(flights),
-            })
+            }
+            self.log.append(record)
+            records.append(record)
+        for version, error in errors.items():  # the canary's failures, as its own records
+            self.log.append({"ts": now, "model_name": model.name, "model_version": version, "stage": "canary",
+                             "error": error, "latency_ms": round(elapsed_ms, 3), "batch_size": len(flights)})
+        if shadow is not None:
+            self.shadow.submit(shadow, records, loaded, rows, vectors)
         return out
+
+    def _probabilities(self, model: LoadedModel, scheduled: ScheduledFeatures, live: Live | None,
+                       rows: list[int | None], vectors: Vectors, positions: list[int]) -> np.ndarray:
+        """``model``'s probabilities for the flights at ``positions``: looked up when scored ahead,
+        else computed."""
+        probability = self._looked_up(model, scheduled, live, [rows[i] for i in positions])
+        if probability is None:
+            probability = model.estimator.predict_proba(vectors.take(positions).frame())[:, 1]
+        return probability
 
 
     def _looked_up(self, model: LoadedModel, scheduled: ScheduledFeatures, live: Live | None,
                    rows: list[int | None]) -> np.ndarray | None:
-        """The probabilities of scheduled rows scored ahead for this champion (``_prepare``), or
-        None when some are not (a row computed on demand, a snapshot or champion just swapped)."""
+        """The probabilities of scheduled rows scored ahead by this version (``_prepare``), or
+        None when some are not (a row computed on demand, a snapshot or version just swapped)."""
         scored = self._scored
-        if None in rows or scored is None or scored[0] is not scheduled or scored[1] != model.version:
+        if None in rows or scored is None or scored[0] is not scheduled or model.version not in scored[1]:
             return None
-        probability = scored[2][rows]
+        probability = scored[1][model.version][rows]
         hits = live.hits(rows) if live is not None else []
         if hits:
-            if live.scored is None or live.scored[0] != model.version:
+            if live.scored is None or model.version not in live.scored:
                 return None
-            probability[[i for i, _ in hits]] = live.scored[1][[j for _, j in hits]]
+            probability[[i for i, _ in hits]] = live.scored[model.version][[j for _, j in hits]]
         return probability
+
+
+def _by_version(answering: list[tuple[LoadedModel, str]]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, (model, _) in enumerate(answering):
+        groups.setdefault(model.version, []).append(i)
+    return groups
+
+
+class ShadowScorer:
+    """Scores answered requests with the shadow version off the request path: requests put their
+    records on a bounded queue (dropped and counted when it is full, never waited for); a
+    background thread looks their probabilities up (or computes them) and writes a record per
+    flight to the inference log with the stage ``shadow`` and the answering request's id. A
+    failure of the shadow is logged and counted, never seen by a client."""
+
+    def __init__(self, service: "PredictionService", max_pending: int = 10_000):
+        self.service = service
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._thread: threading.Thread | None = None
+        self.scored = self.dropped = self.failed = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="shadow", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            try:
+                self._queue.put(None, timeout=5)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, shadow: LoadedModel, records: list[dict], loaded: Loaded, rows, vectors: Vectors) -> None:
+        try:
+            self._queue.put_nowait((shadow, records, loaded, rows, vectors))
+        except queue.Full:
+            self.dropped += len(records)
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait until what was submitted is scored (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        in_background()
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._score(*item)
+            except Exception:  # noqa: BLE001 - the shadow never stops the server
+                self.failed += len(item[1])
+                log.exception("shadow scoring failed")
+            finally:
+                self._queue.task_done()
+
+    def _score(self, shadow: LoadedModel, records: list[dict], loaded: Loaded, rows, vectors: Vectors) -> None:
+        started = time.perf_counter()
+        probability = self.service._probabilities(shadow, loaded.scheduled, loaded.live, rows, vectors,
+                                                  list(range(len(records))))
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+        for record, p in zip(records, probability):
+            self.service.log.append({**record, "model_version": shadow.version, "stage": "shadow",
+                                     "delay_probability": float(p), "latency_ms": elapsed_ms})
+        self.scored += len(records)
 
 
 def _warnings(flight: dict, row: dict, has_weather: bool, snapshot: Snapshot) -> list[str]:

@@ -39,6 +39,9 @@ from mlplatform import keys
 from mlplatform.lineage import upstream_metadata
 from mlplatform.partitions import Window
 from mlplatform.resources import WarehouseReader
+from mlplatform.rollout.assets import RolloutPolicy, apply_move
+from mlplatform.rollout.stages import CHAMPION as CHAMPION_STAGE
+from mlplatform.rollout.stages import SHADOW
 from mlplatform.training import model as m
 from mlplatform.training import promotion
 from mlplatform.training.tracking import (
@@ -269,7 +272,7 @@ def evaluation(version: str, scored: "pd.DataFrame", min_rows: int, threshold: f
     pool=keys.WAREHOUSE_POOL,
 )
 def model_evaluation(context: AssetExecutionContext, config: PromotionConfig, warehouse: DuckDBResource,
-                     mlflow: MlflowTracking):
+                     mlflow: MlflowTracking, rollout: RolloutPolicy):
     challenger = TrainedModel.from_metadata(upstream_metadata(
         context, keys.FLIGHT_DELAY_MODEL, "no trained model yet: materialize flight_delay_model first"))
     champion = mlflow.version_by_alias(CHAMPION)
@@ -301,10 +304,16 @@ def model_evaluation(context: AssetExecutionContext, config: PromotionConfig, wa
     champion_eval = evaluation(str(champion.version), scored, rule.min_segment_rows, threshold) if champion else None
     base = promotion.baseline(run.data.metrics["train_positive_rate"], float(scored[m.LABEL].mean()))
     decision = promotion.decide(challenger_eval, champion_eval, base, rule)
+    # a champion there already and a staged rollout: the version enters the shadow, not the traffic
+    to_shadow = decision.promote and champion is not None and rollout.staged
     with warehouse.get_connection() as conn:
         promotion.record(conn, mlflow.registered_model, challenger_eval, champion_eval, decision, evaluated,
                          context.run.run_id)
-    verdict = "PROMOTED" if decision.promote else "REJECTED"
+        if to_shadow:
+            apply_move(conn, mlflow, challenger.version, SHADOW, "gate", decision.reason,
+                       {"challenger": challenger_eval.metrics, "champion": champion_eval.metrics},
+                       context.run.run_id)
+    verdict = ("SHADOW" if to_shadow else "PROMOTED") if decision.promote else "REJECTED"
     context.log.info("challenger %s: %s: %s", challenger.version, verdict, decision.reason)
     metadata = {
         "decision": verdict,
@@ -336,7 +345,7 @@ def model_evaluation(context: AssetExecutionContext, config: PromotionConfig, wa
                 default=float)))},
         )],
     )
-    if decision.promote:
+    if decision.promote and not to_shadow:
         yield MaterializeResult(asset_key=keys.APPROVED_CHALLENGER,
                                 metadata={**challenger.metadata(), "reason": decision.reason})
 
@@ -358,11 +367,9 @@ def champion_model(context: AssetExecutionContext, warehouse: DuckDBResource, ml
         recorded = promotion.latest_decision(conn, mlflow.registered_model, approved.version)
         if recorded is None or not recorded.promoted:
             raise Failure(f"version {approved.version} is not approved: its latest decision is {recorded}")
-        # the alias moves last, in the warehouse transaction that records when it moved
-        conn.execute("BEGIN TRANSACTION")
-        promotion.mark_applied(conn, mlflow.registered_model, approved.version)
-        mlflow.set_alias(CHAMPION, approved.version)
-        conn.execute("COMMIT")
+        # the rollout history first, then the alias (the last side effect: serving follows it)
+        apply_move(conn, mlflow, approved.version, CHAMPION_STAGE, "gate", recorded_reason(conn, mlflow, approved),
+                   run_id=context.run.run_id, skip_stages=True)
     context.log.info("champion is now version %s", approved.version)
     run = mlflow.client().get_run(approved.run_id)
     return MaterializeResult(metadata={
@@ -370,6 +377,12 @@ def champion_model(context: AssetExecutionContext, warehouse: DuckDBResource, ml
         **mlflow.run_link(approved.run_id),
         "val_roc_auc": MetadataValue.float(round(run.data.metrics.get("val_roc_auc", float("nan")), 5)),
     })
+
+
+def recorded_reason(conn, mlflow: MlflowTracking, trained: TrainedModel) -> str:
+    row = conn.execute("SELECT reason FROM monitoring.model_promotions WHERE model_name = ? AND challenger_version = ? "
+                       "ORDER BY decided_at DESC LIMIT 1", [mlflow.registered_model, trained.version]).fetchone()
+    return f"offline gate: {row[0]}" if row else "offline gate"
 
 
 training_assets = [flight_delay_model, model_evaluation, champion_model]

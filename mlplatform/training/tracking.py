@@ -21,7 +21,10 @@ from mlplatform.partitions import Window
 from mlplatform.settings import REPO_ROOT, Settings
 
 CHAMPION = "champion"
-CHALLENGER = "challenger"
+CHALLENGER = "challenger"  # the latest trained version
+SHADOW_ALIAS = "shadow"  # the staged rollout's (mlplatform.rollout)
+CANARY_ALIAS = "canary"
+CANARY_SHARE_TAG = "mlplatform.canary_share"  # a registered model tag: the share of flights the canary answers
 # a registered version's training window, as tags of the version (read by ``training_window``)
 TRAIN_START_TAG = "mlplatform.train_start"
 TRAIN_END_TAG = "mlplatform.train_end"
