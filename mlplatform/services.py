@@ -57,6 +57,8 @@ def services(settings: Settings, host: str, port: int) -> list[Service]:
     found += [Service(
         "dagster", [str(scripts / "dagster"), "dev", "-w", "workspace.yaml", "--host", host, "--port", str(port)],
         f"http://{host}:{port}", echo=True,
+        # the instance of these settings (without DAGSTER_HOME `dagster dev` would use a temporary one)
+        env=(("DAGSTER_HOME", str(settings.dagster_home)),),
     )]
     if not settings.mlflow_uri.startswith(("http://", "https://")):
         ui = urlsplit(settings.mlflow_ui_url)

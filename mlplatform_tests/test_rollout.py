@@ -301,6 +301,28 @@ def test_two_moves_at_once_cannot_both_commit():
     assert st.versions_in(conn, "flight_delay", st.CHAMPION) == ["2"]
 
 
+def test_serving_statistics_are_read_from_the_inference_log(tmp_path):
+    """The canary's serving budget comes from the server's JSONL log: answers per version (shadow
+    records are not answers), its error records, its p99 latency, since the canary began."""
+    import json
+
+    from mlplatform.rollout.assets import serving_stats
+
+    since = dt.datetime(2026, 12, 3, 10, 0)
+    records = [{"ts": "2026-12-03T09:59:00+00:00", "model_version": "2", "stage": "canary", "latency_ms": 900.0}]
+    records += [{"ts": f"2026-12-03T10:{i // 60:02d}:{i % 60:02d}+00:00", "model_version": "1", "stage": "champion",
+                 "latency_ms": float(i % 10)} for i in range(100)]
+    records += [{"ts": "2026-12-03T10:05:00+00:00", "model_version": "2", "stage": "canary", "latency_ms": 3.0}] * 10
+    records += [{"ts": "2026-12-03T10:05:00+00:00", "model_version": "2", "stage": "canary", "latency_ms": 3.0,
+                 "error": "ValueError: boom"}] * 2
+    records += [{"ts": "2026-12-03T10:05:00+00:00", "model_version": "2", "stage": "shadow", "latency_ms": 50.0}] * 40
+    (tmp_path / "2026-12-03.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = serving_stats(tmp_path, ["1", "2", "9"], since)
+    assert (stats["1"].requests, stats["1"].errors) == (100, 0) and stats["1"].p99_ms == pytest.approx(9.0)
+    assert (stats["2"].requests, stats["2"].errors, stats["2"].p99_ms) == (12, 2, 3.0)
+    assert stats["9"].requests == 0 and serving_stats(tmp_path / "none", ["1"], since) is None
+
+
 # --- end to end: real days, labels landing, the jobs the daemon would run ------------------------
 
 def _stages(settings) -> dict[str, str]:
@@ -369,6 +391,9 @@ def test_a_challenger_goes_through_shadow_and_canary_to_champion_and_a_worse_one
     assert "shadow" not in _aliases(settings)
 
     day(D(2013, 2, 2))  # better, but one day of the two required
+    early = run_job(instance, "approve_canary_job", run_config={"ops": {"approve_canary": {"config": {
+        "approver": "Ada Lovelace", "reason": "too soon"}}}}, settings=settings)
+    assert not early.success and "is not awaiting an approval: its latest verdict is wait" in failures(early)
     day(D(2013, 2, 3))  # better with two days: waits for an approval, and nothing moves
     with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
         verdicts = conn.execute("SELECT evaluation_date, stage, action, p_value, roc_auc, champion_roc_auc FROM "

@@ -85,6 +85,6 @@ def run_demo(settings: Settings, out: TextIO = sys.stdout) -> bool:
                                              "show what a worse canary does"), file=out)
     land(WORSE_DAY)
     print("\n" + operate.status(settings), file=out)
-    print("\nIn the UI (make ui): monitoring/online_evaluation (its metadata per day, and the Plots tab), the "
+    print("\nIn the UI (make ui): monitoring/online_evaluation (its metadata per day; Metadata -> Plots -> Events draws them over the days), the "
           "runs of monitoring_job, and the champion_model materialization the promotion recorded.", file=out)
     return True
