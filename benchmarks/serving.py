@@ -262,7 +262,9 @@ def rollout_on(settings: Settings, url: str) -> tuple[str, str]:
 
     client = MlflowClient(tracking_uri=settings.mlflow_uri, registry_uri=settings.mlflow_uri)
     champion = client.get_model_version_by_alias("flight_delay", CHAMPION)
-    candidate = client.create_model_version("flight_delay", champion.source, champion.run_id,
+    # (its files as the source: a models:/ source is resolved through MLflow's process-wide URI)
+    source = client.get_model_version_download_uri("flight_delay", champion.version)
+    candidate = client.create_model_version("flight_delay", source, champion.run_id,
                                             description="serving benchmark: the champion's model as a canary").version
     client.set_registered_model_tag("flight_delay", CANARY_SHARE_TAG, "0.1")
     client.set_registered_model_alias("flight_delay", CANARY_ALIAS, str(candidate))
@@ -270,7 +272,8 @@ def rollout_on(settings: Settings, url: str) -> tuple[str, str]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         rollout = httpx.get(f"{url}/health").json().get("rollout") or {}
-        if rollout.get("canary") == str(candidate) and rollout.get("shadow") == str(candidate):
+        if (rollout.get("canary") == str(candidate) and rollout.get("shadow") == str(candidate)
+                and str(candidate) in rollout.get("scored_ahead", [])):  # the schedule scored by it: steady state
             return str(champion.version), str(candidate)
         time.sleep(0.5)
     raise RuntimeError("the server did not pick up the canary and the shadow within 120 s")

@@ -581,7 +581,9 @@ class PredictionService:
             "model": {"name": model.name, "version": model.version, "run_id": model.run_id} if model else None,
             "rollout": {"canary": models.canary.version if models.canary else None, "share": models.share,
                         "shadow": models.shadow.version if models.shadow else None,
-                        "shadow_scored": self.shadow.scored, "shadow_dropped": self.shadow.dropped},
+                        "shadow_scored": self.shadow.scored, "shadow_dropped": self.shadow.dropped,
+                        # the versions the schedule is scored ahead by (until then, requests compute)
+                        "scored_ahead": sorted(self._scored[1]) if self._scored is not None else []},
             "features": self.features.status(),
             "reasons": reasons,
         }
