@@ -322,6 +322,19 @@ def test_serving_statistics_are_read_from_the_inference_log(tmp_path):
     assert (stats["2"].requests, stats["2"].errors, stats["2"].p99_ms) == (12, 2, 3.0)
     assert stats["9"].requests == 0 and serving_stats(tmp_path / "none", ["1"], since) is None
 
+    # the same log as a view of the warehouse: which version answered a flight, at what stage
+    import duckdb
+
+    from mlplatform.rollout.assets import served_view
+
+    (tmp_path / "2026-12-03.jsonl").open("a").write(json.dumps(
+        {"ts": "2026-12-03T11:00:00+00:00", "request_id": "r1", "flight_id": "2013-02-02_UA1545_EWR_0515",
+         "model_version": "2", "stage": "canary", "delay_probability": 0.25, "latency_ms": 2.0}) + "\n")
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as conn:
+        assert served_view(conn, tmp_path) and not served_view(conn, tmp_path / "none")
+        assert conn.execute("SELECT model_version, stage, delay_probability FROM monitoring.served "
+                            "WHERE flight_id = ?", ["2013-02-02_UA1545_EWR_0515"]).fetchall() == [("2", "canary", 0.25)]
+
 
 # --- end to end: real days, labels landing, the jobs the daemon would run ------------------------
 

@@ -48,7 +48,7 @@ DAILY_FEATURES = {"raw_flights", "raw_weather", "staging/stg_flights", "staging/
                   # the day's streamed events: what still waits is consumed, then reconciled with the file
                   "raw_flight_events", "staging/stg_departure_events"}
 NEEDS_CHAMPION = {"predictions/flight_delay", "monitoring/feature_profiles", "monitoring/drift_report",
-                  "monitoring/model_performance"}
+                  "monitoring/model_performance", "monitoring/online_evaluation"}
 
 
 def test_landing_sensor_requests_changed_days_once(home):

@@ -2,7 +2,8 @@
 
 ``landing_sensor``: a new or changed daily file (name, size, mtime) starts one run for its day
 through the whole daily graph: raw tables, dbt's daily models and features, and, once there is
-a champion, its predictions and the day's monitoring (profiles, drift, realised performance).
+a champion, its predictions and the day's monitoring (profiles, drift, realised performance, the
+online evaluation of a shadow or a canary).
 Contiguous changed days become one ranged run. One run, not a chain of runs that declarative
 automation starts one after another: a landed day reaches its drift verdict in one run's time
 (benchmarks: "Landing to drift verdict"). Declarative automation still covers everything else

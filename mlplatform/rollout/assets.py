@@ -202,6 +202,24 @@ def paired_scores(conn, model_name: str, champion: str, version: str, stage: str
         [version, stage, champion, end]).df()
 
 
+# the inference log's records as DuckDB reads them (mlplatform.serving.service writes them)
+LOG_COLUMNS = ("{ts: 'TIMESTAMPTZ', request_id: 'VARCHAR', flight_id: 'VARCHAR', model_name: 'VARCHAR', "
+               "model_version: 'VARCHAR', stage: 'VARCHAR', delay_probability: 'DOUBLE', latency_ms: 'DOUBLE', "
+               "batch_size: 'INTEGER', error: 'VARCHAR'}")
+
+
+def served_view(conn, log_dir: Path) -> bool:
+    """``monitoring.served``: the server's inference log as a view of the warehouse (which version
+    answered flight F, at what stage, and the shadow's score), when there is a log."""
+    if not Path(log_dir).exists() or not any(Path(log_dir).glob("*.jsonl")):
+        return False
+    pattern = str(Path(log_dir).resolve() / "*.jsonl").replace("'", "''")  # (a view takes no parameters)
+    conn.execute("CREATE SCHEMA IF NOT EXISTS monitoring")
+    conn.execute(f"CREATE OR REPLACE VIEW monitoring.served AS SELECT * FROM read_json('{pattern}', "
+                 f"format = 'newline_delimited', columns = {LOG_COLUMNS})")
+    return True
+
+
 def serving_stats(log_dir: Path, versions: list[str], since: dt.datetime) -> dict[str, j.ServingStats] | None:
     """Requests, errors and p99 latency per answering version in the inference log since
     ``since`` (None without a log)."""
@@ -215,8 +233,8 @@ def serving_stats(log_dir: Path, versions: list[str], since: dt.datetime) -> dic
         rows = con.execute(
             "SELECT model_version, count(*), count(*) FILTER (WHERE error IS NOT NULL), "
             "coalesce(quantile_cont(latency_ms, 0.99), 0) FROM read_json(?, format = 'newline_delimited', "
-            "columns = {ts: 'TIMESTAMPTZ', model_version: 'VARCHAR', stage: 'VARCHAR', latency_ms: 'DOUBLE', "
-            "error: 'VARCHAR'}) WHERE ts >= ? AND coalesce(stage, 'champion') <> 'shadow' GROUP BY model_version",
+            f"columns = {LOG_COLUMNS}) WHERE ts >= ? AND coalesce(stage, 'champion') <> 'shadow' "
+            "GROUP BY model_version",
             [[str(f) for f in files], since.replace(tzinfo=dt.timezone.utc)]).fetchall()
     finally:
         con.close()
@@ -327,6 +345,7 @@ def online_evaluation(context: AssetExecutionContext, warehouse: DuckDBResource,
     rows, decisions = [], []
     with warehouse.get_connection() as conn:
         stages.ensure_tables(conn)
+        served_view(conn, log_dir)
         for stage, version in sorted(stages.candidates(conn, name).items(), key=lambda kv: kv[0] != CANARY):
             verdict, row = evaluate(conn, mlflow, rollout, champion, version, stage, end, log_dir)
             rows.append(row)
