@@ -41,7 +41,7 @@ from mlplatform.monitoring import drift, profiles
 from mlplatform.partitions import Window, chunks, daily_partitions, days_between, single_run, window_of
 from mlplatform.resources import ProfileStore, WarehouseReader
 from mlplatform.training import model as m
-from mlplatform.training.assets import TrainedModel
+from mlplatform.training.tracking import TrainedModel
 from mlplatform.training.tracking import MlflowTracking, training_window
 from mlplatform.warehouse import replace_window
 

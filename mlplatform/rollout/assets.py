@@ -55,6 +55,7 @@ from mlplatform.training.tracking import (
     CANARY_SHARE_TAG,
     SHADOW_ALIAS,
     MlflowTracking,
+    TrainedModel,
     training_window,
 )
 
@@ -146,8 +147,6 @@ def champion_materialization(conn, mlflow: MlflowTracking, version: str, decided
     """``champion_model``'s materialization for a version the rollout promoted: its metadata is
     what ``champion_model`` itself writes (``TrainedModel``), so the predictions that follow
     score with it."""
-    from mlplatform.training.assets import TrainedModel
-
     model_version = mlflow.client().get_model_version(mlflow.registered_model, version)
     train = training_window(model_version)
     row = conn.execute("SELECT eval_start, eval_end FROM monitoring.model_promotions WHERE model_name = ? AND "

@@ -30,11 +30,14 @@ back a canary that is in truth no different stays within ``level``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from mlplatform.rollout.compare import AucComparison, delong
 from mlplatform.rollout.traffic import DEFAULT_CANARY_SHARE
+
+if TYPE_CHECKING:  # (numpy and the test are imported where a canary is judged, not by the code location)
+    import numpy as np
+
+    from mlplatform.rollout.compare import AucComparison
 
 PROMOTE, ROLLBACK, WAIT, REJECT, AWAIT_APPROVAL = "promote", "rollback", "wait", "reject", "await_approval"
 
@@ -107,6 +110,8 @@ class Verdict:
 def calibration_error(labels: np.ndarray, probability: np.ndarray, bins: int = 10) -> float:
     """Expected calibration error: the flights-weighted mean |observed rate - mean predicted| over
     equal-width probability bins."""
+    import numpy as np
+
     which = np.minimum((probability * bins).astype(int), bins - 1)
     total, error = len(labels), 0.0
     for b in np.unique(which):
@@ -116,6 +121,7 @@ def calibration_error(labels: np.ndarray, probability: np.ndarray, bins: int = 1
 
 
 def version_metrics(labels, probability, carriers, min_carrier_flights: int) -> VersionMetrics:
+    import numpy as np
     from sklearn.metrics import log_loss, roc_auc_score
 
     labels, probability, carriers = np.asarray(labels).astype(int), np.asarray(probability, float), np.asarray(carriers)
@@ -136,6 +142,10 @@ def judge(labels, carriers, champion, canary, days: int, rule: CanaryRule,
     """The verdict on a canary from the labelled flights both versions scored (see the module):
     ``champion`` and ``canary`` are their probabilities for the same flights, ``days`` how many
     days of labels those are, ``serving`` the (champion, canary) request statistics."""
+    import numpy as np
+
+    from mlplatform.rollout.compare import delong
+
     labels = np.asarray(labels).astype(int)
     evidence: dict = {"days": days, "flights": len(labels), "rule": asdict(rule)}
     if serving is not None:

@@ -68,11 +68,12 @@ def operator_move(settings: Settings, version: str, stage: str, by: str, reason:
 def approve_in_dagster(settings: Settings, approver: str, reason: str, version: str = "") -> str:
     """Run ``approve_canary_job`` in this process on the home's instance: the approval is a run in
     the UI like one launched there."""
-    from mlplatform.cli import instance_of
+    from dagster import DagsterInstance
+
     from mlplatform.definitions import APPROVE_CANARY_JOB, load_defs
 
     config = {"ops": {"approve_canary": {"config": {"approver": approver, "reason": reason, "version": version}}}}
-    with instance_of(settings) as instance:
+    with DagsterInstance.from_config(str(settings.dagster_home)) as instance:
         result = load_defs(settings).resolve_job_def(APPROVE_CANARY_JOB).execute_in_process(
             instance=instance, run_config=config, raise_on_error=False)
     if not result.success:

@@ -16,7 +16,6 @@ as the run's last side effect.
 
 import datetime as dt
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dagster import (
@@ -50,6 +49,7 @@ from mlplatform.training.tracking import (
     TRAIN_END_TAG,
     TRAIN_START_TAG,
     MlflowTracking,
+    TrainedModel,
     git_state,
     training_window,
 )
@@ -62,30 +62,6 @@ GROUP = "training"
 # Fewer labelled days cannot make a first model worth keeping: three weeks to train (the last of
 # them to validate) and a week to evaluate.
 MIN_LABELLED_DAYS = 28
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    """A registered model version as the training graph passes it on: in its assets'
-    materialization metadata (``metadata``/``from_metadata``)."""
-
-    version: str
-    run_id: str  # its MLflow run
-    train: Window
-    evaluation: Window
-
-    def metadata(self) -> dict:
-        return {
-            "model_version": self.version,
-            "mlflow_run_id": self.run_id,
-            "train_window": MetadataValue.json(self.train.as_json()),
-            "eval_window": MetadataValue.json(self.evaluation.as_json()),
-        }
-
-    @classmethod
-    def from_metadata(cls, metadata: dict) -> "TrainedModel":
-        return cls(str(metadata["model_version"]), str(metadata["mlflow_run_id"]),
-                   Window.from_json(metadata["train_window"]), Window.from_json(metadata["eval_window"]))
 
 
 class TrainingConfig(Config):

@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from dagster import ConfigurableResource, MetadataValue
@@ -37,6 +38,30 @@ def training_window(version) -> Window | None:
     if TRAIN_START_TAG not in tags or TRAIN_END_TAG not in tags:
         return None
     return Window(dt.date.fromisoformat(tags[TRAIN_START_TAG]), dt.date.fromisoformat(tags[TRAIN_END_TAG]))
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A registered model version as the training graph passes it on: in its assets'
+    materialization metadata (``metadata``/``from_metadata``)."""
+
+    version: str
+    run_id: str  # its MLflow run
+    train: Window
+    evaluation: Window
+
+    def metadata(self) -> dict:
+        return {
+            "model_version": self.version,
+            "mlflow_run_id": self.run_id,
+            "train_window": MetadataValue.json(self.train.as_json()),
+            "eval_window": MetadataValue.json(self.evaluation.as_json()),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "TrainedModel":
+        return cls(str(metadata["model_version"]), str(metadata["mlflow_run_id"]),
+                   Window.from_json(metadata["train_window"]), Window.from_json(metadata["eval_window"]))
 
 
 class MlflowTracking(ConfigurableResource):
