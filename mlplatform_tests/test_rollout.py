@@ -442,3 +442,17 @@ def test_a_challenger_goes_through_shadow_and_canary_to_champion_and_a_worse_one
                        ("1", "retired", "Ada Lovelace"), ("2", "champion", "Ada Lovelace"),
                        ("3", "shadow", "Grace Hopper"), ("3", "canary", "Grace Hopper"), ("3", "rolled_back", "judge")]
     assert load_defs(settings)  # (the same definitions served every run)
+
+
+@pytest.mark.integration
+def test_an_approval_from_the_command_line_with_nothing_awaiting_is_refused_before_any_run(features_home):
+    from dagster import DagsterInstance
+
+    from mlplatform.cli import main
+
+    with pytest.raises(SystemExit, match="not approved: no canary to approve \\(in the canary: none\\)"):
+        main(["rollout", "approve", "--by", "Ada Lovelace", "--reason", "looks good"])
+    with pytest.raises(SystemExit, match="give the approver's name"):
+        main(["rollout", "approve", "--by", " ", "--reason", "looks good"])
+    with DagsterInstance.from_config(str(features_home.dagster_home)) as instance:
+        assert not instance.get_runs()  # refused before a run was launched

@@ -383,25 +383,36 @@ class Approval(Config):
     version: str = Field("", description="The canary version (default: the one in the canary now).")
 
 
+class NotAwaiting(Failure):
+    """No canary awaits an approval (or not the version named)."""
+
+
+def awaiting(conn, model_name: str, version: str = "") -> tuple[str, tuple]:
+    """(the canary awaiting an approval, its latest verdict: action, reason, day), or ``NotAwaiting``
+    saying why not."""
+    canaries = stages.versions_in(conn, model_name, CANARY)
+    version = version or (canaries[0] if canaries else "")
+    if not version or version not in canaries:
+        raise NotAwaiting(f"no canary to approve{f': version {version} is not in the canary' if version else ''} "
+                          f"(in the canary: {', '.join(canaries) or 'none'})")
+    exists = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'monitoring' AND "
+                          "table_name = 'online_evaluation'").fetchone()[0]
+    latest = conn.execute("SELECT action, reason, evaluation_date FROM monitoring.online_evaluation WHERE model_name = ? "
+                          "AND version = ? AND stage = 'canary' ORDER BY evaluation_date DESC LIMIT 1",
+                          [model_name, version]).fetchone() if exists else None
+    if latest is None or latest[0] != j.AWAIT_APPROVAL:
+        raise NotAwaiting(f"version {version} is not awaiting an approval: its latest verdict is "
+                          f"{f'{latest[0]} on {latest[2]} ({latest[1]})' if latest else 'none yet'}")
+    return version, latest
+
+
 def approve(conn, mlflow: MlflowTracking, approver: str, reason: str, version: str = "",
             run_id: str | None = None) -> stages.Move:
     """Promote the canary awaiting approval (its latest verdict ``await_approval``), as ``approver``."""
-    name = mlflow.registered_model
     approver, reason = approver.strip(), reason.strip()
     if not approver or not reason:
         raise Failure("an approval needs the approver's name and a reason")
-    canaries = stages.versions_in(conn, name, CANARY)
-    version = version or (canaries[0] if canaries else "")
-    if not version or version not in canaries:
-        raise Failure(f"no canary to approve{f': version {version} is not in the canary' if version else ''} "
-                      f"(in the canary: {', '.join(canaries) or 'none'})")
-    conn.execute(EVALUATION_DDL)
-    latest = conn.execute("SELECT action, reason, evaluation_date FROM monitoring.online_evaluation WHERE model_name = ? "
-                          "AND version = ? AND stage = 'canary' ORDER BY evaluation_date DESC LIMIT 1",
-                          [name, version]).fetchone()
-    if latest is None or latest[0] != j.AWAIT_APPROVAL:
-        raise Failure(f"version {version} is not awaiting an approval: its latest verdict is "
-                      f"{f'{latest[0]} on {latest[2]} ({latest[1]})' if latest else 'none yet'}")
+    version, latest = awaiting(conn, mlflow.registered_model, version)
     return apply_move(conn, mlflow, version, CHAMPION, approver, f"approved: {reason} (verdict of {latest[2]}: "
                       f"{latest[1]})", {"approver": approver, "verdict": latest[1]}, run_id)
 

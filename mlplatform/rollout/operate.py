@@ -72,14 +72,26 @@ def approve_in_dagster(settings: Settings, approver: str, reason: str, version: 
 
     from mlplatform.definitions import APPROVE_CANARY_JOB, load_defs
 
-    config = {"ops": {"approve_canary": {"config": {"approver": approver, "reason": reason, "version": version}}}}
+    from mlplatform.pipeline import QUIET
+    from mlplatform.rollout.assets import NotAwaiting, awaiting
+
+    if not approver.strip() or not reason.strip():
+        raise SystemExit("not approved: give the approver's name (--by) and a reason (--reason)")
+    with connect(settings.warehouse, read_only=True) as conn:  # refused here, before a run is launched
+        try:
+            awaiting(conn, tracking_from(settings).registered_model, version)
+        except NotAwaiting as exc:
+            raise SystemExit(f"not approved: {exc.description}") from None
+    config = {**QUIET, "ops": {"approve_canary": {"config": {"approver": approver, "reason": reason,
+                                                             "version": version}}}}
     with DagsterInstance.from_config(str(settings.dagster_home)) as instance:
         result = load_defs(settings).resolve_job_def(APPROVE_CANARY_JOB).execute_in_process(
             instance=instance, run_config=config, raise_on_error=False)
     if not result.success:
         failure = next((e.event_specific_data.error.message for e in result.all_events
                         if e.event_type_value == "STEP_FAILURE"), "see the run in the UI")
-        raise SystemExit(f"not approved: {failure.strip().splitlines()[-1] if failure else ''}")
+        reason = failure.strip().splitlines()[-1] if failure else ""
+        raise SystemExit(f"not approved: {reason.split('Failure: ', 1)[-1]}")
     return f"approved by {approver} (run {result.run_id})"
 
 
