@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -209,6 +210,20 @@ def start_server(settings: Settings, port: int, log_path: Path) -> subprocess.Po
     raise RuntimeError(f"server not ready in 180 s: see {log_path}")
 
 
+def redis(workdir: Path):
+    """A redis-server of the benchmark's own on a free port, its data under ``workdir``: (process, URL)."""
+    from mlplatform.stream.server import server_argv, wait_until_up
+
+    data = workdir / "redis"
+    shutil.rmtree(data, ignore_errors=True)
+    port = free_port()
+    proc = subprocess.Popen(server_argv(data, port), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until_up(url)
+    return proc, url
+
+
 STREAMED_DAY = "2013-07-01"  # a summer Monday (benchmarks/stream.py's day)
 
 
@@ -293,8 +308,6 @@ def rollout_off(settings: Settings) -> None:
 def run(settings: Settings, rate: float = 200, seconds: float = 30, smoke: bool = False) -> dict:
     import dataclasses
     import httpx
-
-    from benchmarks.stream import redis
 
     flights = sample_flights(settings, 2000)
     scheduled = [{k: v for k, v in f.items() if not k.startswith("_")} for f in flights]

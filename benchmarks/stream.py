@@ -19,8 +19,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,20 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 DAY = dt.date(2013, 7, 1)  # a summer Monday: one of the year's busier days
-
-
-def redis(workdir: Path):
-    from benchmarks.serving import free_port
-    from mlplatform.stream.server import server_argv, wait_until_up
-
-    data = workdir / "redis"
-    shutil.rmtree(data, ignore_errors=True)
-    port = free_port()
-    proc = subprocess.Popen(server_argv(data, port), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"redis://127.0.0.1:{port}/0"
-    wait_until_up(url)
-    return proc, url
 
 
 def plain_consume(url: str, warehouse: Path, group: str = "plain", count: int = 20_000) -> int:
@@ -90,6 +74,8 @@ def ingestion(workdir: Path, start: dt.date, end: dt.date, repeats: int = 1) -> 
     import duckdb  # noqa: F401 - imported before either consumer is timed
     import pandas  # noqa: F401
 
+    from benchmarks.serving import redis
+
     proc, url = redis(workdir)
     try:
         broker = Broker(url)
@@ -126,7 +112,7 @@ def freshness(workdir: Path, home: Path, samples: int) -> dict:
     import httpx
     import numpy as np
 
-    from benchmarks.serving import free_port, start_server
+    from benchmarks.serving import free_port, redis, start_server
     from mlplatform.settings import Settings
     from mlplatform.stream.broker import Broker
 
