@@ -606,14 +606,15 @@ class PredictionService:
         if not models or scheduled is None:
             return
         earlier = self._scored[1] if self._scored is not None and self._scored[0] is scheduled else {}
+        unique = {m.version: m for m in models}.values()  # (the canary may be the shadow too)
         self._scored = (scheduled, {m.version: earlier[m.version] if m.version in earlier
-                                    else self._score(m, scheduled.vectors) for m in models})
+                                    else self._score(m, scheduled.vectors) for m in unique})
         self.features.rescore({m.version for m in models})
 
     def score_rows(self, vectors: Vectors) -> dict[str, np.ndarray] | None:
         """Each loaded version's probabilities for ``vectors`` (None without a champion)."""
-        models = self.models.loaded()
-        return {m.version: self._score(m, vectors) for m in models} if models else None
+        models = {m.version: m for m in self.models.loaded()}
+        return {version: self._score(m, vectors) for version, m in models.items()} if models else None
 
     @staticmethod
     def _score(model: LoadedModel, vectors: Vectors) -> np.ndarray:
@@ -754,12 +755,6 @@ class ShadowScorer:
             self._queue.put_nowait((shadow, records, loaded, rows, vectors))
         except queue.Full:
             self.dropped += len(records)
-
-    def drain(self, timeout: float = 30.0) -> None:
-        """Wait until what was submitted is scored (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
 
     def _run(self) -> None:
         in_background()
