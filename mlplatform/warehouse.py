@@ -37,6 +37,12 @@ STAGING_SCHEMA = "_loading"
 LOCK_WAIT_SECONDS = 600.0
 
 
+def has_table(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    """Whether ``schema.table`` exists (a table or a view)."""
+    return conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+                        [schema, table]).fetchone()[0] > 0
+
+
 def is_locked(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is another process holding DuckDB's file lock."""
     import duckdb

@@ -66,7 +66,7 @@ from mlplatform.keys import REQUESTED_BY_TAG, RUN_KEY_TAG, TRIGGER_TAG, WINDOWS_
 from mlplatform.settings import Settings
 from mlplatform.training import model as m
 from mlplatform.training.tracking import CHAMPION, TRAIN_START_TAG, MlflowTracking, tracking_from, training_window
-from mlplatform.warehouse import connect, is_locked
+from mlplatform.warehouse import connect, has_table, is_locked
 
 SENSOR_NAME = "retraining_sensor"
 IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
@@ -82,11 +82,6 @@ def days_text(days) -> str:
     ranges = contiguous_ranges([str(d) for d in days])
     text = ", ".join(a if a == b else f"{a}..{b}" for a, b in ranges[:6])
     return text + (f" and {len(ranges) - 6} more range(s)" if len(ranges) > 6 else "")
-
-
-def _exists(conn, schema: str, table: str) -> bool:
-    return conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-                        [schema, table]).fetchone()[0] > 0
 
 
 @dataclass
@@ -107,7 +102,7 @@ def read_reports(conn, champion: str, train_end: dt.date, model_name: str) -> Re
     ``monitoring.drift_days.note``): the thresholds live in the monitoring assets' config only."""
     last = conn.execute(f"SELECT max(flight_date) FROM {m.FEATURE_TABLE} WHERE {m.LABEL} IS NOT NULL").fetchone()[0]
     reports = Reports(last)
-    if _exists(conn, "monitoring", "drift_days"):
+    if has_table(conn, "monitoring", "drift_days"):
         for day, detected, drifted, features, judged, note in conn.execute(
             "SELECT drift_date, drift_detected, drifted_features, judged_features, judged, note "
             "FROM monitoring.drift_days WHERE reference_version = ? AND drift_date > ?", [champion, train_end],
@@ -118,7 +113,7 @@ def read_reports(conn, champion: str, train_end: dt.date, model_name: str) -> Re
                 continue
             if detected:
                 reports.drift[day] = f"{DRIFT_REPORT}[{day}] drift ({drifted}/{features} features)"
-    if _exists(conn, "monitoring", "model_performance"):
+    if has_table(conn, "monitoring", "model_performance"):
         for day, degraded, auc, expected, since in conn.execute(
             "SELECT performance_date, degraded, coalesce(window_roc_auc, roc_auc), expected_roc_auc, "
             "coalesce(window_start, performance_date) FROM monitoring.model_performance "
@@ -129,7 +124,7 @@ def read_reports(conn, champion: str, train_end: dt.date, model_name: str) -> Re
             if degraded:
                 reports.degraded[day] = (f"{PERFORMANCE_REPORT}[{day}] degraded "
                                          f"(ROC AUC {auc:.3f} over {since}..{day}, validation {expected:.3f})")
-    if _exists(conn, "monitoring", "model_promotions"):
+    if has_table(conn, "monitoring", "model_promotions"):
         reports.decisions = conn.execute(
             "SELECT challenger_version, decision, decided_at, applied_at, eval_end, dagster_run_id "
             "FROM monitoring.model_promotions WHERE model_name = ? ORDER BY decided_at", [model_name],

@@ -58,6 +58,7 @@ from mlplatform.training.tracking import (
     TrainedModel,
     training_window,
 )
+from mlplatform.warehouse import has_table, in_one_transaction
 
 OWNERS = ["team:ml-platform"]
 # the MLflow alias of each stage (``challenger`` stays the latest trained version, whatever its stage)
@@ -149,12 +150,10 @@ def champion_materialization(conn, mlflow: MlflowTracking, version: str, decided
     score with it."""
     model_version = mlflow.client().get_model_version(mlflow.registered_model, version)
     train = training_window(model_version)
-    row = conn.execute("SELECT eval_start, eval_end FROM monitoring.model_promotions WHERE model_name = ? AND "
-                       "challenger_version = ? ORDER BY decided_at DESC LIMIT 1",
-                       [mlflow.registered_model, version]).fetchone()
-    if train is None or row is None:
+    gated = promotion.latest_decision(conn, mlflow.registered_model, version)
+    if train is None or gated is None:
         raise Failure(f"version {version} was not trained and evaluated by training_job: it cannot be champion")
-    trained = TrainedModel(version, model_version.run_id, train, Window(row[0], row[1]))
+    trained = TrainedModel(version, model_version.run_id, train, Window(gated.eval_start, gated.eval_end))
     return AssetMaterialization(asset_key=keys.CHAMPION_MODEL, metadata={
         **trained.metadata(), "decided_by": decided_by, "reason": reason, **mlflow.run_link(model_version.run_id)})
 
@@ -186,7 +185,7 @@ CREATE TABLE IF NOT EXISTS monitoring.online_evaluation (
 TO_CANARY = "to_canary"
 
 
-def paired_scores(conn, model_name: str, champion: str, version: str, stage: str, end: dt.date):
+def paired_scores(conn, champion: str, version: str, stage: str, end: dt.date):
     """The labelled flights up to ``end`` that ``version`` scored in ``stage`` and the champion
     scored too: flight_date, carrier, label, champion, candidate."""
     from mlplatform.training import model as m
@@ -245,7 +244,7 @@ def evaluate(conn, mlflow: MlflowTracking, policy: RolloutPolicy, champion: str,
              end: dt.date, log_dir: Path) -> tuple[j.Verdict, dict]:
     """The verdict on a candidate as of ``end`` and the row of ``monitoring.online_evaluation``."""
     rule = policy.rule()
-    frame = paired_scores(conn, mlflow.registered_model, champion, version, stage, end)
+    frame = paired_scores(conn, champion, version, stage, end)
     days = int(frame["flight_date"].nunique())
     serving = None
     entered = [mv.moved_at for mv in stages.history(conn, mlflow.registered_model, version) if mv.stage == stage]
@@ -291,19 +290,13 @@ def _auc(labels, scores) -> float | None:
 def record_evaluation(conn, rows: list[dict], end: dt.date, model_name: str, run_id: str) -> None:
     """Replace ``end``'s rows of ``monitoring.online_evaluation`` (a re-run replaces, never adds)."""
     conn.execute(EVALUATION_DDL)
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        conn.execute("DELETE FROM monitoring.online_evaluation WHERE evaluation_date = ? AND model_name = ?",
-                     [end, model_name])
-        for row in rows:
-            row = {**row, "dagster_run_id": run_id}
-            columns = list(row)
-            conn.execute(f"INSERT INTO monitoring.online_evaluation ({', '.join(columns)}) VALUES "
-                         f"({', '.join('?' for _ in columns)})", [row[c] for c in columns])
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    inserts = []
+    for row in rows:
+        row = {**row, "dagster_run_id": run_id}
+        inserts.append((f"INSERT INTO monitoring.online_evaluation ({', '.join(row)}) VALUES "
+                        f"({', '.join('?' for _ in row)})", list(row.values())))
+    in_one_transaction(conn, [("DELETE FROM monitoring.online_evaluation WHERE evaluation_date = ? AND model_name = ?",
+                               [end, model_name]), *inserts])
 
 
 MOVE_OF = {j.PROMOTE: CHAMPION, j.ROLLBACK: ROLLED_BACK, j.REJECT: REJECTED, TO_CANARY: CANARY}
@@ -395,8 +388,7 @@ def awaiting(conn, model_name: str, version: str = "") -> tuple[str, tuple]:
     if not version or version not in canaries:
         raise NotAwaiting(f"no canary to approve{f': version {version} is not in the canary' if version else ''} "
                           f"(in the canary: {', '.join(canaries) or 'none'})")
-    exists = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'monitoring' AND "
-                          "table_name = 'online_evaluation'").fetchone()[0]
+    exists = has_table(conn, "monitoring", "online_evaluation")
     latest = conn.execute("SELECT action, reason, evaluation_date FROM monitoring.online_evaluation WHERE model_name = ? "
                           "AND version = ? AND stage = 'canary' ORDER BY evaluation_date DESC LIMIT 1",
                           [model_name, version]).fetchone() if exists else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 from mlplatform.rollout import stages
 from mlplatform.settings import Settings
 from mlplatform.training.tracking import CANARY_SHARE_TAG, tracking_from
-from mlplatform.warehouse import connect
+from mlplatform.warehouse import connect, has_table
 
 
 def status(settings: Settings) -> str:
@@ -29,9 +29,7 @@ def status(settings: Settings) -> str:
 
 
 def _latest_verdicts(conn, model_name: str) -> list[tuple]:
-    exists = conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'monitoring' AND "
-                          "table_name = 'online_evaluation'").fetchone()[0]
-    if not exists:
+    if not has_table(conn, "monitoring", "online_evaluation"):
         return []
     return conn.execute("SELECT version, stage, evaluation_date, action, reason FROM monitoring.online_evaluation "
                         "WHERE model_name = ? QUALIFY row_number() OVER (PARTITION BY version ORDER BY "

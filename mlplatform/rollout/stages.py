@@ -16,6 +16,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from mlplatform.warehouse import has_table
+
 SHADOW, CANARY, CHAMPION, REJECTED, ROLLED_BACK, RETIRED = (
     "shadow", "canary", "champion", "rejected", "rolled_back", "retired")
 # where a version may go from each stage (None: a version the history has never seen)
@@ -72,8 +74,7 @@ def ensure_tables(conn) -> None:
 
 
 def _recorded(conn) -> bool:
-    return bool(conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'monitoring' "
-                             "AND table_name = 'rollout_history'").fetchone()[0])
+    return has_table(conn, "monitoring", "rollout_history")
 
 
 def current_stage(conn, model_name: str, version: str) -> str | None:

@@ -344,7 +344,7 @@ def champion_model(context: AssetExecutionContext, warehouse: DuckDBResource, ml
         if recorded is None or not recorded.promoted:
             raise Failure(f"version {approved.version} is not approved: its latest decision is {recorded}")
         # the rollout history first, then the alias (the last side effect: serving follows it)
-        apply_move(conn, mlflow, approved.version, CHAMPION_STAGE, "gate", recorded_reason(conn, mlflow, approved),
+        apply_move(conn, mlflow, approved.version, CHAMPION_STAGE, "gate", f"offline gate: {recorded.reason}",
                    run_id=context.run.run_id, skip_stages=True)
     context.log.info("champion is now version %s", approved.version)
     run = mlflow.client().get_run(approved.run_id)
@@ -353,12 +353,6 @@ def champion_model(context: AssetExecutionContext, warehouse: DuckDBResource, ml
         **mlflow.run_link(approved.run_id),
         "val_roc_auc": MetadataValue.float(round(run.data.metrics.get("val_roc_auc", float("nan")), 5)),
     })
-
-
-def recorded_reason(conn, mlflow: MlflowTracking, trained: TrainedModel) -> str:
-    row = conn.execute("SELECT reason FROM monitoring.model_promotions WHERE model_name = ? AND challenger_version = ? "
-                       "ORDER BY decided_at DESC LIMIT 1", [mlflow.registered_model, trained.version]).fetchone()
-    return f"offline gate: {row[0]}" if row else "offline gate"
 
 
 training_assets = [flight_delay_model, model_evaluation, champion_model]

@@ -136,6 +136,9 @@ class Recorded:
     decided_at: dt.datetime
     applied_at: dt.datetime | None  # when the champion alias moved to it (promoted ones)
     dagster_run_id: str | None
+    reason: str
+    eval_start: dt.date | None
+    eval_end: dt.date | None
 
     @property
     def promoted(self) -> bool:
@@ -146,7 +149,8 @@ def latest_decision(conn, model_name: str, version: str) -> Recorded | None:
     """The latest decision on ``version``, or None."""
     conn.execute(PROMOTIONS_DDL)
     row = conn.execute(
-        "SELECT decision, decided_at, applied_at, dagster_run_id FROM monitoring.model_promotions "
+        "SELECT decision, decided_at, applied_at, dagster_run_id, reason, eval_start, eval_end "
+        "FROM monitoring.model_promotions "
         "WHERE model_name = ? AND challenger_version = ? ORDER BY decided_at DESC LIMIT 1",
         [model_name, version],
     ).fetchone()
