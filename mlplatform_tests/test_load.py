@@ -7,7 +7,7 @@ import pytest
 
 from mlplatform.ingest import checks
 from mlplatform.ingest.contracts import AIRLINES, FLIGHTS, PLANES, WEATHER
-from mlplatform.ingest.landing import MissingLandingFile
+from mlplatform.ingest.landing import MissingLandingFile, deliver_together
 from mlplatform.ingest.load import RejectedFiles, load
 from mlplatform_tests.conftest import D, source_rows
 
@@ -192,3 +192,13 @@ def test_null_spike_and_quarantine_share(home, warehouse):
     )
     outcome = checks.quarantine_share(warehouse, FLIGHTS, day, day, 0.05)
     assert not outcome.passed and outcome.metadata["days_over_limit"] == ["2013-01-11"]
+
+
+def test_a_delivery_of_several_files_writes_them_whole_and_skips_unchanged_ones(tmp_path):
+    one, two = pd.DataFrame({"a": [1, 2]}), pd.DataFrame({"a": [3]})
+    paths = [tmp_path / "flights" / "2013-02-07.csv", tmp_path / "weather" / "2013-02-07.csv"]
+    assert deliver_together(list(zip([one, two], paths))) == paths
+    assert [pd.read_csv(p)["a"].tolist() for p in paths] == [[1, 2], [3]]
+    assert deliver_together([(one, paths[0]), (one, paths[1])]) == [paths[1]]  # the first is unchanged
+    assert deliver_together([(two, paths[0])], overwrite=False) == []
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["2013-02-07.csv", "2013-02-07.csv", "flights", "weather"]

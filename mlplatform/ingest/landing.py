@@ -80,16 +80,28 @@ def write_atomic(frame: pd.DataFrame, path: Path, overwrite: bool = True) -> boo
     """Write CSV via a temporary file and rename, so a reader never sees half a file.
     Returns False (and leaves the file alone) when the content is unchanged, or when the file
     exists and ``overwrite`` is false."""
-    if path.exists() and not overwrite:
-        return False
-    data = frame.to_csv(index=False, na_rep="NA", lineterminator="\n").encode()
-    if path.exists() and path.read_bytes() == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return True
+    return bool(deliver_together([(frame, path)], overwrite))
+
+
+def deliver_together(files: list[tuple[pd.DataFrame, Path]], overwrite: bool = True) -> list[Path]:
+    """Write several CSV files as one delivery: every file to a hidden temporary name first, then
+    all renamed in place one after another, so a sensor looking at the landing zone sees none or
+    (barring microseconds) all of them. Returns the paths written (unchanged content and, without
+    ``overwrite``, existing files are left alone)."""
+    staged = []
+    for frame, path in files:
+        if path.exists() and not overwrite:
+            continue
+        data = frame.to_csv(index=False, na_rep="NA", lineterminator="\n").encode()
+        if path.exists() and path.read_bytes() == data:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        staged.append((tmp, path))
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    return [path for _, path in staged]
 
 
 def as_delivered(frame: pd.DataFrame, contract: Contract) -> pd.DataFrame:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlplatform.ingest.contracts import FLIGHTS, WEATHER
-from mlplatform.ingest.landing import as_delivered, daily_dir, write_atomic
+from mlplatform.ingest.landing import as_delivered, daily_dir, deliver_together
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,12 +69,11 @@ def drifted_day(source: dt.date, target: dt.date, severity: float = 1.0,
 
 def land_drifted_days(landing: Path, sources: list[dt.date], targets: list[dt.date], severity: float = 1.0,
                       kinds: tuple[str, ...] = DRIFT_KINDS) -> list[Path]:
-    """Write drifted days into the landing zone as the upstream would deliver them."""
-    written = []
+    """Write drifted days into the landing zone as the upstream would deliver them: the days
+    computed first, then delivered together (one landing sensor tick sees them all)."""
+    files = []
     for source, target in zip(sources, targets):
         flights, weather = drifted_day(source, target, severity, kinds)
         for contract, frame in ((FLIGHTS, flights), (WEATHER, weather)):
-            path = daily_dir(landing, contract) / f"{target.isoformat()}.csv"
-            write_atomic(as_delivered(frame, contract), path)
-            written.append(path)
-    return written
+            files.append((as_delivered(frame, contract), daily_dir(landing, contract) / f"{target.isoformat()}.csv"))
+    return deliver_together(files)
