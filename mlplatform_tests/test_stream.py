@@ -34,6 +34,10 @@ MALFORMED = [
                 "flight": {"flight_id": "f", "flight_date": "2013-01-02", "carrier": "UA", "flight_number": 1,
                            "origin": "EWR", "dest": "IAH", "sched_dep_time": 500, "tailnum": "N1"},
                 "payload": {"dep_delay": 99999}}).encode(),
+    json.dumps({"event_id": "x4", "kind": "arrival", "event_time": "2013-01-02T11:00:00Z",     # beyond a BIGINT
+                "flight": {"flight_id": "g", "flight_date": "2013-01-02", "carrier": "UA", "flight_number": 2**70,
+                           "origin": "EWR", "dest": "IAH", "sched_dep_time": 500, "tailnum": "N1"},
+                "payload": {"arr_delay": 3}}).encode(),
 ]
 
 
@@ -125,7 +129,7 @@ def test_every_published_event_lands_exactly_once_through_consumer_kills(redis_s
         set(m for _, m in raw) | set(m for m, _, _ in quarantined) == set(published)
     assert {e for e, _ in raw} == {json.loads(m)["event_id"] for _, m in messages}
     rules = sorted(r for _, r, _ in quarantined)
-    assert rules == ["delay_in_range", "kind_known", "parseable", "parseable", "parseable"], rules
+    assert rules == ["delay_in_range", "key_present", "kind_known", "parseable", "parseable", "parseable"], rules
     assert any("not even text" in p for _, _, p in quarantined)  # kept whole
 
     # a broker restart loses nothing that was acknowledged: the stream, the group, its progress

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import orjson
@@ -29,6 +30,7 @@ STREAM_SOURCE = "redis-stream"  # the raw table's _source_file for streamed rows
 FLIGHT_KINDS = ("departure", "arrival", "cancellation")
 EARLIEST, LATEST = dt.datetime(2012, 12, 31), dt.datetime(2014, 1, 2)  # event times the platform accepts (UTC)
 DELAY_RANGE = (-720, 2880)  # minutes, as the batch contract's
+BIGINT = 2**63  # the raw table's integers are 64-bit
 
 EVENTS_DDL = """
 CREATE SCHEMA IF NOT EXISTS raw;
@@ -47,6 +49,9 @@ CREATE TABLE IF NOT EXISTS quarantine.flight_events (
 COLUMNS = ["event_id", "kind", "event_time", "flight_id", "carrier", "flight_number", "origin", "dest",
            "sched_dep_time", "tailnum", "dep_delay", "arr_delay", "weather", "_partition_date", "_source_file",
            "_message_id", "_ingested_at"]
+VALIDATED = COLUMNS[:COLUMNS.index("_source_file")]  # what ``validate`` returns; the lineage columns follow
+QUARANTINE_COLUMNS = ["_message_id", "event_id", "kind", "event_time", "_partition_date", "payload", "_rule", "_reason",
+                      "_ingested_at"]
 
 
 class Invalid(ValueError):
@@ -104,7 +109,7 @@ def _text(flight: dict, name: str) -> str:
 
 def _integer(flight: dict, name: str) -> int:
     value = flight.get(name)
-    if value.__class__ is not int:  # (not a bool either)
+    if value.__class__ is not int or not -BIGINT <= value < BIGINT:  # (not a bool either; the column's range)
         raise Invalid("key_present", f"flight.{name} {value!r} is not an integer")
     return value
 
@@ -168,10 +173,34 @@ class MicroBatch:
     seconds: float = 0.0
 
 
+def quarantined(message_id: str, raw, body, invalid: Invalid, now: dt.datetime) -> dict:
+    """The quarantine row of a message that breaks ``invalid``'s rule: what could be read of it
+    (its event id, kind, time and day, when they parse), and its raw payload whole."""
+    body = body if isinstance(body, dict) else {}
+    try:
+        when = _time(body.get("event_time"))
+    except Invalid:
+        when = None
+    day = (body.get("flight") or {}).get("flight_date") if isinstance(body.get("flight"), dict) else \
+        body.get("flight_date")
+    try:
+        day = dt.date.fromisoformat(day) if isinstance(day, str) else None
+    except ValueError:
+        day = None
+    row = {"_message_id": message_id, "event_id": body.get("event_id") if isinstance(body.get("event_id"), str)
+           else None, "kind": body.get("kind") if isinstance(body.get("kind"), str) else None,
+           "event_time": when, "_partition_date": day,
+           "payload": raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw),
+           "_rule": invalid.rule, "_reason": invalid.reason, "_ingested_at": now}
+    return {c: row[c] for c in QUARANTINE_COLUMNS}
+
+
 def ingest(broker: Broker, conn, consumer: str, count: int = 20_000, min_idle_ms: int = 30_000,
            block_ms: int | None = None, before_ack=None) -> MicroBatch:
-    """One micro-batch of up to ``count`` messages into the warehouse's tables (``EVENTS_DDL``; see the module)."""
-    import pandas as pd
+    """One micro-batch of up to ``count`` messages into the warehouse's tables (``EVENTS_DDL``; see the module).
+    The valid rows reach DuckDB as an Arrow table built column by column (no per-row objects
+    beyond ``validate``'s dict); the lineage columns are the insert's parameters."""
+    import pyarrow as pa
 
     began = time.perf_counter()
     broker.ensure_group()
@@ -182,58 +211,43 @@ def ingest(broker: Broker, conn, consumer: str, count: int = 20_000, min_idle_ms
         batch.seconds = time.perf_counter() - began
         return batch
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    rows, bad = [], []
+    rows, ids, bad = [], [], []
     for message_id, raw in messages:
         body = None
         try:
             body = parse(raw)
-            row = validate(body)
-            row.update(_source_file=STREAM_SOURCE, _message_id=message_id, _ingested_at=now)
-            rows.append(row)
+            rows.append(validate(body))
+            ids.append(message_id)
         except (ValueError, UnicodeDecodeError) as exc:
             invalid = exc if isinstance(exc, Invalid) else Invalid("parseable", f"not JSON: {exc}")
-            body = body if isinstance(body, dict) else {}
-            try:
-                when = _time(body.get("event_time"))
-            except Invalid:
-                when = None
-            day = (body.get("flight") or {}).get("flight_date") if isinstance(body.get("flight"), dict) else \
-                body.get("flight_date")
-            try:
-                day = dt.date.fromisoformat(day) if isinstance(day, str) else None
-            except ValueError:
-                day = None
-            bad.append({"_message_id": message_id, "event_id": body.get("event_id") if isinstance(body.get("event_id"), str)
-                        else None, "kind": body.get("kind") if isinstance(body.get("kind"), str) else None,
-                        "event_time": when, "_partition_date": day,
-                        "payload": raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw),
-                        "_rule": invalid.rule, "_reason": invalid.reason, "_ingested_at": now})
+            bad.append(quarantined(message_id, raw, body, invalid, now))
             batch.by_rule[invalid.rule] = batch.by_rule.get(invalid.rule, 0) + 1
-    good = pd.DataFrame(rows, columns=COLUMNS)
-    quarantine = pd.DataFrame(bad, columns=["_message_id", "event_id", "kind", "event_time", "_partition_date", "payload",
-                                            "_rule", "_reason", "_ingested_at"])
+    # (types inferred: a column of nulls only is Arrow's null type, which DuckDB casts to the column's)
+    good = pa.Table.from_pydict({**{c: [r[c] for r in rows] for c in VALIDATED}, "_message_id": ids})
+    statements = [(f"INSERT OR IGNORE INTO raw.flight_events ({', '.join(COLUMNS)}) "
+                   f"SELECT {', '.join(VALIDATED)}, ?, _message_id, ? FROM good", [STREAM_SOURCE, now])]
+    if bad:
+        statements.append("INSERT OR IGNORE INTO quarantine.flight_events SELECT * FROM bad")
+        conn.register("bad", pa.Table.from_pylist(bad))
     conn.register("good", good)
-    conn.register("bad", quarantine)
     try:
         # the inserts' counts are the rows new to each table (what was there already is ignored)
-        written = in_one_transaction(conn, [
-            f"INSERT OR IGNORE INTO raw.flight_events ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM good",
-            "INSERT OR IGNORE INTO quarantine.flight_events SELECT * FROM bad",
-        ])
+        written = in_one_transaction(conn, statements)
     finally:
         conn.unregister("good")
-        conn.unregister("bad")
+        if bad:
+            conn.unregister("bad")
     if before_ack:
         before_ack()  # (fault injection: a consumer killed after the commit, before the acknowledgement)
     broker.ack([m for m, _ in messages])
-    batch.events, batch.quarantined = written
-    batch.duplicates = len(good) - batch.events
-    if len(good):
-        batch.last_event_time = good.event_time.max().to_pydatetime()
-        for day, n in good.groupby("_partition_date").size().items():
-            batch.days.setdefault(day, [0, 0])[0] += int(n)
-    for day in quarantine._partition_date:
-        batch.days.setdefault(day, [0, 0])[1] += 1
+    batch.events, batch.quarantined = written[0], written[1] if bad else 0
+    batch.duplicates = len(rows) - batch.events
+    if rows:
+        batch.last_event_time = max(r["event_time"] for r in rows)
+        for day, n in Counter(r["_partition_date"] for r in rows).items():
+            batch.days.setdefault(day, [0, 0])[0] += n
+    for row in bad:
+        batch.days.setdefault(row["_partition_date"], [0, 0])[1] += 1
     batch.seconds = time.perf_counter() - began
     return batch
 
