@@ -373,7 +373,8 @@ def test_no_warehouse_or_no_champion_is_503_with_the_reason_until_they_come(tmp_
         shutil.copy(served.settings.warehouse, settings.warehouse)
         mlflow_db = Path(settings.mlflow_uri.removeprefix("sqlite:///"))
         shutil.copy(Path(served.settings.mlflow_uri.removeprefix("sqlite:///")), mlflow_db)
-        health = server.wait_until(ready=True, timeout=60)
+        # (loading the snapshot and scoring the schedule: ~30 s alone, over 60 s inside the busy suite once)
+        health = server.wait_until(ready=True, timeout=180)
         assert health["model"]["version"] == "1" and health["features"]["last_flight_date"] == "2013-02-06"
         assert server.client.post("/predict", json=GOOD).status_code == 200
     finally:

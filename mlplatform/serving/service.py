@@ -564,8 +564,14 @@ class PredictionService:
             gc.freeze()
 
     def _loop(self) -> None:
-        in_background()
+        # Until the server is ready there are no answers to give way to: the first snapshot and
+        # model load at normal priority (on a busy machine a niced thread took over a minute).
+        # Then lower (only lowering needs no privilege, so the order is this one).
+        niced = False
         while not self._stop.wait(self.refresh_seconds):
+            if not niced and self.health()["ready"]:
+                in_background()
+                niced = True
             try:
                 self.refresh()
             except Exception:  # noqa: BLE001 - keep refreshing
