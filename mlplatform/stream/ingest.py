@@ -50,8 +50,6 @@ COLUMNS = ["event_id", "kind", "event_time", "flight_id", "carrier", "flight_num
            "sched_dep_time", "tailnum", "dep_delay", "arr_delay", "weather", "_partition_date", "_source_file",
            "_message_id", "_ingested_at"]
 VALIDATED = COLUMNS[:COLUMNS.index("_source_file")]  # what ``validate`` returns; the lineage columns follow
-QUARANTINE_COLUMNS = ["_message_id", "event_id", "kind", "event_time", "_partition_date", "payload", "_rule", "_reason",
-                      "_ingested_at"]
 
 
 class Invalid(ValueError):
@@ -187,12 +185,11 @@ def quarantined(message_id: str, raw, body, invalid: Invalid, now: dt.datetime) 
         day = dt.date.fromisoformat(day) if isinstance(day, str) else None
     except ValueError:
         day = None
-    row = {"_message_id": message_id, "event_id": body.get("event_id") if isinstance(body.get("event_id"), str)
-           else None, "kind": body.get("kind") if isinstance(body.get("kind"), str) else None,
-           "event_time": when, "_partition_date": day,
-           "payload": raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw),
-           "_rule": invalid.rule, "_reason": invalid.reason, "_ingested_at": now}
-    return {c: row[c] for c in QUARANTINE_COLUMNS}
+    return {"_message_id": message_id, "event_id": body.get("event_id") if isinstance(body.get("event_id"), str)
+            else None, "kind": body.get("kind") if isinstance(body.get("kind"), str) else None,
+            "event_time": when, "_partition_date": day,
+            "payload": raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw),
+            "_rule": invalid.rule, "_reason": invalid.reason, "_ingested_at": now}
 
 
 def ingest(broker: Broker, conn, consumer: str, count: int = 20_000, min_idle_ms: int = 30_000,
@@ -227,7 +224,7 @@ def ingest(broker: Broker, conn, consumer: str, count: int = 20_000, min_idle_ms
     statements = [(f"INSERT OR IGNORE INTO raw.flight_events ({', '.join(COLUMNS)}) "
                    f"SELECT {', '.join(VALIDATED)}, ?, _message_id, ? FROM good", [STREAM_SOURCE, now])]
     if bad:
-        statements.append("INSERT OR IGNORE INTO quarantine.flight_events SELECT * FROM bad")
+        statements.append("INSERT OR IGNORE INTO quarantine.flight_events BY NAME SELECT * FROM bad")
         conn.register("bad", pa.Table.from_pylist(bad))
     conn.register("good", good)
     try:
