@@ -155,3 +155,24 @@ def test_make_ui_runs_the_broker_unless_one_is_configured(tmp_path):
     assert "--appendonly yes --appendfsync everysec" in argv and redis.url == REDIS_URL
     external = Settings.from_env({"MLPLATFORM_HOME": str(tmp_path), "MLPLATFORM_REDIS_URL": "redis://10.0.0.5:6379/2"})
     assert broker_service(external) is None
+
+
+def test_a_warehouse_that_cannot_open_fails_the_batch_and_acknowledges_nothing(redis_server, tmp_path):
+    """The warehouse opens while the first micro-batch is read: when it cannot, the error is
+    raised, the messages read stay pending, and the next consumer lands each of them once."""
+    from mlplatform.stream.ingest import consume
+
+    broker = Broker(redis_server.url)
+    messages = ev.day_messages(DAY, DAY)
+    broker.publish([m for _, m in messages])
+    (tmp_path / "not-a-folder").write_text("")
+    with pytest.raises(duckdb.Error):
+        consume(broker, tmp_path / "not-a-folder" / "warehouse.duckdb", "consumer-1")
+    assert broker.lag().pending == len(messages)  # read, not acknowledged
+    warehouse = tmp_path / "warehouse.duckdb"
+    batches = consume(broker, warehouse, "consumer-2", min_idle_ms=0)
+    assert sum(b.claimed for b in batches) == len(messages) and broker.lag().total == 0
+    with duckdb.connect(str(warehouse), read_only=True) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT event_id) FROM raw.flight_events").fetchone() == \
+            (len(messages), len(messages))
+    broker.close()
