@@ -552,3 +552,21 @@ def wait_for(served, condition, timeout: float = 30):
             return health
         time.sleep(0.3)
     raise AssertionError(f"not within {timeout}s: {health}\n{served.log_path.read_text()[-2000:]}")
+
+
+@pytest.mark.unit
+def test_the_inference_log_writes_every_record_in_batches_and_all_on_stop(tmp_path):
+    """Records are appended off the request path, a batch per flush interval (one file append per
+    day and interval, not per request), in order, each day in its own file; stop writes the rest."""
+    from mlplatform.serving.inference_log import InferenceLog
+
+    log = InferenceLog(tmp_path / "log")
+    log.start()
+    records = [{"ts": f"2013-02-0{1 + i % 2}T10:00:00", "request_id": str(i)} for i in range(2_000)]
+    for record in records:
+        log.append(record)
+    log.stop()
+    assert log.written == len(records) and log.dropped == 0 and log.error is None
+    for day in ("2013-02-01", "2013-02-02"):
+        lines = [json.loads(line) for line in (tmp_path / "log" / f"{day}.jsonl").read_text().splitlines()]
+        assert lines == [r for r in records if r["ts"].startswith(day)]
