@@ -1,11 +1,11 @@
 """The inference log: one JSON line per prediction, written off the request path.
 
 Requests put records on a bounded queue and return; a background thread of lower CPU priority
-appends them to ``<dir>/<UTC date>.jsonl`` in batches, at most every ``FLUSH_SECONDS`` (woken and
-appending once per request, it took the GIL from the requests 200 times a second at 200 req/s). When the queue is full (the disk cannot keep up) a record
-is dropped and counted rather than slowing requests down; ``dropped`` says how many. A write
-that fails (disk full, directory gone) is logged and its records counted as dropped; the writer
-carries on with the next batch.
+appends them to ``<dir>/<UTC date>.jsonl`` in batches, at most every ``FLUSH_SECONDS`` (woken
+and appending once per request, it took the GIL from the requests 200 times a second at 200
+req/s). When the queue is full (the disk cannot keep up) a record is dropped and counted rather
+than slowing requests down; ``dropped`` says how many. A write that fails (disk full, directory
+gone) is logged and its records counted as dropped; the writer carries on with the next batch.
 """
 
 from __future__ import annotations

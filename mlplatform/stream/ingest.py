@@ -1,15 +1,16 @@
 """Streamed events into the warehouse, exactly once: read, validate, write, acknowledge.
 
-A micro-batch (``ingest``): first the messages another consumer read and never acknowledged
-for ``min_idle_ms`` (it died between its write and its acknowledgement: ``claim_stale``), then
-new ones; each is parsed and checked against the event contract; the valid ones go to
-``raw.flight_events`` and the others to ``quarantine.flight_events`` (with the rule and the
-reason; a message that cannot be parsed at all is kept whole, its raw payload), both in one
-transaction; only after the commit are the messages acknowledged. A message delivered twice
-(its consumer was killed after the commit and before the acknowledgement) is written once:
-``event_id`` is the raw table's primary key and the message id the quarantine's, and the insert
-ignores what is already there. Nothing is dropped and nothing blocks the stream: a bad message
-is quarantined and acknowledged like a good one.
+A micro-batch (``read_and_check``, then ``write_and_ack``; ``consume`` loops over them): first
+the messages another consumer read and never acknowledged for ``min_idle_ms`` (it died between
+its write and its acknowledgement: ``claim_stale``), then new ones; each is parsed and checked
+against the event contract; the valid ones go to ``raw.flight_events`` and the others to
+``quarantine.flight_events`` (with the rule and the reason; a message that cannot be parsed at
+all is kept whole, its raw payload), both in one transaction; only after the commit are the
+messages acknowledged. A message delivered twice (its consumer was killed after the commit and
+before the acknowledgement) is written once: ``event_id`` is the raw table's primary key and the
+message id the quarantine's, and a batch meeting a row already there is written again ignoring
+it. Nothing is dropped and nothing blocks the stream: a bad message is quarantined and
+acknowledged like a good one.
 """
 
 from __future__ import annotations
@@ -282,12 +283,6 @@ def write_and_ack(broker: Broker, conn, checked: Checked, before_ack=None) -> Mi
         batch.days.setdefault(row["_partition_date"], [0, 0])[1] += 1
     batch.seconds = time.perf_counter() - checked.began
     return batch
-
-
-def ingest(broker: Broker, conn, consumer: str, count: int = 20_000, min_idle_ms: int = 30_000,
-           block_ms: int | None = None, before_ack=None) -> MicroBatch:
-    """One micro-batch of up to ``count`` messages into the warehouse's tables (``EVENTS_DDL``; see the module)."""
-    return write_and_ack(broker, conn, read_and_check(broker, consumer, count, min_idle_ms, block_ms), before_ack)
 
 
 def open_events_tables(warehouse):
