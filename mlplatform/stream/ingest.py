@@ -241,9 +241,6 @@ def write_and_ack(broker: Broker, conn, checked: Checked, before_ack=None) -> Mi
 
     rows, bad, messages = checked.rows, checked.bad, checked.messages
     batch = MicroBatch(messages=len(messages), claimed=checked.claimed, by_rule=checked.by_rule)
-    if not messages:
-        batch.seconds = time.perf_counter() - checked.began
-        return batch
     # (types inferred: a column of nulls only is Arrow's null type, which DuckDB casts to the column's)
     good = pa.Table.from_pydict({**{c: [r[c] for r in rows] for c in VALIDATED}, "_message_id": checked.ids})
     insert = (f"INSERT {{}}INTO raw.flight_events ({', '.join(COLUMNS)}) "
