@@ -158,15 +158,21 @@ def copy_dbt_target(target: Path, home: Path) -> None:
 def build_home(path: Path, replayed: Path, target: Path, jobs) -> None:
     """A home at ``path``: the landing zone, `mlplatform init`, then ``jobs`` run in-process on its
     own Dagster instance, [(job, start, end, run_config), ...]."""
-    from dagster import DagsterInstance
-
     from mlplatform.cli import init_home
-    from mlplatform.definitions import build_defs
 
     settings = settings_of(path)
     shutil.copytree(replayed, settings.landing)
     copy_dbt_target(target, path)
     init_home(settings)
+    run_jobs(settings, jobs)
+
+
+def run_jobs(settings: Settings, jobs) -> None:
+    """``jobs`` run in-process on the home's own Dagster instance, [(job, start, end, run_config), ...]."""
+    from dagster import DagsterInstance
+
+    from mlplatform.definitions import build_defs
+
     defs = build_defs(settings)
     saved = os.environ.get("MLPLATFORM_REDIS_URL")
     os.environ["MLPLATFORM_REDIS_URL"] = NO_BROKER  # (the broker resource reads it where the run executes)
@@ -183,21 +189,39 @@ def build_home(path: Path, replayed: Path, target: Path, jobs) -> None:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory, replayed, dbt_target) -> Path:
-    """A home with the reference tables and the features of 2013-01-01..02-06, built once by the
-    real jobs."""
-    return shared(tmp_path_factory, "world", lambda path: build_home(path, replayed, dbt_target, [
-        ("reference_job", None, None, None), ("daily_job", *WORLD_DAYS, None)]))
+def reference_world(tmp_path_factory, replayed, dbt_target) -> Path:
+    """A home with the reference tables (airlines, airports, planes, their dbt models and the
+    holidays seed), built once by ``reference_job``."""
+    return shared(tmp_path_factory, "reference_world", lambda path: build_home(path, replayed, dbt_target, [
+        ("reference_job", None, None, None)]))
 
 
 @pytest.fixture(scope="session")
-def trained_world(tmp_path_factory, replayed, dbt_target) -> Path:
-    """``world`` with a champion (``CHAMPION_TRAINING``: trained on 01-01..01-30, evaluated on
-    01-31..02-06), its predictions of every day and the monitoring of its evaluation week."""
+def world(tmp_path_factory, replayed, reference_world) -> Path:
+    """``reference_world`` (copied: its warehouse and its Dagster instance) with the features of
+    2013-01-01..02-06, built once by the real jobs."""
+    def build(path: Path) -> None:
+        settings = clone_world(reference_world, settings_of(path))
+        shutil.copytree(replayed, settings.landing, dirs_exist_ok=True)  # (init made it)
+        run_jobs(settings, [("daily_job", *WORLD_DAYS, None)])
+
+    return shared(tmp_path_factory, "world", build)
+
+
+@pytest.fixture(scope="session")
+def trained_world(tmp_path_factory, replayed, world) -> Path:
+    """``world`` (copied: its warehouse and its Dagster instance) with a champion
+    (``CHAMPION_TRAINING``: trained on 01-01..01-30, evaluated on 01-31..02-06), its predictions of
+    every day and the monitoring of its evaluation week."""
     training = {"ops": {"flight_delay_model": {"config": CHAMPION_TRAINING}}}
-    return shared(tmp_path_factory, "trained_world", lambda path: build_home(path, replayed, dbt_target, [
-        ("reference_job", None, None, None), ("daily_job", *WORLD_DAYS, None), ("training_job", None, None, training),
-        ("predictions_job", *WORLD_DAYS, None), ("monitoring_job", D(2013, 1, 31), WORLD_DAYS[1], None)]))
+
+    def build(path: Path) -> None:
+        settings = clone_world(world, settings_of(path))
+        shutil.copytree(replayed, settings.landing, dirs_exist_ok=True)  # (init made it)
+        run_jobs(settings, [("training_job", None, None, training), ("predictions_job", *WORLD_DAYS, None),
+                            ("monitoring_job", D(2013, 1, 31), WORLD_DAYS[1], None)])
+
+    return shared(tmp_path_factory, "trained_world", build)
 
 
 # --- a home per test -------------------------------------------------------------------------
@@ -242,6 +266,14 @@ def instance(home):
 
     with DagsterInstance.ephemeral() as instance:
         yield instance
+
+
+@pytest.fixture
+def reference_home(home, reference_world):
+    """A test home whose warehouse already has the reference tables, as ``reference_job`` loads
+    them (its run is not in the test's instance)."""
+    shutil.copy(settings_of(reference_world).warehouse, home.warehouse)
+    return home
 
 
 @pytest.fixture

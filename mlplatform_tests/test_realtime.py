@@ -75,12 +75,12 @@ def rt_of(home, day) -> pd.DataFrame:
                             "FROM features.flight_features WHERE flight_date = ? ORDER BY flight_id", [day]).df()
 
 
-def test_rt_features_are_as_of_the_prediction_time(home, broker, instance):
+def test_rt_features_are_as_of_the_prediction_time(reference_home, broker, instance):
+    home = reference_home
     done = ev.publish_days(broker, *DAYS)
     assert done["events"] > 3500 and done["days"] == 2
-    for job, days in [("reference_job", ()), ("daily_job", DAYS)]:
-        result = run_job(instance, job, *days)
-        assert result.success, failures(result)
+    result = run_job(instance, "daily_job", *DAYS)
+    assert result.success, failures(result)
     assert broker.lag().total == 0  # the daily run consumed the stream
 
     # the stream and the day's batch file agree (the reconciliation check)
@@ -236,16 +236,15 @@ def test_the_stream_sensor_starts_micro_batches_that_show_in_the_ui(home, broker
         assert conn.execute("SELECT _rule FROM quarantine.flight_events").fetchall() == [("parseable",)]
 
 
-def test_the_reconciliation_names_what_the_stream_and_the_file_disagree_on(home, broker, instance):
+def test_the_reconciliation_names_what_the_stream_and_the_file_disagree_on(reference_home, broker, instance):
     day = DAYS[0]
     messages = [json.loads(m) for _, m in ev.day_messages(day, day)]
     departures_ = [b for b in messages if b["kind"] == "departure"]
     changed, dropped = departures_[10], departures_[20]
     changed["payload"]["dep_delay"] += 7  # the airport's system and the file disagree on a delay
     broker.publish([json.dumps(b).encode() for b in messages if b is not dropped])  # and one never streamed
-    for job, days in [("reference_job", ()), ("daily_job", (day, day))]:
-        result = run_job(instance, job, *days)
-        assert result.success, failures(result)  # a warning: the file is the system of record
+    result = run_job(instance, "daily_job", day)
+    assert result.success, failures(result)  # a warning: the file is the system of record
     (check,) = [e.asset_check_evaluation_data for e in result.all_events
                 if e.event_type_value == "ASSET_CHECK_EVALUATION"
                 and e.asset_check_evaluation_data.check_name == "stream_matches_batch"]

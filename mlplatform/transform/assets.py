@@ -23,7 +23,7 @@ from dagster import (
     Output,
     TimeWindowPartitionMapping,
 )
-from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
+from dagster_dbt import DagsterDbtTranslator, DbtProject, dbt_assets
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
@@ -62,9 +62,10 @@ def prepare(project: DbtProject, settings: Settings) -> None:
     One parse, not dagster-dbt's preparer: it parses, then marks every seed as changed in that
     state (for projects that move after they are prepared: a seed's absolute path is in it), and
     every dbt run then re-parses the seed and validates it, ~1 s of each daily run here
-    (benchmarks/README.md, "One day"). This project runs where it was prepared."""
+    (benchmarks/README.md, "One day"). This project runs where it was prepared. Without
+    dagster-dbt's ``dbt --version`` subprocess before the parse (``private_api``), ~2 s."""
     with environment(dbt_variables(settings.warehouse, settings.duckdb_memory_limit)):
-        DbtCliResource(project_dir=project, dbt_executable=dbt_executable()).cli(
+        DbtCliWithoutPerCallCosts(project_dir=project, dbt_executable=dbt_executable()).cli(
             ["parse", "--quiet"], target_path=project.target_path
         ).wait()
 
