@@ -167,6 +167,14 @@ def build_home(path: Path, replayed: Path, target: Path, jobs) -> None:
     run_jobs(settings, jobs)
 
 
+def extend_world(world: Path, path: Path, replayed: Path, jobs) -> None:
+    """A home at ``path`` that is a copy of ``world`` (``clone_world``: its warehouse, MLflow store
+    and Dagster instance) with the landing zone, then ``jobs`` run in-process on it."""
+    settings = clone_world(world, settings_of(path))
+    shutil.copytree(replayed, settings.landing, dirs_exist_ok=True)  # (`mlplatform init` made it)
+    run_jobs(settings, jobs)
+
+
 def run_jobs(settings: Settings, jobs) -> None:
     """``jobs`` run in-process on the home's own Dagster instance, [(job, start, end, run_config), ...]."""
     from dagster import DagsterInstance
@@ -200,12 +208,8 @@ def reference_world(tmp_path_factory, replayed, dbt_target) -> Path:
 def world(tmp_path_factory, replayed, reference_world) -> Path:
     """``reference_world`` (copied: its warehouse and its Dagster instance) with the features of
     2013-01-01..02-06, built once by the real jobs."""
-    def build(path: Path) -> None:
-        settings = clone_world(reference_world, settings_of(path))
-        shutil.copytree(replayed, settings.landing, dirs_exist_ok=True)  # (init made it)
-        run_jobs(settings, [("daily_job", *WORLD_DAYS, None)])
-
-    return shared(tmp_path_factory, "world", build)
+    return shared(tmp_path_factory, "world", lambda path: extend_world(reference_world, path, replayed, [
+        ("daily_job", *WORLD_DAYS, None)]))
 
 
 @pytest.fixture(scope="session")
@@ -214,14 +218,9 @@ def trained_world(tmp_path_factory, replayed, world) -> Path:
     (``CHAMPION_TRAINING``: trained on 01-01..01-30, evaluated on 01-31..02-06), its predictions of
     every day and the monitoring of its evaluation week."""
     training = {"ops": {"flight_delay_model": {"config": CHAMPION_TRAINING}}}
-
-    def build(path: Path) -> None:
-        settings = clone_world(world, settings_of(path))
-        shutil.copytree(replayed, settings.landing, dirs_exist_ok=True)  # (init made it)
-        run_jobs(settings, [("training_job", None, None, training), ("predictions_job", *WORLD_DAYS, None),
-                            ("monitoring_job", D(2013, 1, 31), WORLD_DAYS[1], None)])
-
-    return shared(tmp_path_factory, "trained_world", build)
+    return shared(tmp_path_factory, "trained_world", lambda path: extend_world(world, path, replayed, [
+        ("training_job", None, None, training), ("predictions_job", *WORLD_DAYS, None),
+        ("monitoring_job", D(2013, 1, 31), WORLD_DAYS[1], None)]))
 
 
 # --- a home per test -------------------------------------------------------------------------
