@@ -396,17 +396,17 @@ def one_day(home: Path, day: dt.date, repeats: int, smoke: bool = False) -> dict
     }
 
 
-LANDED = """
-import json, sys, time
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
-day, since = sys.argv[1], float(sys.argv[2])
-instance = DagsterInstance.get()
-records = instance.fetch_materializations(AssetRecordsFilter(
-    asset_key=AssetKey(["monitoring", "drift_report"]), asset_partitions=[day], after_timestamp=since), limit=1).records
-ticks = [t for state in instance.all_instigator_state() if state.instigator_name == "landing_sensor"
-         for t in instance.get_ticks(state.instigator_origin_id, state.selector_id)]
-print(json.dumps({"verdict_at": records[0].timestamp if records else None, "landing_ticks": len(ticks)}))
-"""
+def landed_state(instance, day: dt.date, since: float) -> dict:
+    """When ``day``'s drift verdict was materialized after ``since`` (None: not yet), and how many
+    ticks the landing sensor has made, read from the daemon's instance."""
+    from dagster import AssetKey, AssetRecordsFilter
+
+    records = instance.fetch_materializations(AssetRecordsFilter(
+        asset_key=AssetKey(["monitoring", "drift_report"]), asset_partitions=[str(day)], after_timestamp=since),
+        limit=1).records
+    ticks = [t for state in instance.all_instigator_state() if state.instigator_name == "landing_sensor"
+             for t in instance.get_ticks(state.instigator_origin_id, state.selector_id)]
+    return {"verdict_at": records[0].timestamp if records else None, "landing_ticks": len(ticks)}
 
 
 def landing_to_verdict(home: Path, days: list[dt.date], timeout: float = 300) -> dict:
@@ -414,15 +414,18 @@ def landing_to_verdict(home: Path, days: list[dt.date], timeout: float = 300) ->
     with the default sensor intervals: the landing sensor's tick, the run it starts (a new
     process: the code location, then raw -> dbt -> predictions -> monitoring in one run).
     Each of ``days`` (already ingested, with a champion) is delivered again (same content, a
-    new mtime: the sensor sees a changed file). The work itself is ``one_day``'s warm figure."""
+    new mtime: the sensor sees a changed file). The work itself is ``one_day``'s warm figure.
+    The instance is read from this process: a process per look (importing Dagster, ~1.7 CPU-s)
+    would take CPU from the daemon it measures."""
+    from dagster import DagsterInstance
+
     env = {**home_env(home), "PYTHONUNBUFFERED": "1"}
     log = home / "logs" / "bench-daemon.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    instance = DagsterInstance.from_config(str(home / "dagster"))
 
     def state(day: dt.date, since: float) -> dict:
-        out = subprocess.run([sys.executable, "-c", LANDED, str(day), str(since)], env=env, check=True,
-                             capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        return landed_state(instance, day, since)
 
     with open(log, "w") as out:
         daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
@@ -447,6 +450,7 @@ def landing_to_verdict(home: Path, days: list[dt.date], timeout: float = 300) ->
                 time.sleep(0.5)
             seconds.append(round(verdict - landed, 1))
     finally:
+        instance.dispose()
         os.killpg(daemon.pid, 15)
         try:
             daemon.wait(timeout=30)

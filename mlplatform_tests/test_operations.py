@@ -17,8 +17,7 @@ import time
 import duckdb
 import pytest
 
-from mlplatform.cli import init_home
-from mlplatform_tests.conftest import source_rows
+from mlplatform_tests.conftest import clone_world, source_rows
 
 LANE = "system"
 
@@ -79,10 +78,11 @@ def duplicates(home, table: str, key: str) -> int:
 
 
 @pytest.fixture
-def ops_home(home):
-    init_home(home)  # dagster.yaml with the warehouse_writer pool limit, as `make` writes it
-    assert wait(start_job(home, "reference_job")) == 0
-    return home
+def ops_home(home, reference_world):
+    """A copy of the reference world: its warehouse and its Dagster instance (one run, the
+    reference_job's, SUCCESS), with the dagster.yaml and warehouse_writer pool limit that
+    `mlplatform init` writes."""
+    return clone_world(reference_world, home)
 
 
 def test_four_concurrent_runs_on_different_partitions_all_succeed(ops_home):
