@@ -25,10 +25,21 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import duckdb
+import httpx
 import pytest
+
+# The suite runs tests side by side (xdist: three workers on two cores, each with its runs, dbt
+# and servers as processes): one OpenMP (and OpenBLAS) thread per process. scikit-learn's
+# gradient boosting would otherwise start a thread per core in every training process, whose
+# threads spin at each barrier while the others wait for a core (a training test: ~20% less CPU
+# alone, more in the busy suite). Set before anything imports them (OpenMP reads it when it
+# loads); the processes the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from mlplatform.partitions import RANGE_END_TAG, RANGE_START_TAG
 from mlplatform.settings import Settings
@@ -58,6 +69,17 @@ def pytest_collection_modifyitems(config, items):
     # the longest first, so that under xdist they run beside the many short ones, not after them
     order = {"system": 0, "integration": 1, "unit": 2}
     items.sort(key=lambda item: order[next(m.name for m in item.iter_markers() if m.name in LANES)])
+
+
+def pytest_runtest_setup(item):
+    """Under ``--dist loadgroup``, xdist marks a grouped test by suffixing its node id with
+    ``@group`` (after our ``pytest_collection_modifyitems``): where that did not happen, the
+    groups silently do not hold (pytest 9.2 with xdist 3.8, pytest-dev/pytest-xdist#1386) and
+    tests that must share a worker (one server) would not: such a test fails, saying so."""
+    if (item.config.getoption("loadgroup", False) and any(True for _ in item.iter_markers("xdist_group"))
+            and "@" not in item.nodeid.rsplit("::", 1)[-1]):
+        pytest.fail("--dist loadgroup is not grouping under this pytest and pytest-xdist (the test's node id has "
+                    "no @group): see the pin of pytest in pyproject.toml", pytrace=False)
 
 
 # --- building once per session, across xdist workers ---------------------------------------
@@ -122,18 +144,27 @@ def home_path(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "test-home"
 
 
+# where serving and the skew check compile the online-feature SQL in a home (mlplatform/serving)
+ONLINE_TARGETS = (Path("serving") / "dbt-target", Path("dbt") / "online-check-target")
+
+
 @pytest.fixture(scope="session")
 def dbt_target(tmp_path_factory, home_path) -> Path:
     """dbt's target folder as `mlplatform init` prepares it (the manifest, the partial-parse
-    state) for the test homes' path, copied into every test's home: no `dbt parse` per test."""
+    state) for the test homes' path, copied into every test's home: no `dbt parse` per test.
+    Beside it (``online``), the online-feature SQL as serving compiles it for that path, copied
+    to where serving and the skew check look: no `dbt compile` per test (~5 CPU-s each)."""
+    from mlplatform.serving.features import compile_online_features
     from mlplatform.transform.assets import dbt_project, ensure_manifest
 
     settings = settings_of(home_path)
     shutil.rmtree(home_path, ignore_errors=True)
     ensure_manifest(dbt_project(settings), settings)
+    compile_online_features(settings, home_path / ONLINE_TARGETS[0])
     prepared = tmp_path_factory.getbasetemp() / "dbt-prepared"
     shutil.rmtree(prepared, ignore_errors=True)
-    shutil.copytree(home_path / "dbt" / "target", prepared)
+    shutil.copytree(home_path / "dbt" / "target", prepared / "target")
+    shutil.copytree(home_path / ONLINE_TARGETS[0], prepared / "online", ignore=shutil.ignore_patterns("logs"))
     shutil.rmtree(home_path)
     return prepared
 
@@ -162,7 +193,7 @@ def build_home(path: Path, replayed: Path, target: Path, jobs) -> None:
 
     settings = settings_of(path)
     shutil.copytree(replayed, settings.landing)
-    copy_dbt_target(target, path)
+    copy_dbt_target(target / "target", path)
     init_home(settings)
     run_jobs(settings, jobs)
 
@@ -245,7 +276,9 @@ def home(tmp_path, monkeypatch, replayed, dbt_target, mlflow_store, home_path) -
     monkeypatch.setenv("MLPLATFORM_MLFLOW_ARTIFACTS", str(mlflow_dir / "artifacts"))
     settings = Settings.from_env()
     shutil.copytree(replayed, settings.landing)
-    copy_dbt_target(dbt_target, home)
+    copy_dbt_target(dbt_target / "target", home)
+    for online in ONLINE_TARGETS:
+        shutil.copytree(dbt_target / "online", home / online)
     yield settings
     if home.exists():
         shutil.move(str(home), str(tmp_path / "home"))
@@ -385,6 +418,58 @@ def redis_server(tmp_path):
     (tmp_path / "redis").mkdir()
     server = RedisServer(tmp_path / "redis").start()
     try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --- a real `mlplatform serve` ----------------------------------------------------------
+
+class Server:
+    """A real `mlplatform serve` process on a free loopback port, for the home of ``settings``."""
+
+    def __init__(self, settings: Settings, log: Path):
+        self.settings, self.log_path = settings, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, **settings.as_env()}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlplatform.cli", "serve", "--port", str(self.port), "--refresh-seconds", "1"],
+            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def wait_until(self, ready: bool, timeout: float = 90) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                health = self.client.get("/health")
+                if health.status_code in (200, 503) and health.json().get("reasons") != ["starting"]:
+                    if (health.status_code == 200) == ready:
+                        return health.json()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"server not {'ready' if ready else 'up'} in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, trained_world):
+    """A server on a copy of the trained world (Jan 1 - Feb 6 built, a champion trained on it),
+    for this session's worker (the tests that use it share an xdist group: one server). Defined
+    here, once: a fixture imported into two modules is two fixtures, and two servers."""
+    root = tmp_path_factory.mktemp("served")
+    settings = clone_world(trained_world, settings_of(root / "home"))
+    server = Server(settings, root / "server.log")
+    try:
+        server.wait_until(ready=True)
         yield server
     finally:
         server.stop()

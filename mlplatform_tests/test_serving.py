@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import time
 from pathlib import Path
 
 import duckdb
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,59 +23,10 @@ from mlplatform.serving.service import OnlineFeatures, Vectors
 from mlplatform.serving.skew import CLIENT_FIELDS, mismatches
 from mlplatform.settings import Settings
 from mlplatform.training import model as m
-from mlplatform_tests.conftest import CHAMPION_TRAINING, clone_world, failures, free_port, run_job, settings_of
+from mlplatform_tests.conftest import CHAMPION_TRAINING, Server, failures, run_job, settings_of
 
 LANE = "system"
-pytestmark = pytest.mark.xdist_group("served")  # one server per session
-
-
-
-
-class Server:
-    def __init__(self, settings: Settings, log: Path):
-        self.settings, self.log_path = settings, log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, **settings.as_env()}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlplatform.cli", "serve", "--port", str(self.port), "--refresh-seconds", "1"],
-            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        )
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-
-    def wait_until(self, ready: bool, timeout: float = 90) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                health = self.client.get("/health")
-                if health.status_code in (200, 503) and health.json().get("reasons") != ["starting"]:
-                    if (health.status_code == 200) == ready:
-                        return health.json()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"server not {'ready' if ready else 'up'} in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.client.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="session")
-def served(tmp_path_factory, trained_world):
-    """A server on a copy of the trained world (Jan 1 - Feb 6 built, a champion trained on it),
-    for this session's worker (the tests that use it share an xdist group: one server)."""
-    root = tmp_path_factory.mktemp("served")
-    settings = clone_world(trained_world, settings_of(root / "home"))
-    server = Server(settings, root / "server.log")
-    try:
-        server.wait_until(ready=True)
-        yield server
-    finally:
-        server.stop()
+pytestmark = pytest.mark.xdist_group("served")  # one server per session (conftest: served)
 
 
 def offline_rows(settings: Settings, where: str = "true", limit: int = 40):
@@ -241,6 +190,21 @@ def test_garbage_is_422_never_500(served, content):
     for path in ("/predict", "/predict/batch"):
         response = served.client.post(path, content=content, headers={"content-type": "application/json"})
         assert response.status_code == 422, (path, content, response.text)
+
+
+@pytest.mark.parametrize("as_of, status", [
+    ("0.0", 422), ("1363324500", 422), ("2013-03-15", 422), ("2013-02-01T25:00:00", 422), ("soon", 422),
+    ("2013-02-01T04:15:00Z", 200), ("2013-02-01t04:15:00z", 200), ("2013-02-01 04:15", 200),
+    ("2013-01-31T23:15:00-05:00", 200),
+])
+def test_as_of_is_an_iso_8601_instant_or_422(served, as_of, status):
+    """The schema says date-time: a number (pydantic alone reads "0.0" as a Unix time, found by
+    the fuzzer) or a date alone is refused, naming the parameter; ISO 8601 instants are served."""
+    for path, body in (("/predict", GOOD), ("/predict/batch", {"flights": [GOOD]})):
+        response = served.client.post(path, params={"as_of": as_of}, json=body)
+        assert response.status_code == status, (path, as_of, response.text)
+        if status == 422:
+            assert [e["loc"] for e in response.json()["detail"]] == [["query", "as_of"]], response.text
 
 
 def test_one_422_lists_every_field_at_fault(served):

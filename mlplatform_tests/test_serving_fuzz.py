@@ -1,5 +1,5 @@
-"""Schemathesis fuzzes a real `mlplatform serve` process (the `served` fixture of test_serving.py:
-a real warehouse and champion) from the OpenAPI schema that server publishes: no 5xx, every
+"""Schemathesis fuzzes a real `mlplatform serve` process (conftest's `served`, the server of
+test_serving.py: a real warehouse and champion) from the OpenAPI schema that server publishes: no 5xx, every
 request the schema allows is answered 2xx, every request it forbids is rejected with a 4xx,
 and every response matches the schema (status codes, content types, bodies).
 
@@ -22,8 +22,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from mlplatform_tests.test_serving import served  # noqa: F401 - the fixture: a server with a champion
-
 LANE = "system"
 pytestmark = pytest.mark.xdist_group("served")  # the same server as test_serving
 
@@ -40,7 +38,7 @@ EXAMPLES = 40  # per operation and mode
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_the_api_does_what_its_schema_says(served, mode):  # noqa: F811
+def test_the_api_does_what_its_schema_says(served, mode):
     schema = schemathesis.openapi.from_url(f"{served.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {f"{o.method.upper()} {o.path}" for o in operations} >= {"POST /predict", "POST /predict/batch",

@@ -20,6 +20,7 @@ from mlplatform.settings import REPO_ROOT
 from mlplatform_tests.conftest import free_port
 
 LANE = "system"
+pytestmark = pytest.mark.xdist_group("ui")  # one `dagster dev` (the module's `ui`) for both tests
 
 
 QUERY = """
@@ -76,7 +77,7 @@ def ui(tmp_path_factory, replayed):
         assert data is not None, "dagster dev did not answer"
         yield {"port": port, "settings": settings, "data": data, "root": root}
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, as `make ui` is stopped (SIGTERM: 30 s, then killed)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -78,6 +78,24 @@ def _iso_date(value):
         raise PydanticCustomError("date_format", "not a calendar date: {reason}", {"reason": str(exc)}) from None
 
 
+ISO_DATETIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?([Zz]|[+-][0-9]{2}:[0-9]{2})?")
+
+
+def _iso_datetime(value):
+    """Only an ISO 8601 date and time as a string is an instant: not a number (pydantic reads
+    "0.0" as a Unix time), not a date alone (it would read "2013-03-15" as its midnight)."""
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    if not (isinstance(value, str) and ISO_DATETIME.fullmatch(value)):
+        raise PydanticCustomError("datetime_format", "must be a date and time as a string, ISO 8601: "
+                                                     "YYYY-MM-DDTHH:MM[:SS[.f]][Z|+HH:MM]")
+    try:
+        return dt.datetime.fromisoformat(value[:-1] + "Z" if value.endswith("z") else value)
+    except ValueError as exc:
+        raise PydanticCustomError("datetime_format", "not a calendar date and time: {reason}",
+                                  {"reason": str(exc)}) from None
+
+
 def _json_integer(value):
     """A JSON integer: a number without a fraction (JSON Schema's ``integer`` admits 14.0), never a
     string or a boolean (pydantic's lax mode would read "14" and true as integers)."""
@@ -99,6 +117,7 @@ def _json_number(value):
 
 
 JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+Instant = Annotated[dt.datetime, BeforeValidator(_iso_datetime)]
 # every local time as HHMM (0 = 00:00, 2359 = 23:59): the schema lists them, the server checks them
 HHMM = [h * 100 + m for h in range(24) for m in range(60)]
 # (the schema is given whole: pydantic would state the bounds of a type with a before-validator as
@@ -348,7 +367,7 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
                          422: {"model": ClientErrors, "description": "Invalid flight"},
                          503: {"model": Unavailable, "description": "No champion or warehouse yet"}})
     async def predict(flight: ServedFlight, explain: bool = Query(False, description="Also return the feature vector."),
-                      as_of: dt.datetime | None = Query(None, description=AS_OF)):
+                      as_of: Instant | None = Query(None, description=AS_OF)):
         return (await _predict([flight], explain, batch=False, as_of=as_of))[0]
 
     @app.post("/predict/batch", response_model=Predictions, response_model_exclude_none=True,
@@ -356,7 +375,7 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
                          422: {"model": ClientErrors, "description": "Invalid flights"},
                          503: {"model": Unavailable, "description": "No champion or warehouse yet"}})
     async def predict_batch(body: ServedBatch, explain: bool = Query(False, description="Also return the feature vectors."),
-                            as_of: dt.datetime | None = Query(None, description=AS_OF)):
+                            as_of: Instant | None = Query(None, description=AS_OF)):
         return {"predictions": await _predict(body.flights, explain, batch=True, as_of=as_of)}
 
     @app.get("/health", responses={503: {"description": "Not ready: the reasons say why"}})
