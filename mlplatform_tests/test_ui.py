@@ -57,7 +57,10 @@ def ui(tmp_path_factory, replayed):
     shutil.copytree(replayed, settings.landing)
     port = free_port()
     dagster = Path(sys.executable).parent / "dagster"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLPLATFORM_")}, **settings.as_env()}
+    # declarative automation evaluates once, at the start: no runs of its own beside the tests' (it
+    # would start the day's chain after the browser's run, and `dagster dev` waits for them to stop)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLPLATFORM_")}, **settings.as_env(),
+           "MLPLATFORM_AUTOMATION_INTERVAL_SECONDS": "3600"}
     log = (root / "dagster-dev.log").open("w")
     process = subprocess.Popen(
         [str(dagster), "dev", "-w", "workspace.yaml", "--host", "127.0.0.1", "--port", str(port)],
