@@ -424,16 +424,13 @@ def landing_to_verdict(home: Path, days: list[dt.date], timeout: float = 300) ->
     log.parent.mkdir(parents=True, exist_ok=True)
     instance = DagsterInstance.from_config(str(home / "dagster"))
 
-    def state(day: dt.date, since: float) -> dict:
-        return landed_state(instance, day, since)
-
     with open(log, "w") as out:
         daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     seconds = []
     try:
         deadline = time.time() + timeout
-        while state(days[0], time.time())["landing_ticks"] == 0:  # its first tick records what is there
+        while landed_state(instance, days[0], time.time())["landing_ticks"] == 0:  # its first tick records what is there
             if time.time() > deadline or daemon.poll() is not None:
                 raise RuntimeError(f"the daemon's landing sensor never ticked; see {log}")
             time.sleep(1)
@@ -444,7 +441,7 @@ def landing_to_verdict(home: Path, days: list[dt.date], timeout: float = 300) ->
                     path.write_bytes(path.read_bytes())
             landed = time.time()
             deadline = landed + timeout
-            while (verdict := state(day, landed)["verdict_at"]) is None:
+            while (verdict := landed_state(instance, day, landed)["verdict_at"]) is None:
                 if time.time() > deadline or daemon.poll() is not None:
                     raise RuntimeError(f"no drift verdict for {day} within {timeout:.0f} s; see {log}")
                 time.sleep(0.5)

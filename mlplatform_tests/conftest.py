@@ -76,7 +76,7 @@ def pytest_runtest_setup(item):
     ``@group`` (after our ``pytest_collection_modifyitems``): where that did not happen, the
     groups silently do not hold (pytest 9.2 with xdist 3.8, pytest-dev/pytest-xdist#1386) and
     tests that must share a worker (one server) would not: such a test fails, saying so."""
-    if (item.config.getoption("loadgroup", False) and any(True for _ in item.iter_markers("xdist_group"))
+    if (item.config.getoption("loadgroup", False) and item.get_closest_marker("xdist_group")
             and "@" not in item.nodeid.rsplit("::", 1)[-1]):
         pytest.fail("--dist loadgroup is not grouping under this pytest and pytest-xdist (the test's node id has "
                     "no @group): see the pin of pytest in pyproject.toml", pytrace=False)
@@ -144,27 +144,23 @@ def home_path(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "test-home"
 
 
-# where serving and the skew check compile the online-feature SQL in a home (mlplatform/serving)
-ONLINE_TARGETS = (Path("serving") / "dbt-target", Path("dbt") / "online-check-target")
-
-
 @pytest.fixture(scope="session")
 def dbt_target(tmp_path_factory, home_path) -> Path:
     """dbt's target folder as `mlplatform init` prepares it (the manifest, the partial-parse
     state) for the test homes' path, copied into every test's home: no `dbt parse` per test.
     Beside it (``online``), the online-feature SQL as serving compiles it for that path, copied
     to where serving and the skew check look: no `dbt compile` per test (~5 CPU-s each)."""
-    from mlplatform.serving.features import compile_online_features
+    from mlplatform.serving.features import SERVING_TARGET, compile_online_features
     from mlplatform.transform.assets import dbt_project, ensure_manifest
 
     settings = settings_of(home_path)
     shutil.rmtree(home_path, ignore_errors=True)
     ensure_manifest(dbt_project(settings), settings)
-    compile_online_features(settings, home_path / ONLINE_TARGETS[0])
+    compile_online_features(settings, home_path / SERVING_TARGET)
     prepared = tmp_path_factory.getbasetemp() / "dbt-prepared"
     shutil.rmtree(prepared, ignore_errors=True)
     shutil.copytree(home_path / "dbt" / "target", prepared / "target")
-    shutil.copytree(home_path / ONLINE_TARGETS[0], prepared / "online", ignore=shutil.ignore_patterns("logs"))
+    shutil.copytree(home_path / SERVING_TARGET, prepared / "online", ignore=shutil.ignore_patterns("logs"))
     shutil.rmtree(home_path)
     return prepared
 
@@ -275,9 +271,11 @@ def home(tmp_path, monkeypatch, replayed, dbt_target, mlflow_store, home_path) -
     monkeypatch.setenv("MLPLATFORM_MLFLOW_URI", f"sqlite:///{mlflow_dir / 'mlflow.db'}")
     monkeypatch.setenv("MLPLATFORM_MLFLOW_ARTIFACTS", str(mlflow_dir / "artifacts"))
     settings = Settings.from_env()
+    from mlplatform.serving.features import SERVING_TARGET, SKEW_CHECK_TARGET
+
     shutil.copytree(replayed, settings.landing)
     copy_dbt_target(dbt_target / "target", home)
-    for online in ONLINE_TARGETS:
+    for online in (SERVING_TARGET, SKEW_CHECK_TARGET):
         shutil.copytree(dbt_target / "online", home / online)
     yield settings
     if home.exists():

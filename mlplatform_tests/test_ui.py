@@ -80,7 +80,7 @@ def ui(tmp_path_factory, replayed):
         assert data is not None, "dagster dev did not answer"
         yield {"port": port, "settings": settings, "data": data, "root": root}
     finally:
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, as `make ui` is stopped (SIGTERM: 30 s, then killed)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, as `make ui` is stopped
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:

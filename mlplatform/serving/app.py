@@ -78,14 +78,13 @@ def _iso_date(value):
         raise PydanticCustomError("date_format", "not a calendar date: {reason}", {"reason": str(exc)}) from None
 
 
-ISO_DATETIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?([Zz]|[+-][0-9]{2}:[0-9]{2})?")
+ISO_DATETIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?"
+                          r"([Zz]|[+-][0-9]{2}:[0-9]{2})?")
 
 
 def _iso_datetime(value):
     """Only an ISO 8601 date and time as a string is an instant: not a number (pydantic reads
     "0.0" as a Unix time), not a date alone (it would read "2013-03-15" as its midnight)."""
-    if value is None or isinstance(value, dt.datetime):
-        return value
     if not (isinstance(value, str) and ISO_DATETIME.fullmatch(value)):
         raise PydanticCustomError("datetime_format", "must be a date and time as a string, ISO 8601: "
                                                      "YYYY-MM-DDTHH:MM[:SS[.f]][Z|+HH:MM]")

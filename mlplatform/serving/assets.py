@@ -38,11 +38,11 @@ def online_features_match(settings: Settings):
         blocking=False,
     )
     def _check(warehouse_reader: WarehouseReader) -> AssetCheckResult:
-        from mlplatform.serving.features import compile_online_features
+        from mlplatform.serving.features import SKEW_CHECK_TARGET, compile_online_features
         from mlplatform.serving.service import OnlineFeatures
         from mlplatform.serving.skew import compare, sample_offline
 
-        compiled = compile_online_features(settings, settings.home / "dbt" / "online-check-target")
+        compiled = compile_online_features(settings, settings.home / SKEW_CHECK_TARGET)
         with warehouse_reader.get_connection() as conn:
             offline = sample_offline(conn, SAMPLE_ROWS, SAMPLE_DAYS)
         snapshot = _snapshot(settings, compiled)

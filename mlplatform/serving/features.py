@@ -58,6 +58,12 @@ class CompiledFeatures:
     intraday_sql: str  # the same macro's rt_ features alone (flight_id, prediction_time, rt_...)
 
 
+# dbt target paths of the online-feature compile, within a home: the server's and the skew
+# check's (apart, so that the two never write one manifest at the same time)
+SERVING_TARGET = Path("serving") / "dbt-target"
+SKEW_CHECK_TARGET = Path("dbt") / "online-check-target"
+
+
 def compile_online_features(settings: Settings, target_dir: Path) -> CompiledFeatures:
     """Compile the online-features analyses with dbt (about 3 s; needs no warehouse connection).
 

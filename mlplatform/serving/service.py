@@ -45,6 +45,7 @@ import pandas as pd
 
 from mlplatform.serving.features import (
     CompiledFeatures,
+    SERVING_TARGET,
     Snapshot,
     Streamed,
     WarehouseUnavailable,
@@ -281,7 +282,7 @@ class OnlineFeatures:
         warehouse = self.settings.warehouse
         try:
             if self.compiled is None:
-                self.compiled = compile_online_features(self.settings, self.settings.home / "serving" / "dbt-target")
+                self.compiled = compile_online_features(self.settings, self.settings.home / SERVING_TARGET)
             current = self.loaded
             if current is not None and warehouse.exists() and changed_at(warehouse) <= current.snapshot.source_mtime:
                 return False
