@@ -9,6 +9,7 @@ import shutil
 import duckdb
 import pandas as pd
 import pytest
+from dagster import DagsterInstance
 
 from benchmarks import run as bench
 from benchmarks.synthetic import KEY, generate
@@ -39,13 +40,15 @@ def test_synthetic_growth_has_distinct_keys_and_passes_the_contract(replayed, tm
 
 
 def test_bench_smoke_writes_the_figures_of_the_year(tmp_path, monkeypatch):
-    """`benchmarks/run.py --smoke` (four weeks, once) fills results.json and results.md. The serving
-    figure has its own smoke test (test_serving), growth runs the same code as the full year, and
-    the floor and the profiles are the next test's (two workers share the smoke)."""
+    """`benchmarks/run.py --smoke` (four weeks, once) fills results.json and results.md; its
+    `mlplatform run` prints the summary of every job. The serving figure has its own smoke test
+    (test_serving), growth runs the same code as the full year, the floor and the profiles are the
+    next test's (two workers share the smoke), and landing-to-verdict's reading of the daemon's
+    instance (`landed_state`) is asserted in test_daemon, on the daemon that test runs anyway."""
     out = tmp_path / "out"
     monkeypatch.delenv("MLPLATFORM_HOME", raising=False)
-    assert bench.main(["--smoke", "--skip", "serving,growth,dagster_floor,profile", "--workdir", str(tmp_path / "work"),
-                       "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--skip", "serving,growth,dagster_floor,profile,landing_to_verdict",
+                       "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     year = results["full_year"]
     assert year["flights"] == year["runs"][0]["rows"]["features"] == year["runs"][0]["rows"]["predictions"] > 10_000
@@ -62,6 +65,17 @@ def test_bench_smoke_writes_the_figures_of_the_year(tmp_path, monkeypatch):
     with duckdb.connect(str(tmp_path / "work" / "pipeline-1x" / "warehouse.duckdb"), read_only=True) as conn:
         pipeline = conn.sql(query).df()
     pd.testing.assert_frame_equal(baseline, pipeline)
+    # `mlplatform run`'s summary: every job succeeded on four weeks, per asset its rows, seconds and checks
+    summary = (tmp_path / "work" / "pipeline-1x-0.log").read_text()
+    for job in ("reference_job", "daily_job", "training_job", "predictions_job", "monitoring_job"):
+        assert f"{job} 2013-01-01..2013-01-28: SUCCESS" in summary, summary
+    raw_flights = next(line for line in summary.splitlines() if line.strip().startswith("raw_flights "))
+    assert int(raw_flights.split()[1]) > 800 and (" 8/8 passed" in raw_flights or " 7/8 passed; " in raw_flights)
+    assert all(asset in summary for asset in ("features/flight_features", "predictions/flight_delay",
+                                              "monitoring/drift_report"))
+    with DagsterInstance.from_config(str(tmp_path / "work" / "pipeline-1x" / "dagster")) as instance:
+        assert {r.job_name for r in instance.get_runs()} == {"reference_job", "daily_job", "training_job",
+                                                             "predictions_job", "monitoring_job"}
     day = results["one_day"]
     assert day["seconds"] > 0 and set(day["per_job_s"]) == {"daily_job", "predictions_job", "monitoring_job"}
     assert "daily_job.dbt_daily" in day["per_step_s"] and 0 < day["dbt_process_s"]["start_s"] < day["dbt_process_s"]["build_s"]
@@ -71,7 +85,7 @@ def test_bench_smoke_writes_the_figures_of_the_year(tmp_path, monkeypatch):
     assert stream["one_day"]["events"] > 1800 and stream["one_day"]["platform"]["events_per_s"] > 0
     assert stream["one_day"]["plain"]["events_per_s"] > 0 and stream["freshness"]["samples"] == 5
     assert results["code_location"]["seconds"] > 0 and "dagster" in results["code_location"]["slowest_imports_s"]
-    assert "profile" not in results and "dagster_floor" not in results
+    assert "profile" not in results and "dagster_floor" not in results and "landing_to_verdict" not in results
     text = (out / "results.md").read_text()
     assert "| Full year vs plain script |" in text and "Machine:" in text
     assert text.count("**What dominates") == 2  # the dbt process, whylogs (the floor's is the next test's)

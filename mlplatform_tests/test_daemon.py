@@ -20,6 +20,8 @@ from pathlib import Path
 import duckdb
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+from benchmarks.run import landed_state
+
 from mlplatform.monitoring.drifted import land_drifted_days
 from mlplatform.monitoring.sensors import REQUESTED_BY_TAG, SENSOR_NAME, TRIGGER_TAG, WINDOWS_TAG
 from mlplatform.settings import REPO_ROOT
@@ -132,6 +134,11 @@ def test_the_daemon_retrains_once_on_drift_and_never_on_old_history(champion_hom
 
             runs = retrainings(instance)
             assert [r.run_id for r in runs] == [run.run_id], "exactly one retraining"
+            # what `make bench`'s landing-to-verdict figure reads from a daemon's instance: the
+            # landed day's drift verdict after it landed, and the landing sensor's ticks
+            state = landed_state(instance, DRIFTED[-1], landed)
+            assert state["verdict_at"] is not None and landed < state["verdict_at"] < time.time(), state
+            assert state["landing_ticks"] >= 2 and landed_state(instance, DRIFTED[-1], time.time())["verdict_at"] is None
             trigger = run.tags[TRIGGER_TAG]
             for day in DRIFTED:
                 assert f"monitoring/drift_report[{day}] drift" in trigger, trigger
