@@ -71,10 +71,23 @@ def retry_while_locked(fn, max_wait: float = LOCK_WAIT_SECONDS):
 
 
 def connect(path, read_only: bool = False, max_wait: float = LOCK_WAIT_SECONDS, config: dict | None = None):
-    """A DuckDB connection to the warehouse, waiting out another process's lock."""
+    """A DuckDB connection to the warehouse, waiting out another process's lock. A file written
+    by a newer DuckDB (mlplatform used duckdb 2.0 before it pinned 1.5.5 for DuckLake) is an
+    error that names it and says how to rebuild it."""
     import duckdb
 
-    return retry_while_locked(lambda: duckdb.connect(str(path), read_only=read_only, config=config or {}), max_wait)
+    try:
+        return retry_while_locked(lambda: duckdb.connect(str(path), read_only=read_only, config=config or {}),
+                                  max_wait)
+    except duckdb.IOException as exc:
+        if "newer version of DuckDB" not in str(exc):
+            raise
+        raise RuntimeError(
+            f"{path} was written by a newer DuckDB than this environment's {duckdb.__version__}, which cannot read "
+            "it (mlplatform pins duckdb 1.5.5, the newest with the DuckLake extension's wheel). The landing zone is "
+            "the system of record: move the file aside and rebuild it with `mlplatform run --start FIRST_DAY --end "
+            "LAST_DAY --full-refresh`."
+        ) from exc
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -471,3 +472,34 @@ def served(tmp_path_factory, trained_world):
         yield server
     finally:
         server.stop()
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL 15 server of its own: initdb in a temporary directory, trust auth, loopback
+    only, a free port. Yields its URL; stopped and deleted afterwards."""
+    if not (PG_BIN / "postgres").exists():
+        pytest.fail("PostgreSQL 15 is not installed: `make test` installs it (.ci/system-deps)")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it refuses to run as root
+    root = Path(tempfile.mkdtemp(prefix="mlplatform-pg-"))
+    root.chmod(0o755)
+    data = root / "data"
+    if as_postgres:
+        shutil.chown(root, "postgres", "postgres")
+    run = lambda *args: subprocess.run([*as_postgres, *map(str, args)], check=True, capture_output=True, text=True)  # noqa: E731
+    port = free_port()
+    run(PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync")
+    run(PG_BIN / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-t", "60",
+        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        run(PG_BIN / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "dagster")
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/dagster"
+    finally:
+        subprocess.run([*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

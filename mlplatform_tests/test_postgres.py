@@ -4,49 +4,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from mlplatform.cli import init_home
 from mlplatform.settings import Settings
-from mlplatform_tests.conftest import free_port, source_rows
+from mlplatform_tests.conftest import source_rows
 from mlplatform_tests.test_operations import start_job, wait
 
 LANE = "system"
-
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-@pytest.fixture
-def postgres():
-    """A PostgreSQL 15 server of its own: initdb in a temporary directory, trust auth, loopback
-    only, a free port. Yields its URL; stopped and deleted afterwards."""
-    if not (PG_BIN / "postgres").exists():
-        pytest.fail("PostgreSQL 15 is not installed: `make test` installs it (.ci/system-deps)")
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it refuses to run as root
-    root = Path(tempfile.mkdtemp(prefix="mlplatform-pg-"))
-    root.chmod(0o755)
-    data = root / "data"
-    if as_postgres:
-        shutil.chown(root, "postgres", "postgres")
-    run = lambda *args: subprocess.run([*as_postgres, *map(str, args)], check=True, capture_output=True, text=True)  # noqa: E731
-    port = free_port()
-    run(PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync")
-    run(PG_BIN / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-t", "60",
-        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-    try:
-        run(PG_BIN / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "dagster")
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/dagster"
-    finally:
-        subprocess.run([*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_runs_and_events_are_stored_in_postgres(home, postgres, monkeypatch):

@@ -119,7 +119,8 @@ def typed(rows: pd.DataFrame, contract: Contract, conn=None) -> tuple[pd.DataFra
         keep = ", ".join(f'"{c}"' for c in contract.columns)
         frame = conn.execute(
             f"SELECT {keep}, _source_file, _source_row FROM typed "
-            "WHERE _source_file NOT IN (SELECT unnest(?::VARCHAR[])) ORDER BY _source_file, _source_row",
+            # (the cast: a frame without rows has an object column DuckDB 1.5 reads as INTEGER)
+            "WHERE _source_file::VARCHAR NOT IN (SELECT unnest(?::VARCHAR[])) ORDER BY _source_file, _source_row",
             [[str(e.path) for e in errors]],
         ).df()
         conn.execute("DROP TABLE typed")
