@@ -7,10 +7,12 @@ from __future__ import annotations
 import datetime as dt
 
 import duckdb
+import pandas as pd
 import psycopg2
 import pytest
 
 from mlplatform import lake
+from mlplatform_tests.conftest import WORLD_DAYS
 
 LANE = "integration"
 
@@ -130,3 +132,45 @@ def test_a_warehouse_from_a_newer_duckdb_is_named_with_how_to_rebuild_it(tmp_pat
     with pytest.raises(RuntimeError, match="newer DuckDB") as error:
         connect(path, read_only=True, max_wait=0)
     assert str(path) in str(error.value) and "--full-refresh" in str(error.value)
+
+
+def test_dbt_builds_and_replaces_windows_on_a_ducklake(world, tmp_path):
+    """dbt-duckdb's `lake` target (profiles.yml): the project's models built on a DuckLake (a
+    DuckDB file as its catalog here) from the world's raw tables, every day of the world at once,
+    then a window of three days again (the daily models' delete-and-insert): the features equal
+    the embedded warehouse's, row for row, and no day is duplicated."""
+    import os
+    import subprocess
+
+    from mlplatform.settings import DBT_PROJECT_DIR, dbt_executable
+    from mlplatform.transform.assets import WINDOW_ENV
+
+    catalog, data = tmp_path / "catalog.ducklake", tmp_path / "data"
+    extensions = lake.install_extensions(tmp_path / "ext")
+    embedded = world / "warehouse.duckdb"
+    with lake.connect_lake(str(catalog), data, extensions) as conn:
+        conn.execute(f"ATTACH {lake.literal(embedded)} AS embedded (READ_ONLY)")
+        conn.execute("CREATE SCHEMA raw")
+        for table in ("flights", "weather", "flight_events", "airlines", "airports", "planes"):
+            conn.execute(f"CREATE TABLE raw.{table} AS SELECT * FROM embedded.raw.{table}")
+    env = {**os.environ, "MLPLATFORM_LAKE_CATALOG": str(catalog), "MLPLATFORM_LAKE_DATA_PATH": str(data),
+           "MLPLATFORM_DUCKDB_EXTENSIONS": str(extensions), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+
+    def build(selection: str, window=None) -> None:
+        variables = dict(zip(WINDOW_ENV, map(str, window))) if window else {}
+        result = subprocess.run([dbt_executable(), "build", "--target", "lake", "--select", selection,
+                                 "--target-path", str(tmp_path / "target"), "--log-path", str(tmp_path / "logs")],
+                                cwd=DBT_PROJECT_DIR, env={**env, **variables}, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-4000:]
+
+    build("tag:reference")
+    build("tag:daily", WORLD_DAYS)
+    build("tag:daily", (D(2013, 1, 20), D(2013, 1, 22)))
+
+    query = "SELECT * FROM {}.features.flight_features ORDER BY flight_id"
+    with lake.connect_lake(str(catalog), data, extensions) as conn:
+        conn.execute(f"ATTACH {lake.literal(embedded)} AS embedded (READ_ONLY)")
+        on_lake, on_file = conn.sql(query.format("lake")).df(), conn.sql(query.format("embedded")).df()
+        duplicated = conn.execute("SELECT count(*) - count(DISTINCT flight_id) FROM lake.features.flight_features").fetchone()[0]
+    assert len(on_lake) > 20_000 and duplicated == 0
+    pd.testing.assert_frame_equal(on_lake, on_file)
