@@ -174,3 +174,29 @@ def test_dbt_builds_and_replaces_windows_on_a_ducklake(world, tmp_path):
         duplicated = conn.execute("SELECT count(*) - count(DISTINCT flight_id) FROM lake.features.flight_features").fetchone()[0]
     assert len(on_lake) > 20_000 and duplicated == 0
     pd.testing.assert_frame_equal(on_lake, on_file)
+
+
+def test_the_rollout_history_runs_on_a_ducklake_and_two_moves_never_both_commit(tmp_path):
+    """The staged rollout's history needs no sequence and no key: moves are numbered in their
+    transaction, and a move made while another is open conflicts at COMMIT: the one that commits
+    first wins, the other is refused whole."""
+    from mlplatform.rollout import stages as st
+
+    with lake.connect_lake(str(tmp_path / "catalog.ducklake"), tmp_path / "data", tmp_path / "ext") as conn:
+        st.move(conn, "flight_delay", "1", st.CHAMPION, "gate", "first model")
+        st.move(conn, "flight_delay", "2", st.SHADOW, "gate", "passed")
+        st.move(conn, "flight_delay", "2", st.CANARY, "judge", "sane")
+        other = conn.cursor()  # a second connection, mid-move
+        other.execute("USE lake")
+        other.execute("BEGIN TRANSACTION")
+        other.execute("UPDATE monitoring.rollout_lock SET moves = moves + 1 WHERE model_name = 'flight_delay'")
+        st.move(conn, "flight_delay", "2", st.CHAMPION, "judge", "better")  # commits first
+        with pytest.raises(duckdb.TransactionException) as refused:
+            other.execute("COMMIT")
+        assert lake.is_conflict(refused.value)
+        assert [(m.version, m.stage, m.previous) for m in st.history(conn, "flight_delay")] == [
+            ("1", "champion", None), ("2", "shadow", None), ("2", "canary", "shadow"), ("1", "retired", "champion"),
+            ("2", "champion", "canary")]
+        assert conn.execute("SELECT list(move ORDER BY move) FROM monitoring.rollout_history").fetchone()[0] == \
+            [1, 2, 3, 4, 5]
+        assert conn.execute("SELECT count(*), max(moves) FROM monitoring.rollout_lock").fetchone() == (1, 4)

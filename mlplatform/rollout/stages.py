@@ -31,11 +31,12 @@ MOVES = {
     RETIRED: set(),
 }
 
+# No sequence, no key: the DDL runs on a DuckDB file and on a DuckLake alike (which has neither);
+# a move's number is the history's last one plus one, taken in the move's transaction.
 HISTORY_DDL = """
 CREATE SCHEMA IF NOT EXISTS monitoring;
-CREATE SEQUENCE IF NOT EXISTS monitoring.rollout_move;
 CREATE TABLE IF NOT EXISTS monitoring.rollout_history (
-    move        BIGINT NOT NULL DEFAULT nextval('monitoring.rollout_move'),  -- the order of moves
+    move        BIGINT NOT NULL,    -- the order of moves
     moved_at    TIMESTAMP NOT NULL,
     model_name  VARCHAR NOT NULL,
     version     VARCHAR NOT NULL,
@@ -49,8 +50,8 @@ CREATE TABLE IF NOT EXISTS monitoring.rollout_history (
 CREATE VIEW IF NOT EXISTS monitoring.rollout_stages AS
 SELECT model_name, version, arg_max(stage, move) AS stage, max(moved_at) AS since, max(move) AS last_move
 FROM monitoring.rollout_history GROUP BY model_name, version;
--- one row per model, updated by every move: two moves at once conflict and one of them fails
-CREATE TABLE IF NOT EXISTS monitoring.rollout_lock (model_name VARCHAR PRIMARY KEY, moves BIGINT NOT NULL);
+-- a row per model, updated by every move: two moves at once conflict and one of them fails
+CREATE TABLE IF NOT EXISTS monitoring.rollout_lock (model_name VARCHAR NOT NULL, moves BIGINT NOT NULL);
 """
 
 
@@ -116,7 +117,10 @@ def move(conn, model_name: str, version: str, stage: str, decided_by: str, reaso
         raise ValueError("a stage change needs who or what decided it and why")
     ensure_tables(conn)
     moved_at = moved_at or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    conn.execute("INSERT INTO monitoring.rollout_lock VALUES (?, 0) ON CONFLICT DO NOTHING", [model_name])
+    # the model's lock row, committed before the move's transaction (inserted inside it, two
+    # concurrent moves would each update only their own, invisible to the other)
+    conn.execute("INSERT INTO monitoring.rollout_lock SELECT ?, 0 WHERE NOT EXISTS "
+                 "(SELECT 1 FROM monitoring.rollout_lock WHERE model_name = ?)", [model_name, model_name])
     conn.execute("BEGIN TRANSACTION")
     try:
         conn.execute("UPDATE monitoring.rollout_lock SET moves = moves + 1 WHERE model_name = ?", [model_name])
@@ -140,8 +144,9 @@ def move(conn, model_name: str, version: str, stage: str, decided_by: str, reaso
 
 
 def _insert(conn, moved_at, model_name, version, stage, previous, decided_by, reason, evidence, run_id) -> None:
-    conn.execute("INSERT INTO monitoring.rollout_history (moved_at, model_name, version, stage, previous, decided_by, "
-                 "reason, evidence, dagster_run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    conn.execute("INSERT INTO monitoring.rollout_history (move, moved_at, model_name, version, stage, previous, "
+                 "decided_by, reason, evidence, dagster_run_id) SELECT coalesce(max(move), 0) + 1, ?, ?, ?, ?, ?, ?, "
+                 "?, ?, ? FROM monitoring.rollout_history",
                  [moved_at, model_name, version, stage, previous, decided_by, reason,
                   json.dumps(finite(evidence), default=str) if evidence is not None else None, run_id])
 
