@@ -22,9 +22,12 @@ transaction is rolled back whole (``is_conflict``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shutil
 from pathlib import Path
+
+from mlplatform.warehouse import sql_literal
 
 # extension name (as DuckDB loads it) -> the module of the PyPI wheel that carries its file
 EXTENSION_WHEELS = {
@@ -39,6 +42,7 @@ def duckdb_version() -> str:
     return f"v{duckdb.__version__}"
 
 
+@functools.cache
 def platform() -> str:
     """DuckDB's name for this platform (``linux_amd64``), as it names the extension folders."""
     import duckdb
@@ -85,17 +89,13 @@ def extension_config(directory: Path) -> dict:
             "autoload_known_extensions": True}
 
 
-def literal(text: str) -> str:
-    """``text`` as a SQL string literal (ATTACH takes no parameters)."""
-    return "'" + str(text).replace("'", "''") + "'"
-
-
 def attach_sql(catalog: str, data_path: Path, alias: str = "lake") -> str:
     """The ATTACH of a DuckLake: ``catalog`` is ``postgres:dbname=... host=... user=...`` (the
     password from PGPASSWORD / PGPASSFILE, never in the string) or a DuckDB file's path."""
     if not alias.isidentifier():
         raise ValueError(f"a DuckLake alias is an identifier, not {alias!r}")
-    return f"ATTACH {literal('ducklake:' + catalog)} AS {alias} (DATA_PATH {literal(str(data_path).rstrip('/') + '/')})"
+    data = sql_literal(str(data_path).rstrip('/') + '/')
+    return f"ATTACH {sql_literal('ducklake:' + catalog)} AS {alias} (DATA_PATH {data})"
 
 
 def connect_lake(catalog: str, data_path: Path, extensions: Path, alias: str = "lake"):

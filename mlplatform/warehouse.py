@@ -37,6 +37,12 @@ STAGING_SCHEMA = "_loading"
 LOCK_WAIT_SECONDS = 600.0
 
 
+def sql_literal(text) -> str:
+    """``text`` (a path, usually) as a SQL string literal, for the statements that take no
+    parameters (ATTACH, a view's definition)."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
 def has_table(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
     """Whether ``schema.table`` exists (a table or a view)."""
     return conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",

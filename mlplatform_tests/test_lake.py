@@ -12,6 +12,7 @@ import psycopg2
 import pytest
 
 from mlplatform import lake
+from mlplatform.warehouse import sql_literal
 from mlplatform_tests.conftest import WORLD_DAYS
 
 LANE = "integration"
@@ -149,7 +150,7 @@ def test_dbt_builds_and_replaces_windows_on_a_ducklake(world, tmp_path):
     extensions = lake.install_extensions(tmp_path / "ext")
     embedded = world / "warehouse.duckdb"
     with lake.connect_lake(str(catalog), data, extensions) as conn:
-        conn.execute(f"ATTACH {lake.literal(embedded)} AS embedded (READ_ONLY)")
+        conn.execute(f"ATTACH {sql_literal(embedded)} AS embedded (READ_ONLY)")
         conn.execute("CREATE SCHEMA raw")
         for table in ("flights", "weather", "flight_events", "airlines", "airports", "planes"):
             conn.execute(f"CREATE TABLE raw.{table} AS SELECT * FROM embedded.raw.{table}")
@@ -169,7 +170,7 @@ def test_dbt_builds_and_replaces_windows_on_a_ducklake(world, tmp_path):
 
     query = "SELECT * FROM {}.features.flight_features ORDER BY flight_id"
     with lake.connect_lake(str(catalog), data, extensions) as conn:
-        conn.execute(f"ATTACH {lake.literal(embedded)} AS embedded (READ_ONLY)")
+        conn.execute(f"ATTACH {sql_literal(embedded)} AS embedded (READ_ONLY)")
         on_lake, on_file = conn.sql(query.format("lake")).df(), conn.sql(query.format("embedded")).df()
         duplicated = conn.execute("SELECT count(*) - count(DISTINCT flight_id) FROM lake.features.flight_features").fetchone()[0]
     assert len(on_lake) > 20_000 and duplicated == 0

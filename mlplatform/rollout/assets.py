@@ -58,7 +58,7 @@ from mlplatform.training.tracking import (
     TrainedModel,
     training_window,
 )
-from mlplatform.warehouse import has_table, in_one_transaction
+from mlplatform.warehouse import has_table, in_one_transaction, sql_literal
 
 OWNERS = ["team:ml-platform"]
 # the MLflow alias of each stage (``challenger`` stays the latest trained version, whatever its stage)
@@ -211,9 +211,9 @@ def served_view(conn, log_dir: Path) -> bool:
     answered flight F, at what stage, and the shadow's score), when there is a log."""
     if not Path(log_dir).exists() or not any(Path(log_dir).glob("*.jsonl")):
         return False
-    pattern = str(Path(log_dir).resolve() / "*.jsonl").replace("'", "''")  # (a view takes no parameters)
+    pattern = sql_literal(Path(log_dir).resolve() / "*.jsonl")  # (a view takes no parameters)
     conn.execute("CREATE SCHEMA IF NOT EXISTS monitoring")
-    conn.execute(f"CREATE OR REPLACE VIEW monitoring.served AS SELECT * FROM read_json('{pattern}', "
+    conn.execute(f"CREATE OR REPLACE VIEW monitoring.served AS SELECT * FROM read_json({pattern}, "
                  f"format = 'newline_delimited', columns = {LOG_COLUMNS})")
     return True
 

@@ -24,6 +24,7 @@ import pandas as pd
 
 from mlplatform import keys
 from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
+from mlplatform.warehouse import sql_literal
 
 ANALYSIS = "online_features"
 INTRADAY_ANALYSIS = "online_intraday_features"  # the rt_ features alone, as the stream moves them
@@ -216,9 +217,8 @@ class Snapshot:
         mtime = changed_at(warehouse)
         conn = duckdb.connect()
         conn.execute("SET TimeZone = 'UTC'")
-        path = str(warehouse).replace("'", "''")
         try:
-            conn.execute(f"ATTACH '{path}' AS __warehouse__ (READ_ONLY)")
+            conn.execute(f"ATTACH {sql_literal(warehouse)} AS __warehouse__ (READ_ONLY)")
         except duckdb.IOException as exc:
             conn.close()
             if "lock" in str(exc).lower():
