@@ -123,9 +123,9 @@ def run(landing: Path, sql_dir: Path, workdir: Path, start: dt.date, end: dt.dat
             )
     # the event stream's table, as the pipeline's raw_flight_events leaves it without a stream
     # (the full-year figure runs `mlplatform run --no-stream`; the stream has figures of its own)
-    from mlplatform.stream.ingest import EVENTS_DDL
+    from mlplatform.stream.ingest import events_ddl
 
-    conn.execute(EVENTS_DDL)
+    conn.execute(events_ddl(conn))
     timings["load"] = time.perf_counter() - t0
 
     # features: the dbt models' compiled SQL, in order

@@ -14,6 +14,8 @@
     mlplatform rollout move VERSION STAGE --by NAME --reason TEXT   an operator's move (shadow, canary, rejected, ...)
     mlplatform serve [--host H] [--port P]   the champion model behind an HTTP API
     mlplatform ui [--host H] [--port P]      the Dagster UI and the MLflow UI, stopped together on Ctrl-C
+    mlplatform cluster start|stop|status|env the distributed profile on this machine (PostgreSQL, Redis, an
+                                             MLflow server, Celery workers, Dagster's daemon and UI; README)
     mlplatform recover                       mark runs whose process died as failed
     mlplatform graph [--readme]              the asset graph as a Mermaid diagram
 """
@@ -48,6 +50,25 @@ storage:
       env: MLPLATFORM_DAGSTER_PG_URL
 {common}"""
 
+DAGSTER_CLUSTER_YAML = """\
+# Written by `mlplatform init` for the distributed profile (`mlplatform cluster`); edit freely.
+# Storage on PostgreSQL (the password from PGPASSWORD); runs queued, at most {max_runs} at once;
+# the steps run on Celery workers (the executor, definitions.executor_of). The warehouse is a
+# DuckLake: its writers need no pool (a conflicting commit is tried again), so none is limited.
+storage:
+  postgres:
+    postgres_url:
+      env: MLPLATFORM_DAGSTER_PG_URL
+concurrency:
+  runs:
+    max_concurrent_runs: {max_runs}
+telemetry:
+  enabled: false
+run_monitoring:
+  enabled: true
+  free_slots_after_run_end_seconds: 30
+"""
+
 DAGSTER_COMMON_YAML = f"""\
 telemetry:
   enabled: false
@@ -75,12 +96,16 @@ def init_home(settings: Settings, pools: bool = True) -> Settings:
             f"(it then defaults to {settings.home / 'dagster-postgres'}) or point it at a PostgreSQL instance directory"
         )
     if not dagster_yaml.exists():
-        if settings.dagster_pg_url:
+        if settings.lake_catalog and settings.dagster_pg_url:
+            from mlplatform.cluster import MAX_RUNS
+
+            dagster_yaml.write_text(DAGSTER_CLUSTER_YAML.format(max_runs=MAX_RUNS))
+        elif settings.dagster_pg_url:
             dagster_yaml.write_text(DAGSTER_POSTGRES_YAML.format(common=DAGSTER_COMMON_YAML))
         else:
             dagster_yaml.write_text(DAGSTER_YAML.format(storage=settings.dagster_home / "storage",
                                                         common=DAGSTER_COMMON_YAML))
-    if pools:
+    if pools and not settings.lake_catalog:
         init_pool(settings)
     return settings
 
@@ -113,6 +138,10 @@ def cmd_init(args) -> int:
     from mlplatform.transform.assets import dbt_project, ensure_manifest
 
     settings = init_home(Settings.from_env())
+    if settings.lake_catalog:
+        from mlplatform.lake import create_lake
+
+        create_lake(settings.lake_catalog, settings.lake_data_path)
     manifest = ensure_manifest(dbt_project(settings), settings)
     print(f"MLPLATFORM_HOME={settings.home}\ndbt manifest: {manifest}")
     return 0
@@ -265,6 +294,23 @@ def cmd_ui(args) -> int:
     return run_services(init_home(Settings.from_env()), args.host, args.port)
 
 
+def cmd_cluster(args) -> int:
+    import os
+
+    from mlplatform import cluster as c
+
+    found = c.Cluster.from_env()
+    if args.action == "start":
+        return c.start(found, os.environ)
+    if args.action == "stop":
+        return c.stop(found)
+    if args.action == "env":
+        return c.print_env(found, os.environ)
+    pid = c.running_pid(found)
+    print(f"running (supervisor pid {pid}; logs in {found.home / 'logs'})" if pid else "not running")
+    return 0 if pid else 3
+
+
 def cmd_recover(args) -> int:
     from mlplatform.operations import recover_dead_runs
 
@@ -350,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("graph", help="print the asset graph as a Mermaid diagram (from the Definitions)")
     p.add_argument("--readme", action="store_true", help="write it into README.md between its markers")
     p.set_defaults(fn=cmd_graph)
+    p = sub.add_parser("cluster", help="the distributed profile on this machine: start, stop, status, env")
+    p.add_argument("action", choices=["start", "stop", "status", "env"])
+    p.set_defaults(fn=cmd_cluster)
     sub.add_parser("recover", help="mark runs whose process died as failed, freeing their pool slots").set_defaults(
         fn=cmd_recover
     )

@@ -99,9 +99,14 @@ def build_defs(settings: Settings) -> Definitions:
         default_status=DefaultScheduleStatus.RUNNING,
         description="Every morning, after the night's deliveries: is the online path still the offline one?",
     )
+    assets = [*raw_assets, raw_flight_events, *dbt_asset_defs, *training_assets, flight_delay_predictions,
+              *monitoring_assets, online_evaluation]
+    if settings.celery:  # the distributed profile: a backfill is a run per week (partitions.week_runs)
+        from mlplatform.partitions import week_runs
+
+        assets = [a.with_attributes(backfill_policy=week_runs) if a.partitions_def else a for a in assets]
     return Definitions(
-        assets=[*raw_assets, raw_flight_events, *dbt_asset_defs, *training_assets, flight_delay_predictions, *monitoring_assets,
-                online_evaluation],
+        assets=assets,
         asset_checks=[skew_check],
         jobs=[*jobs, stream_ingest_job, approve_canary_job],
         schedules=[serving_check_schedule],
@@ -117,10 +122,23 @@ def build_defs(settings: Settings) -> Definitions:
             "broker": broker_resource(settings),
             "rollout": rollout_policy_resource(settings),
         },
-        # One process per run: an in-process step costs milliseconds, a subprocess a second and a
-        # half, and DuckDB allows one writer at a time anyway.
-        executor=in_process_executor,
+        executor=executor_of(settings),
     )
+
+
+def executor_of(settings: Settings):
+    """One process per run: an in-process step costs milliseconds, a subprocess a second and a
+    half, and DuckDB allows one writer at a time anyway. In the distributed profile, the steps go
+    to Celery workers (``celery_app``), the broker's URL read from the environment where the
+    step is launched (it holds a password: it is never part of the run's configuration)."""
+    if not settings.celery:
+        return in_process_executor
+    from dagster_celery import celery_executor
+
+    from mlplatform.settings import CELERY_BACKEND, CELERY_BROKER
+
+    return celery_executor.configured({"broker": {"env": CELERY_BROKER}, "backend": {"env": CELERY_BACKEND}},
+                                      name="celery_workers")
 
 
 @lru_cache(maxsize=8)

@@ -25,9 +25,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 from mlplatform.warehouse import sql_literal
+
+# A warehouse "database" starting with this is a DuckLake: ``ducklake:<catalog>`` (Settings.database)
+LAKE_PREFIX = "ducklake:"
+# Where the extensions are installed from their wheels: inside the environment that has the wheels,
+# so a worker needs nothing but the environment (dbt gets it as MLPLATFORM_DUCKDB_EXTENSIONS)
+EXTENSION_DIR = Path(sys.prefix) / "share" / "duckdb-extensions"
 
 # extension name (as DuckDB loads it) -> the module of the PyPI wheel that carries its file
 EXTENSION_WHEELS = {
@@ -89,20 +96,36 @@ def extension_config(directory: Path) -> dict:
             "autoload_known_extensions": True}
 
 
-def attach_sql(catalog: str, data_path: Path, alias: str = "lake") -> str:
+def attach_sql(catalog: str, data_path: Path | None = None, alias: str = "lake") -> str:
     """The ATTACH of a DuckLake: ``catalog`` is ``postgres:dbname=... host=... user=...`` (the
     password from PGPASSWORD / PGPASSFILE, never in the string) or a DuckDB file's path."""
     if not alias.isidentifier():
         raise ValueError(f"a DuckLake alias is an identifier, not {alias!r}")
-    data = sql_literal(str(data_path).rstrip('/') + '/')
-    return f"ATTACH {sql_literal('ducklake:' + catalog)} AS {alias} (DATA_PATH {data})"
+    options = f" (DATA_PATH {sql_literal(str(data_path).rstrip('/') + '/')})" if data_path is not None else ""
+    return f"ATTACH {sql_literal(LAKE_PREFIX + catalog)} AS {alias}{options}"
 
 
-def connect_lake(catalog: str, data_path: Path, extensions: Path, alias: str = "lake"):
-    """An in-memory DuckDB with the DuckLake attached as ``alias`` and used by default."""
+def create_lake(catalog: str, data_path: Path, extensions: Path = EXTENSION_DIR) -> None:
+    """Create the DuckLake (idempotent; its data path is kept in the catalog). A file catalog's
+    folder and a local data path are made first."""
+    if not catalog.startswith("postgres:"):
+        Path(catalog).parent.mkdir(parents=True, exist_ok=True)
+    if "://" not in str(data_path):
+        Path(data_path).mkdir(parents=True, exist_ok=True)
+    connect_lake(catalog, data_path, extensions).close()
+
+
+def is_lake(database) -> bool:
+    return str(database).startswith(LAKE_PREFIX)
+
+
+def connect_lake(catalog: str, data_path: Path | None = None, extensions: Path = EXTENSION_DIR,
+                 alias: str = "lake", config: dict | None = None):
+    """An in-memory DuckDB with the DuckLake attached as ``alias`` and used by default. The data
+    path is needed once, when the lake is created (``create_lake``): the catalog keeps it."""
     import duckdb
 
-    conn = duckdb.connect(config=extension_config(install_extensions(extensions)))
+    conn = duckdb.connect(config={**(config or {}), **extension_config(install_extensions(extensions))})
     try:
         conn.execute(attach_sql(catalog, data_path, alias))
         conn.execute(f"USE {alias}")

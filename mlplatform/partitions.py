@@ -25,6 +25,10 @@ RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 # A backfill of any range is one run and one step per asset, not one run per day.
 single_run = BackfillPolicy.single_run()
+# In the distributed profile a backfill is a run per week (``definitions.build_defs``): the weeks'
+# ingestion runs side by side on the workers, and Dagster's asset backfill holds a week's features
+# until the days they look back on are built (a run of a range cannot see another run's days)
+week_runs = BackfillPolicy.multi_run(max_partitions_per_run=7)
 
 
 class Window(NamedTuple):

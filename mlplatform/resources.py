@@ -50,7 +50,7 @@ class Warehouse(DuckDBResource):
 
 
 def warehouse_resource(settings: Settings) -> Warehouse:
-    return Warehouse(database=settings.config("warehouse"), memory_limit=settings.config("duckdb_memory_limit"))
+    return Warehouse(database=settings.database_config(), memory_limit=settings.config("duckdb_memory_limit"))
 
 
 class WarehouseReader(ConfigurableResource):
@@ -58,7 +58,7 @@ class WarehouseReader(ConfigurableResource):
     profile). Read-only processes share DuckDB's lock with each other but not with a writer, so
     a connection waits while a writing step of another run holds it."""
 
-    database: str = Field(description="Path of the DuckDB warehouse.")
+    database: str = Field(description="Path of the DuckDB warehouse, or ducklake:<catalog>.")
     max_wait_seconds: float = Field(
         LOCK_WAIT_SECONDS, description="How long to wait for writers (a backfill of many runs hands the lock from "
         "one to the next)."
@@ -76,7 +76,7 @@ class WarehouseReader(ConfigurableResource):
 
 
 def warehouse_reader_resource(settings: Settings) -> WarehouseReader:
-    return WarehouseReader(database=settings.config("warehouse"), memory_limit=settings.config("duckdb_memory_limit"))
+    return WarehouseReader(database=settings.database_config(), memory_limit=settings.config("duckdb_memory_limit"))
 
 
 def landing_resource(settings: Settings) -> LandingZone:

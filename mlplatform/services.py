@@ -38,9 +38,15 @@ PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 class Service:
     name: str
     argv: list[str]
-    url: str
+    url: str | None  # what answers when it is up (None: nothing to ask, e.g. a worker)
     echo: bool = False  # also copy its output to the launcher's stdout (the terminal)
     env: tuple[tuple[str, str], ...] = ()  # set for this service only
+    ready_first: bool = False  # the services after it start once it answers (a database, a broker)
+    shown: str | None = None  # the URL as printed, when ``url`` holds a password
+
+    @property
+    def address(self) -> str:
+        return self.shown or self.url or "-"
 
 
 def services(settings: Settings, host: str, port: int) -> list[Service]:
@@ -104,7 +110,7 @@ def prepare(settings: Settings) -> None:
 
 # --- processes, read from /proc (Linux); elsewhere only the process groups are known ---
 
-def _stat(pid: int) -> tuple[int, int, str, int] | None:
+def process_stat(pid: int) -> tuple[int, int, str, int] | None:
     """(ppid, pgid, state, start time) of a process, or None when it is gone."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -117,7 +123,7 @@ def _stat(pid: int) -> tuple[int, int, str, int] | None:
 def _processes() -> dict[int, tuple[int, int, str, int]]:
     found = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
+        if entry.isdigit() and (stat := process_stat(int(entry))) is not None:
             found[int(entry)] = stat
     return found
 
@@ -142,7 +148,7 @@ def alive(recorded: dict[int, int]) -> dict[int, int]:
     """The recorded processes still running (same pid and start time, not a zombie)."""
     living = {}
     for pid, start in recorded.items():
-        stat = _stat(pid)
+        stat = process_stat(pid)
         if stat is not None and stat[3] == start and stat[2] != "Z":
             living[pid] = start
     return living
@@ -182,7 +188,19 @@ def _tee(source, log: TextIO, out: TextIO) -> None:
             pass
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether the service at ``url`` answers (http(s), redis, or postgresql: the server asks for a
+    password, or lets the connection in)."""
+    if url.startswith("postgresql://"):
+        import psycopg2
+
+        parts = urlsplit(url)
+        try:
+            psycopg2.connect(host=parts.hostname, port=parts.port, dbname="postgres", user="-",
+                             password="-", connect_timeout=1).close()
+            return True
+        except psycopg2.OperationalError as exc:
+            return "authentication" in str(exc) or "does not exist" in str(exc)
     if url.startswith("redis://"):
         from mlplatform.stream.server import broker_answers
 
@@ -196,14 +214,14 @@ def _answers(url: str) -> bool:
 
 class Launcher:
     def __init__(self, entries: list[Service], log_dir: Path, out: TextIO = sys.stdout,
-                 grace: float = STOP_GRACE_SECONDS):
-        self.entries, self.log_dir, self.out, self.grace = entries, log_dir, out, grace
+                 grace: float = STOP_GRACE_SECONDS, label: str = "mlplatform ui"):
+        self.entries, self.log_dir, self.out, self.grace, self.label = entries, log_dir, out, grace, label
         self.started: list[tuple[Service, subprocess.Popen]] = []
         self.recorded: dict[int, int] = {}
         self.signal: int | None = None
 
     def say(self, text: str) -> None:
-        print(f"[mlplatform ui] {text}", file=self.out, flush=True)
+        print(f"[{self.label}] {text}", file=self.out, flush=True)
 
     def start(self, service: Service) -> None:
         log_path = self.log_dir / f"{service.name}.log"
@@ -217,7 +235,16 @@ class Launcher:
         if service.echo:
             threading.Thread(target=_tee, args=(process.stdout, log, self.out), daemon=True).start()
         self.started.append((service, process))
-        self.say(f"{service.name}: pid {process.pid}, {service.url}, log {log_path}")
+        self.say(f"{service.name}: pid {process.pid}, {service.address}, log {log_path}")
+
+    def wait_until_answers(self, service: Service, process: subprocess.Popen, timeout: float = 60.0) -> None:
+        """Before the services that need it start: until it answers, exits, or a signal comes."""
+        deadline = time.monotonic() + timeout
+        while self.signal is None and process.poll() is None and time.monotonic() < deadline:
+            if answers(service.url):
+                self.say(f"{service.name} answers")
+                return
+            time.sleep(0.2)
 
     def record(self) -> None:
         self.recorded.update(descendants(os.getpid(), {p.pid for _, p in self.started}))
@@ -234,7 +261,9 @@ class Launcher:
             for service in self.entries:
                 if self.signal is None:
                     self.start(service)
-            waiting = {service.name: service.url for service, _ in self.started}
+                    if service.ready_first:
+                        self.wait_until_answers(service, self.started[-1][1])
+            waiting = {service.name: service.url for service, _ in self.started if service.url}
             started_at = time.monotonic()
             while self.signal is None and exited is None:
                 self.record()
@@ -244,8 +273,8 @@ class Launcher:
                         exited, code = service, process.returncode
                         break
                 for name, url in list(waiting.items()):
-                    if self.signal is None and _answers(url):
-                        self.say(f"{name} answers on {url} ({time.monotonic() - started_at:.0f} s)")
+                    if self.signal is None and answers(url):
+                        self.say(f"{name} answers ({time.monotonic() - started_at:.0f} s)")
                         del waiting[name]
                 time.sleep(POLL_SECONDS)
         finally:

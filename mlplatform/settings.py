@@ -12,6 +12,14 @@ variable                                       meaning                          
 =============================================  ==============================================  =========================
 MLPLATFORM_HOME                                root of all runtime state                       ``<repo>/.mlplatform``
 MLPLATFORM_WAREHOUSE                           DuckDB warehouse file                           ``$HOME/warehouse.duckdb``
+MLPLATFORM_LAKE_CATALOG                        the warehouse as a DuckLake instead (the        unset: the DuckDB file
+                                               distributed profile): its catalog,
+                                               ``postgres:dbname=... host=... user=...``
+                                               (password from PGPASSWORD) or a file
+MLPLATFORM_CELERY_BROKER, _BACKEND             steps run on Celery workers over this broker    unset: the steps of a run in
+                                               and result backend (the distributed profile)    its own process
+MLPLATFORM_LAKE_DATA_PATH                      the DuckLake's data files (a shared             ``$HOME/lake/data/``
+                                               directory; set when the lake is created)
 MLPLATFORM_LANDING                             landing zone (the upstream's daily files)       ``$HOME/landing``
 MLPLATFORM_MLFLOW_URI                          MLflow tracking URI                             ``sqlite:///$HOME/mlflow/mlflow.db``
 MLPLATFORM_MLFLOW_ARTIFACTS                    MLflow artifact root                            ``$HOME/mlflow/artifacts``
@@ -57,6 +65,9 @@ from typing import Mapping
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlplatform ui` serves the MLflow UI unless told otherwise
+# the distributed profile's Celery broker and result backend (URLs with a password: read from the
+# environment where a step is launched, never part of a run's configuration)
+CELERY_BROKER, CELERY_BACKEND = "MLPLATFORM_CELERY_BROKER", "MLPLATFORM_CELERY_BACKEND"
 REDIS_URL = "redis://127.0.0.1:6380/0"  # the platform's own broker (not Redis' usual 6379: another may run there)
 
 # the environment variable of each path and setting a resource or a dbt process is configured with
@@ -70,6 +81,8 @@ VARIABLES = {
     "profiles": "MLPLATFORM_PROFILES",
     "duckdb_memory_limit": "MLPLATFORM_DUCKDB_MEMORY_LIMIT",
     "redis_url": "MLPLATFORM_REDIS_URL",
+    "lake_catalog": "MLPLATFORM_LAKE_CATALOG",
+    "lake_data_path": "MLPLATFORM_LAKE_DATA_PATH",
     "dagster_home": "DAGSTER_HOME",
 }
 
@@ -85,6 +98,9 @@ class Settings:
     profiles: Path
     dagster_home: Path
     dagster_pg_url: str | None = None  # Dagster's storage on PostgreSQL instead of SQLite
+    lake_catalog: str | None = None  # the warehouse is a DuckLake with this catalog (mlplatform.lake)
+    lake_data_path: Path | None = None
+    celery: bool = False  # steps on Celery workers (MLPLATFORM_CELERY_BROKER and _BACKEND set)
     duckdb_memory_limit: str = "512MB"
     redis_url: str = REDIS_URL
     alert_webhook: str | None = None
@@ -115,7 +131,8 @@ class Settings:
                 "(e.g. postgresql+psycopg2://dagster:secret@127.0.0.1:5432/dagster)"
             )
         # one instance directory per storage: switching the variable never mixes the two
-        default_dagster_home = home / ("dagster-postgres" if pg_url else "dagster")
+        default_dagster_home = home / ("dagster-cluster" if env.get("MLPLATFORM_LAKE_CATALOG") else
+                                       "dagster-postgres" if pg_url else "dagster")
         mlflow_uri = env.get("MLPLATFORM_MLFLOW_URI") or f"sqlite:///{mlflow_dir / 'mlflow.db'}"
         # a tracking server is its own UI; a local store gets the one `mlplatform ui` starts
         remote = mlflow_uri.startswith(("http://", "https://"))
@@ -137,6 +154,9 @@ class Settings:
             profiles=Path(env.get("MLPLATFORM_PROFILES") or home / "profiles"),
             dagster_home=Path(env.get("DAGSTER_HOME") or default_dagster_home),
             dagster_pg_url=pg_url,
+            lake_catalog=env.get("MLPLATFORM_LAKE_CATALOG") or None,
+            celery=_celery(env),
+            lake_data_path=Path(env.get("MLPLATFORM_LAKE_DATA_PATH") or home / "lake" / "data"),
             duckdb_memory_limit=env.get("MLPLATFORM_DUCKDB_MEMORY_LIMIT") or "512MB",
             redis_url=env.get("MLPLATFORM_REDIS_URL") or REDIS_URL,
             alert_webhook=env.get("MLPLATFORM_ALERT_WEBHOOK") or None,
@@ -157,6 +177,18 @@ class Settings:
         return dict(self.rollout_overrides)
 
     @property
+    def database(self) -> str:
+        """What ``warehouse.connect`` opens: the DuckDB file, or ``ducklake:<catalog>``."""
+        from mlplatform.lake import LAKE_PREFIX
+
+        return LAKE_PREFIX + self.lake_catalog if self.lake_catalog else str(self.warehouse)
+
+    def database_config(self):
+        """The warehouse resources' ``database``: ``EnvVar`` of MLPLATFORM_WAREHOUSE where it is
+        set, or the DuckLake (its catalog string holds no password: it is shown as is)."""
+        return self.database if self.lake_catalog else self.config("warehouse")
+
+    @property
     def inference_log(self) -> Path:
         """Where the server writes its inference log."""
         return self.home / "serving" / "inference_log"
@@ -164,7 +196,8 @@ class Settings:
     def as_env(self) -> dict[str, str]:
         """The settings as environment variables, for a process the platform starts (a server, a
         test's daemon): it then reads the same settings."""
-        return {name: str(getattr(self, attribute)) for attribute, name in VARIABLES.items()}
+        return {name: str(getattr(self, attribute)) for attribute, name in VARIABLES.items()
+                if getattr(self, attribute) is not None}
 
     def config(self, attribute: str):
         """A resource's value for one of ``VARIABLES``: ``EnvVar`` of its variable when the
@@ -202,6 +235,31 @@ def _rollout(env: Mapping[str, str], number) -> tuple:
         else:
             found.append((field_name, number(name, None, kind)))
     return tuple(found)
+
+
+def _celery(env: Mapping[str, str]) -> bool:
+    given = [bool(env.get(name)) for name in (CELERY_BROKER, CELERY_BACKEND)]
+    if any(given) and not all(given):
+        raise ValueError(f"set both {CELERY_BROKER} and {CELERY_BACKEND} (or neither)")
+    return all(given)
+
+
+LAKE_TARGET = "lake"  # profiles.yml's target for a DuckLake warehouse (the distributed profile)
+
+
+def dbt_variables(warehouse: str, memory_limit: str) -> dict[str, str]:
+    """What dbt's ``profiles.yml`` reads from its environment: the same at parse time and at run
+    time, or dbt finds the profile changed and re-parses the whole project at every run.
+    ``warehouse`` is a DuckDB file or ``ducklake:<catalog>`` (``Settings.database``; the target
+    ``lake`` then, with the extensions installed where the profile loads them)."""
+    from mlplatform import lake
+
+    variables = {"MLPLATFORM_DUCKDB_MEMORY_LIMIT": str(memory_limit), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    if lake.is_lake(warehouse):
+        lake.install_extensions(lake.EXTENSION_DIR)
+        return {**variables, "MLPLATFORM_LAKE_CATALOG": str(warehouse)[len(lake.LAKE_PREFIX):],
+                "MLPLATFORM_DUCKDB_EXTENSIONS": str(lake.EXTENSION_DIR)}
+    return {**variables, "MLPLATFORM_WAREHOUSE": str(warehouse)}
 
 
 def dbt_executable() -> str:

@@ -82,6 +82,10 @@ def connect(path, read_only: bool = False, max_wait: float = LOCK_WAIT_SECONDS, 
     error that names it and says how to rebuild it."""
     import duckdb
 
+    from mlplatform import lake
+
+    if lake.is_lake(path):  # no file lock: DuckLake's commits are optimistic (see in_one_transaction)
+        return lake.connect_lake(str(path)[len(lake.LAKE_PREFIX):], config=config)
     try:
         return retry_while_locked(lambda: duckdb.connect(str(path), read_only=read_only, config=config or {}),
                                   max_wait)
@@ -96,42 +100,95 @@ def connect(path, read_only: bool = False, max_wait: float = LOCK_WAIT_SECONDS, 
         ) from exc
 
 
+def on_lake(conn: duckdb.DuckDBPyConnection) -> bool:
+    """Whether this connection's warehouse is a DuckLake (no keys, optimistic commits)."""
+    kind = conn.execute("SELECT type FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return bool(kind) and kind[0] == "ducklake"
+
+
+def staging_schema(conn: duckdb.DuckDBPyConnection) -> str:
+    """Where this connection stages writes: ``_loading`` in the warehouse file, or in the
+    connection's own memory when the warehouse is a DuckLake (a staging table there would be
+    Parquet files and catalog rows, shared by every worker staging the same table)."""
+    return f"memory.{STAGING_SCHEMA}" if on_lake(conn) else STAGING_SCHEMA
+
+
 @contextlib.contextmanager
-def staging_table(conn: duckdb.DuckDBPyConnection, name: str, ddl: str):
-    """``_loading.<name>`` made by ``ddl`` (a ``CREATE TABLE`` of that name), outside any
-    transaction, and dropped on the way out, also when a run is killed (the next one replaces
-    it). Writes go there first, then into their table in one transaction (``in_one_transaction``):
-    DuckDB holds a transaction's small appends in memory until it commits (1.5 GB for a year of
-    predictions in the 10x benchmark), not one large insert."""
-    staging = f"{STAGING_SCHEMA}.{name}"
-    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {STAGING_SCHEMA}")
+def staging_table(conn: duckdb.DuckDBPyConnection, name: str, ddl):
+    """``<staging schema>.<name>`` made by ``ddl(schema)`` (a ``CREATE TABLE`` of that name in
+    that schema), outside any transaction, and dropped on the way out, also when a run is killed
+    (the next one replaces it). Writes go there first, then into their table in one transaction
+    (``in_one_transaction``): DuckDB holds a transaction's small appends in memory until it
+    commits (1.5 GB for a year of predictions in the 10x benchmark), not one large insert."""
+    schema = staging_schema(conn)
+    staging = f"{schema}.{name}"
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     conn.execute(f"DROP TABLE IF EXISTS {staging}")
-    conn.execute(ddl)
+    conn.execute(ddl(schema))
     try:
         yield staging
     finally:
         conn.execute(f"DROP TABLE IF EXISTS {staging}")
 
 
-def in_one_transaction(conn: duckdb.DuckDBPyConnection, statements: Iterable, before_commit=None) -> list:
-    """``statements`` (SQL, or (SQL, parameters)) in one transaction: all of them or none.
+# How long a write refused by DuckLake as a conflict (another worker committed to the same table
+# first) is tried again, with backoff, before the step fails
+CONFLICT_WAIT_SECONDS = 120.0
+
+
+def retry_on_conflict(fn, max_wait: float = CONFLICT_WAIT_SECONDS):
+    """``fn()``, again with backoff (0.05 s doubling to 2 s, jittered) while DuckLake refuses its
+    commit as a conflict (``lake.is_conflict``: the transaction was rolled back whole, so running
+    it again is safe). On a DuckDB file there are no conflicts: ``fn()`` once."""
+    import random
+
+    from mlplatform.lake import is_conflict
+
+    delay, waited = 0.05, 0.0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - anything but a conflict is raised at once
+            if not is_conflict(exc) or waited >= max_wait:
+                raise
+        pause = delay * random.uniform(0.5, 1.5)
+        time.sleep(pause)
+        waited += pause
+        delay = min(delay * 2, 2.0)
+
+
+def create_tables(conn: duckdb.DuckDBPyConnection, ddl: str) -> None:
+    """Run ``CREATE SCHEMA/TABLE IF NOT EXISTS`` statements: on a DuckLake two workers creating
+    the same table at once conflict, and the second finds it made when it tries again."""
+    retry_on_conflict(lambda: conn.execute(ddl))
+
+
+def in_one_transaction(conn: duckdb.DuckDBPyConnection, statements, before_commit=None) -> list:
+    """``statements`` (SQL, or (SQL, parameters)) in one transaction: all of them or none, run
+    again whole when a DuckLake refuses the commit as a conflict (``retry_on_conflict``).
     ``before_commit`` runs inside it, after every write (fault injection for the crash tests).
     Returns what each statement answered first (an INSERT's or DELETE's row count)."""
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        answers = []
-        for statement in statements:
-            sql, params = (statement, None) if isinstance(statement, str) else statement
-            cursor = conn.execute(sql, params) if params is not None else conn.execute(sql)
-            first = cursor.fetchone() if cursor.description else None
-            answers.append(first[0] if first else None)
-        if before_commit:
-            before_commit()
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return answers
+    statements = list(statements)
+
+    def attempt() -> list:
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            answers = []
+            for statement in statements:
+                sql, params = (statement, None) if isinstance(statement, str) else statement
+                cursor = conn.execute(sql, params) if params is not None else conn.execute(sql)
+                first = cursor.fetchone() if cursor.description else None
+                answers.append(first[0] if first else None)
+            if before_commit:
+                before_commit()
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):  # a refused COMMIT has already rolled back
+                conn.execute("ROLLBACK")
+            raise
+        return answers
+
+    return retry_on_conflict(attempt)
 
 
 def replace_window(conn: duckdb.DuckDBPyConnection, table: str, date_column: str, start, end,
@@ -141,7 +198,8 @@ def replace_window(conn: duckdb.DuckDBPyConnection, table: str, date_column: str
     (staged first: ``staging_table``)."""
     name = table.split(".")[-1]
     rows = 0
-    with staging_table(conn, name, f"CREATE TABLE {STAGING_SCHEMA}.{name} AS SELECT * FROM {table} LIMIT 0") as staging:
+    with staging_table(conn, name, lambda schema: f"CREATE TABLE {schema}.{name} AS SELECT * FROM {table} LIMIT 0") \
+            as staging:
         for batch in batches:
             if len(batch):
                 columns = ", ".join(f'"{c}"' for c in batch.columns)

@@ -248,7 +248,7 @@ def test_warehouse_connections_keep_to_the_memory_limit(home, monkeypatch):
 
     from mlplatform.resources import warehouse_reader_resource, warehouse_resource
     from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
-    from mlplatform.transform.assets import dbt_variables
+    from mlplatform.settings import dbt_variables
 
     monkeypatch.setenv("MLPLATFORM_DUCKDB_MEMORY_LIMIT", "300MB")
     settings = Settings.from_env()

@@ -159,15 +159,15 @@ def test_dbt_build_works_standalone(home, instance):
     from mlplatform.ingest.contracts import AIRLINES, AIRPORTS, FLIGHTS, PLANES, WEATHER
     from mlplatform.ingest.load import load
     from mlplatform.settings import DBT_PROJECT_DIR
-    from mlplatform.stream.ingest import EVENTS_DDL
+    from mlplatform.stream.ingest import events_ddl
 
     with duckdb.connect(str(home.warehouse)) as conn:
         for contract in (AIRLINES, AIRPORTS, PLANES):
             load(conn, contract, home.landing)
         for contract in (FLIGHTS, WEATHER):
             load(conn, contract, home.landing, [D(2013, 1, 1), D(2013, 1, 2)])
-        conn.execute(EVENTS_DDL)  # the stream's raw table, empty: no events were streamed
-    from mlplatform.transform.assets import dbt_variables
+        conn.execute(events_ddl(conn))  # the stream's raw table, empty: no events were streamed
+    from mlplatform.settings import dbt_variables
 
     env = {**os.environ, **dbt_variables(home.warehouse, home.duckdb_memory_limit),
            "DBT_TARGET_PATH": str(home.home / "dbt-standalone")}

@@ -20,7 +20,7 @@ from mlplatform.ingest.contracts import Contract
 from mlplatform.ingest.landing import MissingLandingFile, find_file
 from mlplatform.ingest.parse import LandingFileError, read_rows, scratch_connection, typed
 from mlplatform.partitions import CHUNK_DAYS
-from mlplatform.warehouse import STAGING_SCHEMA, in_one_transaction, staging_table
+from mlplatform.warehouse import create_tables, in_one_transaction, staging_table
 
 if TYPE_CHECKING:
     import duckdb
@@ -76,8 +76,7 @@ def table_ddl(contract: Contract, schema: str) -> str:
 
 def ensure_tables(conn: duckdb.DuckDBPyConnection, contract: Contract) -> None:
     for schema in ("raw", "quarantine"):
-        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-        conn.execute(table_ddl(contract, schema))
+        create_tables(conn, f"CREATE SCHEMA IF NOT EXISTS {schema}; {table_ddl(contract, schema)}")
 
 
 def _classify_sql(contract: Contract) -> str:
@@ -177,7 +176,7 @@ def load(
     paths, errors = {}, []
     scratch = scratch_connection()
     try:
-        with staging_table(conn, contract.name, table_ddl(contract, STAGING_SCHEMA)) as staging:
+        with staging_table(conn, contract.name, lambda schema: table_ddl(contract, schema)) as staging:
             for i in range(0, len(targets), READ_DAYS):
                 try:
                     read, batch = _read_all(contract, landing, targets[i : i + READ_DAYS], scratch)

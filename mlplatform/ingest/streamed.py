@@ -45,6 +45,7 @@ from mlplatform import keys
 from mlplatform.partitions import chunks, daily_partitions, days_between, single_run, window_of
 from mlplatform.resources import Warehouse
 from mlplatform.settings import Settings
+from mlplatform.warehouse import create_tables
 
 OWNERS = ["team:data-platform"]
 MICRO_BATCH_SECONDS = 60  # the longest a micro-batch run consumes before it lets the next one start
@@ -218,7 +219,7 @@ def _reconcile(conn, start: dt.date, end: dt.date) -> dict:
     pool=keys.WAREHOUSE_POOL,
 )
 def raw_flight_events(context: AssetExecutionContext, broker: StreamBroker, warehouse: Warehouse) -> MaterializeResult:
-    from mlplatform.stream.ingest import EVENTS_DDL, consume
+    from mlplatform.stream.ingest import consume, events_ddl
 
     start, end = window_of(context)
     connected = broker.connect()
@@ -232,7 +233,7 @@ def raw_flight_events(context: AssetExecutionContext, broker: StreamBroker, ware
     else:
         context.log.warning("no broker answers at %s: the days are reconciled with what the warehouse has", broker.url)
     with warehouse.get_connection() as conn:
-        conn.execute(EVENTS_DDL)
+        create_tables(conn, events_ddl(conn))
         days = reconcile(conn, start, end)
         counts = dict(conn.execute(
             "SELECT kind, count(*) FROM raw.flight_events WHERE _partition_date BETWEEN ? AND ? GROUP BY 1",

@@ -43,7 +43,7 @@ from mlplatform.resources import ProfileStore, WarehouseReader
 from mlplatform.training import model as m
 from mlplatform.training.tracking import TrainedModel
 from mlplatform.training.tracking import MlflowTracking, training_window
-from mlplatform.warehouse import replace_window
+from mlplatform.warehouse import create_tables, replace_window
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -99,7 +99,7 @@ ALTER TABLE monitoring.model_performance ADD COLUMN IF NOT EXISTS window_roc_auc
 
 def replace_days(conn, table: str, date_column: str, frame: "pd.DataFrame", start: dt.date, end: dt.date) -> None:
     """Replace the days start..end of a monitoring table with ``frame``, in one transaction."""
-    conn.execute(MONITORING_DDL)
+    create_tables(conn, MONITORING_DDL)
     replace_window(conn, table, date_column, start, end, [frame])
 
 

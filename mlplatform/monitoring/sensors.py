@@ -66,7 +66,7 @@ from mlplatform.keys import REQUESTED_BY_TAG, RUN_KEY_TAG, TRIGGER_TAG, WINDOWS_
 from mlplatform.settings import Settings
 from mlplatform.training import model as m
 from mlplatform.training.tracking import CHAMPION, TRAIN_START_TAG, MlflowTracking, tracking_from, training_window
-from mlplatform.warehouse import connect, has_table, is_locked
+from mlplatform.warehouse import connect, create_tables, has_table, is_locked
 
 SENSOR_NAME = "retraining_sensor"
 IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
@@ -318,7 +318,7 @@ def record_alert(warehouse_path: str, job_name: str, run_id: str, message: str, 
 
     def store() -> None:
         with connect(warehouse_path, max_wait=60) as conn:  # one writer at a time: wait for it
-            conn.execute(ALERTS_DDL)
+            create_tables(conn, ALERTS_DDL)
             conn.execute(
                 "INSERT INTO monitoring.alerts VALUES (?, 'run_failure', ?, ?, ?, ?)",
                 [dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), job_name, run_id, message[:4000],

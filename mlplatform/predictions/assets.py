@@ -25,7 +25,7 @@ from mlplatform.rollout import stages
 from mlplatform.rollout.stages import CHAMPION
 from mlplatform.training import model as m
 from mlplatform.training.tracking import MlflowTracking
-from mlplatform.warehouse import replace_window, table_metadata
+from mlplatform.warehouse import create_tables, replace_window, table_metadata
 
 PREDICTIONS_DDL = """
 CREATE SCHEMA IF NOT EXISTS predictions;
@@ -60,7 +60,7 @@ def write_predictions(conn, batches, versions: dict[str, str], start: dt.date, e
                     delay_probability=probability, model_version=str(version), scored_at=scored_at,
                     stage=versions[version])
 
-    conn.execute(PREDICTIONS_DDL)
+    create_tables(conn, PREDICTIONS_DDL)
     replace_window(conn, "predictions.flight_delay", "flight_date", start, end, frames())
     return rows, total
 

@@ -58,7 +58,7 @@ from mlplatform.training.tracking import (
     TrainedModel,
     training_window,
 )
-from mlplatform.warehouse import has_table, in_one_transaction, sql_literal
+from mlplatform.warehouse import create_tables, has_table, in_one_transaction, sql_literal
 
 OWNERS = ["team:ml-platform"]
 # the MLflow alias of each stage (``challenger`` stays the latest trained version, whatever its stage)
@@ -289,7 +289,7 @@ def _auc(labels, scores) -> float | None:
 
 def record_evaluation(conn, rows: list[dict], end: dt.date, model_name: str, run_id: str) -> None:
     """Replace ``end``'s rows of ``monitoring.online_evaluation`` (a re-run replaces, never adds)."""
-    conn.execute(EVALUATION_DDL)
+    create_tables(conn, EVALUATION_DDL)
     inserts = []
     for row in rows:
         row = {**row, "dagster_run_id": run_id}

@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from mlplatform.warehouse import has_table
+from mlplatform.warehouse import create_tables, has_table
 
 SHADOW, CANARY, CHAMPION, REJECTED, ROLLED_BACK, RETIRED = (
     "shadow", "canary", "champion", "rejected", "rolled_back", "retired")
@@ -71,7 +71,7 @@ class Move:
 
 def ensure_tables(conn) -> None:
     """The history's tables (writers call it; readers of a warehouse without them get nothing)."""
-    conn.execute(HISTORY_DDL)
+    create_tables(conn, HISTORY_DDL)
 
 
 def _recorded(conn) -> bool:

@@ -104,4 +104,4 @@ def _snapshot(settings: Settings, compiled):
     from mlplatform.serving.features import Snapshot
     from mlplatform.warehouse import retry_while_locked
 
-    return retry_while_locked(lambda: Snapshot.load(settings.warehouse, compiled.relations), max_wait=60)
+    return retry_while_locked(lambda: Snapshot.load(settings.database, compiled.relations), max_wait=60)

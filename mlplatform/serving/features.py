@@ -22,8 +22,8 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from mlplatform import keys
-from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
+from mlplatform import keys, lake
+from mlplatform.settings import DBT_PROJECT_DIR, LAKE_TARGET, Settings, dbt_executable, dbt_variables
 from mlplatform.warehouse import sql_literal
 
 ANALYSIS = "online_features"
@@ -81,23 +81,24 @@ def compile_online_features(settings: Settings, target_dir: Path) -> CompiledFea
     )
     fresh = (
         sql_path.exists() and intraday_path.exists() and manifest_path.exists() and stamp.exists()
-        and stamp.read_text() == str(settings.warehouse)
+        and stamp.read_text() == settings.database
         and min(p.stat().st_mtime for p in (sql_path, intraday_path, manifest_path)) > newest
     )
     if not fresh:
         env = {
             **os.environ,
             **settings.as_env(),
+            **dbt_variables(settings.database, settings.duckdb_memory_limit),
             "DBT_TARGET_PATH": str(target_dir),
             "DBT_LOG_PATH": str(target_dir / "logs"),
             "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
         }
         command = [dbt_executable(), "compile", "--select", ANALYSIS, INTRADAY_ANALYSIS, "--no-populate-cache",
-                   "--quiet"]
+                   "--quiet", *(["--target", LAKE_TARGET] if settings.lake_catalog else [])]
         done = subprocess.run(command, cwd=DBT_PROJECT_DIR, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"dbt compile of {ANALYSIS} failed:\n{done.stdout}\n{done.stderr}")
-        stamp.write_text(str(settings.warehouse))
+        stamp.write_text(settings.database)
     manifest = json.loads(manifest_path.read_text())
     node = manifest["nodes"][f"analysis.mlplatform.{ANALYSIS}"]
     relations = []
@@ -211,19 +212,13 @@ class Snapshot:
                 self.conn.unregister("arrived")
 
     @classmethod
-    def load(cls, warehouse: Path, relations: tuple[Relation, ...]) -> "Snapshot":
-        if not warehouse.exists():
+    def load(cls, warehouse, relations: tuple[Relation, ...]) -> "Snapshot":
+        """A copy of ``relations`` from ``warehouse`` (``Settings.database``: a DuckDB file, or a
+        DuckLake, read at its current snapshot)."""
+        if not lake.is_lake(warehouse) and not Path(warehouse).exists():
             raise WarehouseUnavailable(f"warehouse not found: {warehouse} (run the pipeline first: make run)")
-        mtime = changed_at(warehouse)
-        conn = duckdb.connect()
+        conn, mtime = _attached(warehouse)
         conn.execute("SET TimeZone = 'UTC'")
-        try:
-            conn.execute(f"ATTACH {sql_literal(warehouse)} AS __warehouse__ (READ_ONLY)")
-        except duckdb.IOException as exc:
-            conn.close()
-            if "lock" in str(exc).lower():
-                raise WarehouseUnavailable(f"warehouse busy: a writer holds {warehouse}; retrying ({exc})") from exc
-            raise WarehouseUnavailable(f"warehouse unreadable: {warehouse} ({exc})") from exc
         try:
             for database in sorted({r.database for r in relations}):
                 conn.execute(f'ATTACH IF NOT EXISTS \':memory:\' AS "{database}"')
@@ -263,7 +258,33 @@ def _values(conn, sql: str) -> set[str]:
     return {row[0] for row in conn.execute(sql).fetchall() if row[0] is not None}
 
 
-def changed_at(warehouse: Path) -> float:
-    """Changes whenever the warehouse does (the file, or its write-ahead log)."""
+def _attached(warehouse) -> tuple:
+    """A new in-memory DuckDB with ``warehouse`` attached read-only as ``__warehouse__``, and
+    what ``changed_at`` answers for the state attached."""
+    if lake.is_lake(warehouse):
+        conn = duckdb.connect(config=lake.extension_config(lake.install_extensions(lake.EXTENSION_DIR)))
+    else:
+        mtime = changed_at(warehouse)
+        conn = duckdb.connect()
+    try:
+        conn.execute(f"ATTACH {sql_literal(warehouse)} AS __warehouse__ (READ_ONLY)")
+        if lake.is_lake(warehouse):
+            mtime = float(conn.execute("FROM ducklake_current_snapshot('__warehouse__')").fetchone()[0])
+    except duckdb.Error as exc:
+        conn.close()
+        if "lock" in str(exc).lower():
+            raise WarehouseUnavailable(f"warehouse busy: a writer holds {warehouse}; retrying ({exc})") from exc
+        raise WarehouseUnavailable(f"warehouse unreadable: {warehouse} ({exc})") from exc
+    return conn, mtime
+
+
+def changed_at(warehouse) -> float:
+    """Changes whenever the warehouse does: the file, or its write-ahead log; a DuckLake's
+    current snapshot id."""
+    if lake.is_lake(warehouse):
+        conn, version = _attached(warehouse)
+        conn.close()
+        return version
+    warehouse = Path(warehouse)
     wal = warehouse.with_name(warehouse.name + ".wal")
     return max(p.stat().st_mtime for p in (warehouse, wal) if p.exists())

@@ -57,6 +57,7 @@ from mlplatform.serving.features import (
 from mlplatform.serving.inference_log import InferenceLog
 from mlplatform.rollout.traffic import DEFAULT_CANARY_SHARE, to_canary
 from mlplatform.serving.live import StreamTail, in_background
+from mlplatform import lake
 from mlplatform.settings import Settings
 from mlplatform.training.model import CATEGORICAL, INTRADAY, NUMERIC, as_number, model_input
 from mlplatform.training.tracking import (
@@ -279,12 +280,13 @@ class OnlineFeatures:
     def refresh(self) -> bool:
         """Load a new snapshot when the warehouse changed since the last one; returns whether
         one was loaded. On failure the previous snapshot stays in use and ``error`` says why."""
-        warehouse = self.settings.warehouse
+        warehouse = self.settings.database
         try:
             if self.compiled is None:
                 self.compiled = compile_online_features(self.settings, self.settings.home / SERVING_TARGET)
             current = self.loaded
-            if current is not None and warehouse.exists() and changed_at(warehouse) <= current.snapshot.source_mtime:
+            if current is not None and (lake.is_lake(warehouse) or Path(warehouse).exists()) \
+                    and changed_at(warehouse) <= current.snapshot.source_mtime:
                 return False
             snapshot = Snapshot.load(warehouse, self.compiled.relations)
             loaded = Loaded(snapshot, self.schedule_features(snapshot))

@@ -25,7 +25,7 @@ import orjson
 
 from mlplatform.stream.broker import Broker
 from mlplatform.stream.events import KINDS, WEATHER_FIELDS
-from mlplatform.warehouse import in_one_transaction
+from mlplatform.warehouse import create_tables, in_one_transaction, on_lake
 
 STREAM_SOURCE = "redis-stream"  # the raw table's _source_file for streamed rows
 FLIGHT_KINDS = ("departure", "arrival", "cancellation")
@@ -33,20 +33,28 @@ EARLIEST, LATEST = dt.datetime(2012, 12, 31), dt.datetime(2014, 1, 2)  # event t
 DELAY_RANGE = (-720, 2880)  # minutes, as the batch contract's
 BIGINT = 2**63  # the raw table's integers are 64-bit
 
+# (a DuckDB file keys the events, and a redelivered event is skipped by the key; a DuckLake has no
+# keys: ``write_and_ack`` skips what is there by an anti-join over the batch's days, ``events_ddl``)
 EVENTS_DDL = """
 CREATE SCHEMA IF NOT EXISTS raw;
 CREATE SCHEMA IF NOT EXISTS quarantine;
 CREATE TABLE IF NOT EXISTS raw.flight_events (
-    event_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL,
+    event_id VARCHAR {key}, kind VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL,
     flight_id VARCHAR, carrier VARCHAR, flight_number BIGINT, origin VARCHAR NOT NULL, dest VARCHAR,
     sched_dep_time BIGINT, tailnum VARCHAR, dep_delay DOUBLE, arr_delay DOUBLE, weather JSON,
     _partition_date DATE NOT NULL, _source_file VARCHAR, _message_id VARCHAR, _ingested_at TIMESTAMP
 );
 CREATE TABLE IF NOT EXISTS quarantine.flight_events (
-    _message_id VARCHAR PRIMARY KEY, event_id VARCHAR, kind VARCHAR, event_time TIMESTAMP,
+    _message_id VARCHAR {key}, event_id VARCHAR, kind VARCHAR, event_time TIMESTAMP,
     _partition_date DATE, payload VARCHAR, _rule VARCHAR NOT NULL, _reason VARCHAR NOT NULL, _ingested_at TIMESTAMP
 );
 """
+
+
+def events_ddl(conn) -> str:
+    return EVENTS_DDL.format(key="" if on_lake(conn) else "PRIMARY KEY")
+
+
 COLUMNS = ["event_id", "kind", "event_time", "flight_id", "carrier", "flight_number", "origin", "dest",
            "sched_dep_time", "tailnum", "dep_delay", "arr_delay", "weather", "_partition_date", "_source_file",
            "_message_id", "_ingested_at"]
@@ -252,17 +260,33 @@ def write_and_ack(broker: Broker, conn, checked: Checked, before_ack=None) -> Mi
             statements.append("INSERT OR IGNORE INTO quarantine.flight_events BY NAME SELECT * FROM bad")
         return in_one_transaction(conn, statements)
 
+    def write_without_keys() -> list:  # a DuckLake: what is there already, looked for on the batch's days
+        statements = [(
+            f"INSERT INTO raw.flight_events ({', '.join(COLUMNS)}) SELECT {', '.join(VALIDATED)}, ?, _message_id, ? "
+            "FROM good g WHERE NOT EXISTS (SELECT 1 FROM raw.flight_events r WHERE r.event_id = g.event_id "
+            "AND r._partition_date IN (SELECT DISTINCT _partition_date FROM good)) "
+            "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY _message_id) = 1",
+            [STREAM_SOURCE, checked.now])]
+        if bad:
+            statements.append("INSERT INTO quarantine.flight_events BY NAME SELECT * FROM bad b WHERE NOT EXISTS "
+                              "(SELECT 1 FROM quarantine.flight_events q WHERE q._message_id = b._message_id) "
+                              "QUALIFY row_number() OVER (PARTITION BY _message_id) = 1")
+        return in_one_transaction(conn, statements)
+
     if bad:
         conn.register("bad", pa.Table.from_pylist(bad))
     conn.register("good", good)
     try:
-        try:
-            # A plain insert first: an event already there is rare (a redelivery, an event published
-            # twice), and asking DuckDB to skip conflicts costs a third of the insert every time.
-            written = write("")
-        except duckdb.ConstraintException:
-            # the inserts' counts are the rows new to each table (what was there already is ignored)
-            written = write("OR IGNORE ")
+        if on_lake(conn):
+            written = write_without_keys()
+        else:
+            try:
+                # A plain insert first: an event already there is rare (a redelivery, an event published
+                # twice), and asking DuckDB to skip conflicts costs a third of the insert every time.
+                written = write("")
+            except duckdb.ConstraintException:
+                # the inserts' counts are the rows new to each table (what was there already is ignored)
+                written = write("OR IGNORE ")
     finally:
         conn.unregister("good")
         if bad:
@@ -283,12 +307,12 @@ def write_and_ack(broker: Broker, conn, checked: Checked, before_ack=None) -> Mi
 
 
 def open_events_tables(warehouse):
-    """A connection to ``warehouse`` with the events' tables created (``EVENTS_DDL``)."""
+    """A connection to ``warehouse`` with the events' tables created (``events_ddl``)."""
     from mlplatform.warehouse import connect
 
     conn = connect(warehouse)
     try:
-        conn.execute(EVENTS_DDL)
+        create_tables(conn, events_ddl(conn))
     except BaseException:
         conn.close()
         raise

@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mlplatform.warehouse import create_tables
+
 if TYPE_CHECKING:
     from mlplatform.partitions import Window
 
@@ -110,7 +112,7 @@ def decide(challenger: Evaluation, champion: Evaluation | None, base: Evaluation
 
 def record(conn, model_name: str, challenger: Evaluation, champion: Evaluation | None, decision: Decision,
            window: "Window", run_id: str | None, decided_at: dt.datetime | None = None) -> None:
-    conn.execute(PROMOTIONS_DDL)
+    create_tables(conn, PROMOTIONS_DDL)
     decided_at = decided_at or dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     details = {
         "challenger": {"metrics": challenger.metrics, "segments": challenger.segments},
@@ -147,7 +149,7 @@ class Recorded:
 
 def latest_decision(conn, model_name: str, version: str) -> Recorded | None:
     """The latest decision on ``version``, or None."""
-    conn.execute(PROMOTIONS_DDL)
+    create_tables(conn, PROMOTIONS_DDL)
     row = conn.execute(
         "SELECT decision, decided_at, applied_at, dagster_run_id, reason, eval_start, eval_end "
         "FROM monitoring.model_promotions "
@@ -169,7 +171,7 @@ def mark_applied(conn, model_name: str, version: str, applied_at: dt.datetime | 
 
 def champion_at(conn, model_name: str, when: dt.datetime) -> str | None:
     """The version that was champion at ``when``, from the warehouse alone."""
-    conn.execute(PROMOTIONS_DDL)
+    create_tables(conn, PROMOTIONS_DDL)
     row = conn.execute(
         "SELECT version FROM monitoring.champion_history WHERE model_name = ? AND champion_from <= ? "
         "AND (champion_until IS NULL OR champion_until > ?)",

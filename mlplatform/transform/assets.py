@@ -18,9 +18,12 @@ from typing import Any, Mapping
 from dagster import (
     AssetExecutionContext,
     AssetSelection,
+    Backoff,
     Config,
     Failure,
+    Jitter,
     Output,
+    RetryPolicy,
     TimeWindowPartitionMapping,
 )
 from dagster_dbt import DagsterDbtTranslator, DbtProject, dbt_assets
@@ -37,7 +40,7 @@ from mlplatform.partitions import (
     window_of,
 )
 from mlplatform.private_api import DbtCliWithoutPerCallCosts
-from mlplatform.settings import DBT_PROJECT_DIR, Settings, dbt_executable
+from mlplatform.settings import DBT_PROJECT_DIR, LAKE_TARGET, Settings, dbt_executable, dbt_variables
 from mlplatform.warehouse import table_metadata
 
 FEATURE_LOOKBACK_DAYS = 28  # dbt var feature_lookback_days
@@ -45,14 +48,8 @@ REFERENCE_MODELS = AssetSelection.tag("reference", "")  # dbt's tag:reference mo
 
 
 def dbt_project(settings: Settings) -> DbtProject:
-    return DbtProject(project_dir=DBT_PROJECT_DIR, target_path=settings.home / "dbt" / "target")
-
-
-def dbt_variables(warehouse: str, memory_limit: str) -> dict[str, str]:
-    """What dbt's ``profiles.yml`` reads from its environment: the same at parse time and at run
-    time, or dbt finds the profile changed and re-parses the whole project at every run."""
-    return {"MLPLATFORM_WAREHOUSE": str(warehouse), "MLPLATFORM_DUCKDB_MEMORY_LIMIT": str(memory_limit),
-            "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    return DbtProject(project_dir=DBT_PROJECT_DIR, target_path=settings.home / "dbt" / "target",
+                      target=LAKE_TARGET if settings.lake_catalog else None)
 
 
 def prepare(project: DbtProject, settings: Settings) -> None:
@@ -64,7 +61,7 @@ def prepare(project: DbtProject, settings: Settings) -> None:
     every dbt run then re-parses the seed and validates it, ~1 s of each daily run here
     (benchmarks/README.md, "One day"). This project runs where it was prepared. Without
     dagster-dbt's ``dbt --version`` subprocess before the parse (``private_api``), ~2 s."""
-    with environment(dbt_variables(settings.warehouse, settings.duckdb_memory_limit)):
+    with environment(dbt_variables(settings.database, settings.duckdb_memory_limit)):
         DbtCliWithoutPerCallCosts(project_dir=project, dbt_executable=dbt_executable()).cli(
             ["parse", "--quiet"], target_path=project.target_path
         ).wait()
@@ -94,7 +91,8 @@ class DbtCli(DbtCliWithoutPerCallCosts):
     platform makes. Not ``--vars``: a change of vars makes dbt re-parse the whole project, ~2 s
     of every run (``macros/partition_window.sql``)."""
 
-    warehouse: str = Field(description="The DuckDB warehouse (MLPLATFORM_WAREHOUSE for dbt).")
+    warehouse: str = Field(description="The DuckDB warehouse (MLPLATFORM_WAREHOUSE for dbt), or ducklake:<catalog> "
+                           "(MLPLATFORM_LAKE_CATALOG, with the target `lake`).")
     memory_limit: str = Field("512MB", description="DuckDB's memory limit (MLPLATFORM_DUCKDB_MEMORY_LIMIT for dbt).")
     prepared_target: str = Field(description="Where the manifest and dbt's partial-parse state were prepared: "
                                  "dagster-dbt copies that state into each run's own target (DBT_TARGET_PATH).")
@@ -110,7 +108,7 @@ class DbtCli(DbtCliWithoutPerCallCosts):
 
 
 def dbt_resource(settings: Settings, project: DbtProject) -> DbtCli:
-    return DbtCli(project_dir=project, dbt_executable=dbt_executable(), warehouse=settings.config("warehouse"),
+    return DbtCli(project_dir=project, dbt_executable=dbt_executable(), warehouse=settings.database_config(),
                   memory_limit=settings.config("duckdb_memory_limit"), prepared_target=str(project.target_path))
 
 
@@ -174,6 +172,7 @@ def _with_table_metadata(events, manifest: Mapping, warehouse: DuckDBResource, w
 
 
 WINDOW_ENV = ("MLPLATFORM_MIN_DATE", "MLPLATFORM_MAX_DATE")
+CONFLICT_RETRY = RetryPolicy(max_retries=5, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 
 
 @contextlib.contextmanager
@@ -207,6 +206,10 @@ def build_dbt_assets(project: DbtProject, settings: Settings):
     manifest_path = ensure_manifest(project, settings)
     manifest = json.loads(manifest_path.read_text())
     translator = Translator()
+    # On a DuckLake, a model whose window another run replaced first fails its commit as a conflict
+    # (optimistic commits, README "DuckLake"); its step runs again, and the incremental models
+    # replace their window again
+    retry = CONFLICT_RETRY if settings.lake_catalog else None
 
     @dbt_assets(
         manifest=manifest,
@@ -215,6 +218,7 @@ def build_dbt_assets(project: DbtProject, settings: Settings):
         name="dbt_reference",
         dagster_dbt_translator=translator,
         pool=keys.WAREHOUSE_POOL,
+        retry_policy=retry,
     )
     def dbt_reference(context: AssetExecutionContext, config: DbtConfig, dbt: DbtCli, warehouse: DuckDBResource):
         invocation = dbt.cli(build_args(config), context=context)
@@ -229,6 +233,7 @@ def build_dbt_assets(project: DbtProject, settings: Settings):
         backfill_policy=single_run,
         dagster_dbt_translator=translator,
         pool=keys.WAREHOUSE_POOL,
+        retry_policy=retry,
     )
     def dbt_daily(context: AssetExecutionContext, config: DbtConfig, dbt: DbtCli, warehouse: DuckDBResource):
         start, end = window_of(context)

@@ -1,0 +1,309 @@
+"""The distributed profile (`mlplatform cluster`), started for real on loopback: PostgreSQL with
+scram-sha-256, Redis with an ACL user, the MLflow server behind basic auth, two Celery workers,
+Dagster's daemon and webserver; the warehouse a DuckLake with its catalog in that PostgreSQL.
+
+One cluster for the module (it takes ~30 s to start): a month's daily backfill launched through
+the webserver, a run per week, executed by both workers, every source row once, the features
+equal to the embedded profile's; then training on the MLflow server and a server answering with
+that model from the DuckLake."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mlplatform import lake
+from mlplatform.cluster import USER, Cluster
+from mlplatform_tests.conftest import CHAMPION_TRAINING, free_port
+
+LANE = "system"
+pytestmark = pytest.mark.xdist_group("cluster")
+
+MONTH = (dt.date(2013, 1, 1), dt.date(2013, 1, 28))
+WEEKS = [(MONTH[0] + dt.timedelta(days=7 * i), MONTH[0] + dt.timedelta(days=7 * i + 6)) for i in range(4)]
+MLPLATFORM = str(Path(sys.executable).parent / "mlplatform")
+RANGE = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def cluster(replayed):
+    """The profile started by `mlplatform cluster start` in a home of its own (PostgreSQL runs as
+    the user postgres: the home is readable by it), the sensors slowed to leave the runs to the
+    test; stopped by `mlplatform cluster stop`, which must leave no process behind."""
+    root = Path(tempfile.mkdtemp(prefix="mlplatform-cluster-"))
+    root.chmod(0o755)
+    home = root / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLPLATFORM_", "DAGSTER_"))}
+    env.update({
+        "MLPLATFORM_HOME": str(home),
+        "PGPASSWORD": secrets.token_hex(12), "MLPLATFORM_REDIS_PASSWORD": secrets.token_hex(12),
+        "MLFLOW_TRACKING_PASSWORD": secrets.token_hex(12),
+        "MLPLATFORM_CLUSTER_PG_PORT": str(free_port()), "MLPLATFORM_CLUSTER_REDIS_PORT": str(free_port()),
+        "MLPLATFORM_CLUSTER_MLFLOW_PORT": str(free_port()), "MLPLATFORM_CLUSTER_UI_PORT": str(free_port()),
+        **{f"MLPLATFORM_{name}_INTERVAL_SECONDS": "86400"
+           for name in ("LANDING_SENSOR", "STREAM_SENSOR", "AUTOMATION", "RETRAINING_SENSOR")},
+    })
+    found = Cluster.from_env(env)
+    started = subprocess.run([MLPLATFORM, "cluster", "start"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        full = {**env, **found.env(env)}
+        shutil.copytree(replayed, home / "landing", dirs_exist_ok=True)
+        yield found, full
+    finally:
+        supervisor = (home / "cluster.pid").read_text().split()[0] if (home / "cluster.pid").exists() else None
+        stopped = subprocess.run([MLPLATFORM, "cluster", "stop"], env=env, capture_output=True, text=True, timeout=120)
+        left = running_in(int(supervisor), home) if supervisor else []
+        shutil.rmtree(root, ignore_errors=True)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert not left, f"processes of the cluster still running after `cluster stop`: {left}"
+
+
+def running_in(session: int, home: Path, wait: float = 10.0) -> list[str]:
+    """Living processes (not zombies) of the supervisor's session, or with the cluster's home on
+    their command line, after at most ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z" and (int(fields[3]) == session or str(home) in command):
+                found.append(f"{entry.name} {command[:100]}")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses a TCP port listens on (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+                found.add(address)
+    return found
+
+
+def test_every_service_refuses_a_client_without_credentials(cluster):
+    import httpx
+    import psycopg2
+    import redis
+
+    found, env = cluster
+    # PostgreSQL: scram-sha-256 for every connection, no `trust`
+    hba = (found.pg_root / "data" / "pg_hba.conf").read_text().splitlines()
+    rules = [line.split() for line in hba if line.strip() and not line.startswith("#")]
+    assert rules and all(rule[-1] == "scram-sha-256" for rule in rules), rules
+    for password in (None, "wrong"):
+        with pytest.raises(psycopg2.OperationalError, match="no password supplied|password authentication failed"):
+            psycopg2.connect(host="127.0.0.1", port=found.pg_port, user=USER, dbname="lake",
+                             **({"password": password} if password else {}),
+                             **({"passfile": "/dev/null"}))
+    with environment({"PGPASSWORD": ""}):
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(host="127.0.0.1", port=found.pg_port, user=USER, dbname="lake")
+    psycopg2.connect(host="127.0.0.1", port=found.pg_port, user=USER, dbname="lake",
+                     password=env["PGPASSWORD"]).close()
+    # Redis: the default user is off; the ACL user needs its password
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=found.redis_port).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=found.redis_port, username=USER, password="wrong").ping()
+    assert redis.Redis(port=found.redis_port, username=USER, password=env["MLPLATFORM_REDIS_PASSWORD"]).ping()
+    assert "MLPLATFORM_REDIS_PASSWORD" not in (found.home / "redis-cluster" / "users.acl").read_text()
+    assert env["MLPLATFORM_REDIS_PASSWORD"] not in (found.home / "redis-cluster" / "users.acl").read_text()
+    # MLflow: the basic-auth app
+    url = f"http://127.0.0.1:{found.mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, auth=(USER, "wrong")).status_code == 401
+    assert httpx.get(url, auth=(USER, env["MLFLOW_TRACKING_PASSWORD"])).status_code == 200
+    # every port listens on loopback only (the Dagster UI has no login: loopback, or a proxy)
+    for port in (found.pg_port, found.redis_port, found.mlflow_port, found.ui_port):
+        assert listening_addresses(port) == {"0100007F"}, port
+    # nothing under the home holds a password
+    for path in found.home.rglob("*"):
+        if path.is_file() and path.stat().st_size < 5_000_000 and "postgres" not in path.parts:
+            text = path.read_bytes()
+            for name in ("PGPASSWORD", "MLPLATFORM_REDIS_PASSWORD", "MLFLOW_TRACKING_PASSWORD"):
+                assert env[name].encode() not in text, f"{name} written in {path}"
+
+
+def submit(found: Cluster, job: str, tags: dict | None = None, run_config: dict | None = None) -> str:
+    from dagster_graphql import DagsterGraphQLClient
+
+    client = DagsterGraphQLClient("127.0.0.1", port_number=found.ui_port)
+    return client.submit_job_execution(job, tags=tags or {}, run_config=run_config or {})
+
+
+def wait_for(instance, run_ids: list[str], timeout: float = 900.0) -> dict:
+    from dagster import DagsterRunStatus
+
+    ended = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = {run_id: instance.get_run_by_id(run_id) for run_id in run_ids}
+        if all(run.status in ended for run in runs.values()):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"runs not ended in {timeout:.0f} s: " + ", ".join(
+        f"{run_id[:8]} {run.status.value}" for run_id, run in runs.items()))
+
+
+def step_failures(instance, run_id: str) -> str:
+    return "\n".join(f"{e.step_key}: {e.dagster_event.event_specific_data.error.message[:1500]}"
+                     for e in instance.all_logs(run_id) if e.is_dagster_event and e.dagster_event.is_step_failure)
+
+
+def workers_of(instance, run_id: str) -> dict[str, str]:
+    """step -> the Celery worker that executed it (dagster-celery's engine event)."""
+    found = {}
+    for record in instance.all_logs(run_id):
+        event = record.dagster_event
+        if record.is_dagster_event and event.event_type_value == "ENGINE_EVENT" and record.step_key:
+            metadata = event.engine_event_data.metadata or {}
+            if "Celery worker" in metadata:
+                found[record.step_key] = metadata["Celery worker"].value
+    return found
+
+
+def launch_backfill(found: Cluster, assets: list, days: list[str]) -> str:
+    """A backfill of ``assets`` over ``days``, launched through the webserver's GraphQL API as the
+    UI's "Materialize" does."""
+    import httpx
+
+    mutation = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+        __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+    params = {"assetSelection": [{"path": key.path} for key in assets], "partitionNames": days}
+    answer = httpx.post(f"http://127.0.0.1:{found.ui_port}/graphql", timeout=60,
+                        json={"query": mutation, "variables": {"params": params}}).json()
+    launched = answer["data"]["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", answer
+    return launched["backfillId"]
+
+
+def test_a_month_backfill_runs_on_both_workers_and_lands_every_row_once(cluster, world):
+    """The month as a backfill of daily_job's assets: a run per week (partitions.week_runs), the
+    weeks' ingestion side by side, each week's features once the days they look back on are
+    built; the steps on both workers."""
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    from mlplatform.definitions import DAILY_JOB, build_defs
+    from mlplatform.settings import Settings
+
+    found, env = cluster
+    days = [str(MONTH[0] + dt.timedelta(days=i)) for i in range((MONTH[1] - MONTH[0]).days + 1)]
+    with environment(env):
+        daily_assets = sorted(build_defs(Settings.from_env(env)).resolve_job_def(DAILY_JOB).asset_layer.selected_asset_keys)
+        with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            reference = submit(found, "reference_job")
+            runs = wait_for(instance, [reference])
+            assert runs[reference].status == DagsterRunStatus.SUCCESS, step_failures(instance, reference)
+            backfill_id = launch_backfill(found, daily_assets, days)
+            deadline = time.monotonic() + 900
+            while instance.get_backfill(backfill_id).status.value == "REQUESTED":
+                assert time.monotonic() < deadline, "the backfill did not end in 15 minutes"
+                time.sleep(2)
+            runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+            failed = {r.run_id[:8]: step_failures(instance, r.run_id) for r in runs if r.status != DagsterRunStatus.SUCCESS}
+            assert instance.get_backfill(backfill_id).status.value == "COMPLETED_SUCCESS", failed
+            assert not failed, failed
+            by_step = {(r.run_id, step): worker for r in runs for step, worker in workers_of(instance, r.run_id).items()}
+            spans = sorted((instance.get_run_record_by_id(r.run_id).start_time,
+                            instance.get_run_record_by_id(r.run_id).end_time) for r in runs)
+            windows = sorted({(r.tags.get(RANGE[0]), r.tags.get(RANGE[1])) for r in runs})
+    # a run per week, some of them at the same time, every step executed by a worker, both workers busy
+    assert {window[0] for window in windows} >= {str(week[0]) for week in WEEKS}, windows
+    assert all(dt.date.fromisoformat(end) - dt.date.fromisoformat(start) <= dt.timedelta(days=6)
+               for start, end in windows), windows
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), f"no two runs overlapped: {spans}"
+    assert len(by_step) >= len(runs), by_step
+    assert {worker.split("@")[0] for worker in by_step.values()} == {"worker-1", "worker-2"}, by_step
+
+    with environment(env), lake.connect_lake(env["MLPLATFORM_LAKE_CATALOG"]) as conn:
+        conn.execute(f"ATTACH '{world / 'warehouse.duckdb'}' AS embedded (READ_ONLY)")
+        window = f"BETWEEN DATE '{MONTH[0]}' AND DATE '{MONTH[1]}'"
+        for table, key in (("flights", "year, month, day, carrier, flight, origin, sched_dep_time"),
+                           ("weather", "origin, time_hour")):
+            on_lake = conn.execute(f"SELECT count(*), count(DISTINCT ({key})) FROM lake.raw.{table} "
+                                   f"WHERE _partition_date {window}").fetchone()
+            embedded = conn.execute(f"SELECT count(*) FROM embedded.raw.{table} WHERE _partition_date {window}").fetchone()
+            quarantined = conn.execute(f"SELECT count(*) FROM lake.quarantine.{table} WHERE _partition_date {window}"
+                                       ).fetchone()[0]
+            assert on_lake[0] == on_lake[1] == embedded[0] > 0, (table, on_lake, embedded)
+            assert quarantined == conn.execute(
+                f"SELECT count(*) FROM embedded.quarantine.{table} WHERE _partition_date {window}").fetchone()[0]
+        query = f"SELECT * FROM {{}}.features.flight_features WHERE flight_date {window} ORDER BY flight_id"
+        on_lake, on_file = conn.sql(query.format("lake")).df(), conn.sql(query.format("embedded")).df()
+    assert len(on_lake) > 20_000
+    pd.testing.assert_frame_equal(on_lake, on_file)
+
+
+def test_training_registers_on_the_mlflow_server_and_serving_answers_from_the_lake(cluster):
+    import httpx
+    from dagster import DagsterInstance, DagsterRunStatus
+    from mlflow import MlflowClient
+
+    found, env = cluster
+    training = {"ops": {"flight_delay_model": {"config": {**CHAMPION_TRAINING, "eval_end": str(MONTH[1])}}}}
+    with environment(env):
+        with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            run_id = submit(found, "training_job", run_config=training)
+            runs = wait_for(instance, [run_id])
+            assert runs[run_id].status == DagsterRunStatus.SUCCESS, step_failures(instance, run_id)
+        client = MlflowClient(tracking_uri=env["MLPLATFORM_MLFLOW_URI"])
+        versions = client.search_model_versions("name = 'flight_delay'")
+        assert versions, "no model version registered on the MLflow server"
+    port = free_port()
+    server = subprocess.Popen([MLPLATFORM, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, ready = time.monotonic() + 180, None
+        while time.monotonic() < deadline and server.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                ready = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                if ready.status_code == 200:
+                    break
+            time.sleep(1)
+        assert ready is not None and ready.status_code == 200, (ready and ready.text, server.poll())
+        flight = {"flight_date": "2013-01-28", "carrier": "UA", "flight_number": 1545, "origin": "EWR",
+                  "dest": "IAH", "sched_dep_time": 515, "tailnum": "N14228"}
+        answer = httpx.post(f"http://127.0.0.1:{port}/predict", json=flight, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model_version"] in {v.version for v in versions}, answer.json()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
