@@ -32,7 +32,7 @@ UV_SYNC := $(BIN)/uv pip sync --quiet --compile-bytecode
 # The install is redone when the lock, the project metadata or the install command change.
 STAMP := $(VENV)/.installed-$(shell (cat requirements.lock pyproject.toml; echo '$(UV_SYNC)') 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help setup install home ui test test-fast system-deps run serve bench lock clean-home deliver stream
+.PHONY: help setup install home ui test test-fast system-deps run serve bench lock clean-home deliver stream cluster cluster-stop
 
 help:
 	@echo "make ui      set up (idempotent) and start the Dagster UI on http://$(HOST):$(PORT) and the MLflow UI"
@@ -43,6 +43,7 @@ help:
 	@echo "make stream START=D END=D [SPEED=3600]   publish days' events to the broker (rt_ features)"
 	@echo "make serve   serve the champion model over HTTP on http://$(HOST):$(SERVE_PORT) (after make run)"
 	@echo "make bench   run the benchmarks, write benchmarks/results.{md,json}"
+	@echo "make cluster / make cluster-stop   the distributed profile on loopback (README: PGPASSWORD, ... first)"
 	@echo "make lock    re-resolve requirements.lock from pyproject.toml"
 	@echo "state lives in MLPLATFORM_HOME=$(MLPLATFORM_HOME)"
 
@@ -99,6 +100,14 @@ serve: setup
 # SPEED=3600 plays an hour of event time a second
 stream: setup
 	$(BIN)/mlplatform stream --start $(START) --end $(END) $(if $(SPEED),--speed $(SPEED))
+
+# The distributed profile (README, "The distributed profile"): PostgreSQL, Redis, an MLflow server,
+# Celery workers, Dagster's daemon and UI on loopback, in the background; credentials from the environment
+cluster: system-deps install
+	$(BIN)/mlplatform cluster start
+
+cluster-stop:
+	$(BIN)/mlplatform cluster stop
 
 run: setup
 	$(BIN)/mlplatform run --start $(START) --end $(END) --replay

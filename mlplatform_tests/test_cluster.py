@@ -200,14 +200,16 @@ def workers_of(instance, run_id: str) -> dict[str, str]:
     return found
 
 
-def launch_backfill(found: Cluster, assets: list, days: list[str]) -> str:
-    """A backfill of ``assets`` over ``days``, launched through the webserver's GraphQL API as the
-    UI's "Materialize" does."""
+def launch_backfill(found: Cluster, assets: list, first: str, last: str) -> str:
+    """A backfill of ``assets`` over the days ``first``..``last``, launched through the
+    webserver's GraphQL API as the UI's "Materialize" does (by asset: a selection with partition
+    names would also take in the later days that the features' 28-day lookback maps them to)."""
     import httpx
 
     mutation = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
         __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
-    params = {"assetSelection": [{"path": key.path} for key in assets], "partitionNames": days}
+    params = {"partitionsByAssets": [{"assetKey": {"path": key.path}, "partitions": {"range": {"start": first, "end": last}}}
+                                     for key in assets]}
     answer = httpx.post(f"http://127.0.0.1:{found.ui_port}/graphql", timeout=60,
                         json={"query": mutation, "variables": {"params": params}}).json()
     launched = answer["data"]["launchPartitionBackfill"]
@@ -225,14 +227,13 @@ def test_a_month_backfill_runs_on_both_workers_and_lands_every_row_once(cluster,
     from mlplatform.settings import Settings
 
     found, env = cluster
-    days = [str(MONTH[0] + dt.timedelta(days=i)) for i in range((MONTH[1] - MONTH[0]).days + 1)]
     with environment(env):
         daily_assets = sorted(build_defs(Settings.from_env(env)).resolve_job_def(DAILY_JOB).asset_layer.selected_asset_keys)
         with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
             reference = submit(found, "reference_job")
             runs = wait_for(instance, [reference])
             assert runs[reference].status == DagsterRunStatus.SUCCESS, step_failures(instance, reference)
-            backfill_id = launch_backfill(found, daily_assets, days)
+            backfill_id = launch_backfill(found, daily_assets, str(MONTH[0]), str(MONTH[1]))
             deadline = time.monotonic() + 900
             while instance.get_backfill(backfill_id).status.value == "REQUESTED":
                 assert time.monotonic() < deadline, "the backfill did not end in 15 minutes"
