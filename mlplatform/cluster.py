@@ -60,6 +60,7 @@ USER = "mlplatform"  # the PostgreSQL role, the Redis ACL user and the MLflow ad
 DATABASES = ("dagster", "mlflow", "lake")
 MAX_RUNS = 4  # runs at once (the queued run coordinator's limit)
 START_TIMEOUT_SECONDS = 180.0
+HOME_VARIABLE = "MLPLATFORM_CLUSTER_HOME"
 SECRETS = {
     "PGPASSWORD": "PostgreSQL's password for the role mlplatform",
     "MLPLATFORM_REDIS_PASSWORD": "Redis' password for the ACL user mlplatform",
@@ -79,8 +80,11 @@ class Cluster:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Cluster":
+        """The cluster's home is MLPLATFORM_CLUSTER_HOME, by default ``cluster/`` in the embedded
+        profile's home: the two never share a file."""
         env = os.environ if env is None else env
-        home = Path(env.get("MLPLATFORM_HOME") or REPO_ROOT / ".mlplatform").resolve()
+        home = Path(env.get(HOME_VARIABLE) or
+                    Path(env.get("MLPLATFORM_HOME") or REPO_ROOT / ".mlplatform") / "cluster").resolve()
 
         def number(name: str, default: int) -> int:
             text = env.get(name)
@@ -116,6 +120,7 @@ class Cluster:
                              + ", ".join(missing) + " (e.g. `export PGPASSWORD=$(openssl rand -hex 16)`)")
         redis_password = env["MLPLATFORM_REDIS_PASSWORD"]
         return {
+            HOME_VARIABLE: str(self.home),
             "MLPLATFORM_HOME": str(self.home),
             "DAGSTER_HOME": str(self.home / "dagster-cluster"),
             "MLPLATFORM_DAGSTER_PG_URL": f"postgresql+psycopg2://{USER}@{self.host}:{self.pg_port}/dagster",
@@ -222,7 +227,8 @@ def services(cluster: Cluster, env: Mapping[str, str]) -> list[Service]:
                   "--aclfile", str(write_redis_acl(cluster, env["MLPLATFORM_REDIS_PASSWORD"]))]
     mlflow_dir = cluster.home / "mlflow-cluster"
     found = [
-        Service("postgres", postgres_argv(cluster), f"postgresql://{cluster.host}:{cluster.pg_port}", ready_first=True),
+        Service("postgres", postgres_argv(cluster), f"postgresql://{cluster.host}:{cluster.pg_port}", ready_first=True,
+                restart=True),
         Service("redis", redis_argv, derived["MLPLATFORM_REDIS_URL"], ready_first=True, shown=f"redis://{cluster.host}:{cluster.redis_port}"),
         Service("mlflow", [
             str(scripts / "mlflow"), "server", "--app-name", "basic-auth",
@@ -243,7 +249,7 @@ def services(cluster: Cluster, env: Mapping[str, str]) -> list[Service]:
             str(scripts / "celery"), "--app", "mlplatform.celery_app", "worker", "--queues", "dagster",
             "--hostname", f"worker-{i}@%h", "--concurrency", "1", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle",
-        ], None))
+        ], None, restart=True))
     found += [
         Service("dagster-daemon", [str(scripts / "dagster-daemon"), "run", "-w", "workspace.yaml"], None),
         Service("dagster-webserver", [str(scripts / "dagster-webserver"), "-w", "workspace.yaml",

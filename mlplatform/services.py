@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from mlplatform.settings import REPO_ROOT, Settings
 
 STOP_GRACE_SECONDS = 10.0  # after the forwarded signal, before SIGKILL
+MAX_RESTARTS = 5  # of one service, before the launcher gives up and stops the others
 POLL_SECONDS = 0.5
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
@@ -43,6 +44,7 @@ class Service:
     env: tuple[tuple[str, str], ...] = ()  # set for this service only
     ready_first: bool = False  # the services after it start once it answers (a database, a broker)
     shown: str | None = None  # the URL as printed, when ``url`` holds a password
+    restart: bool = False  # started again when it exits (a worker, a database), at most MAX_RESTARTS times
 
     @property
     def address(self) -> str:
@@ -219,6 +221,7 @@ class Launcher:
         self.started: list[tuple[Service, subprocess.Popen]] = []
         self.recorded: dict[int, int] = {}
         self.signal: int | None = None
+        self.restarts: dict[str, int] = {}
 
     def say(self, text: str) -> None:
         print(f"[{self.label}] {text}", file=self.out, flush=True)
@@ -268,10 +271,17 @@ class Launcher:
             while self.signal is None and exited is None:
                 self.record()
                 reap({p.pid for _, p in self.started})
-                for service, process in self.started:
-                    if process.poll() is not None:
-                        exited, code = service, process.returncode
+                for index, (service, process) in enumerate(self.started):
+                    if process.poll() is None:
+                        continue
+                    if service.restart and self.restarts.get(service.name, 0) < MAX_RESTARTS:
+                        self.restarts[service.name] = self.restarts.get(service.name, 0) + 1
+                        self.say(f"{service.name} exited with code {process.returncode}: starting it again")
+                        del self.started[index]
+                        self.start(service)
                         break
+                    exited, code = service, process.returncode
+                    break
                 for name, url in list(waiting.items()):
                     if self.signal is None and answers(url):
                         self.say(f"{name} answers ({time.monotonic() - started_at:.0f} s)")

@@ -73,10 +73,10 @@ def cluster(replayed):
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         full = {**env, **found.env(env)}
-        shutil.copytree(replayed, home / "landing", dirs_exist_ok=True)
+        shutil.copytree(replayed, found.home / "landing", dirs_exist_ok=True)
         yield found, full
     finally:
-        supervisor = (home / "cluster.pid").read_text().split()[0] if (home / "cluster.pid").exists() else None
+        supervisor = found.pidfile.read_text().split()[0] if found.pidfile.exists() else None
         stopped = subprocess.run([MLPLATFORM, "cluster", "stop"], env=env, capture_output=True, text=True, timeout=120)
         left = running_in(int(supervisor), home) if supervisor else []
         shutil.rmtree(root, ignore_errors=True)
@@ -144,7 +144,6 @@ def test_every_service_refuses_a_client_without_credentials(cluster):
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=found.redis_port, username=USER, password="wrong").ping()
     assert redis.Redis(port=found.redis_port, username=USER, password=env["MLPLATFORM_REDIS_PASSWORD"]).ping()
-    assert "MLPLATFORM_REDIS_PASSWORD" not in (found.home / "redis-cluster" / "users.acl").read_text()
     assert env["MLPLATFORM_REDIS_PASSWORD"] not in (found.home / "redis-cluster" / "users.acl").read_text()
     # MLflow: the basic-auth app
     url = f"http://127.0.0.1:{found.mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -217,20 +216,20 @@ def launch_backfill(found: Cluster, assets: list, first: str, last: str) -> str:
     return launched["backfillId"]
 
 
-def test_a_month_backfill_runs_on_both_workers_and_lands_every_row_once(cluster, world):
-    """The month as a backfill of daily_job's assets: a run per week (partitions.week_runs), the
-    weeks' ingestion side by side, each week's features once the days they look back on are
-    built; the steps on both workers."""
+@pytest.fixture(scope="module")
+def month(cluster):
+    """The month as a backfill of daily_job's assets, after the reference job: a run per week
+    (partitions.week_runs). Returns (runs, step -> worker)."""
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-    from mlplatform.definitions import DAILY_JOB, build_defs
+    from mlplatform.definitions import DAILY_JOB, REFERENCE_JOB, build_defs
     from mlplatform.settings import Settings
 
     found, env = cluster
     with environment(env):
         daily_assets = sorted(build_defs(Settings.from_env(env)).resolve_job_def(DAILY_JOB).asset_layer.selected_asset_keys)
         with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
-            reference = submit(found, "reference_job")
+            reference = submit(found, REFERENCE_JOB)
             runs = wait_for(instance, [reference])
             assert runs[reference].status == DagsterRunStatus.SUCCESS, step_failures(instance, reference)
             backfill_id = launch_backfill(found, daily_assets, str(MONTH[0]), str(MONTH[1]))
@@ -243,20 +242,16 @@ def test_a_month_backfill_runs_on_both_workers_and_lands_every_row_once(cluster,
             assert instance.get_backfill(backfill_id).status.value == "COMPLETED_SUCCESS", failed
             assert not failed, failed
             by_step = {(r.run_id, step): worker for r in runs for step, worker in workers_of(instance, r.run_id).items()}
-            spans = sorted((instance.get_run_record_by_id(r.run_id).start_time,
-                            instance.get_run_record_by_id(r.run_id).end_time) for r in runs)
-            windows = sorted({(r.tags.get(RANGE[0]), r.tags.get(RANGE[1])) for r in runs})
-    # a run per week, some of them at the same time, every step executed by a worker, both workers busy
-    assert {window[0] for window in windows} >= {str(week[0]) for week in WEEKS}, windows
-    assert all(dt.date.fromisoformat(end) - dt.date.fromisoformat(start) <= dt.timedelta(days=6)
-               for start, end in windows), windows
-    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), f"no two runs overlapped: {spans}"
-    assert len(by_step) >= len(runs), by_step
-    assert {worker.split("@")[0] for worker in by_step.values()} == {"worker-1", "worker-2"}, by_step
+            records = [instance.get_run_record_by_id(r.run_id) for r in runs]
+    return records, by_step
 
+
+def assert_days_as_embedded(env: dict, world: Path, first: dt.date, last: dt.date) -> None:
+    """The DuckLake's raw and quarantined rows of first..last are the embedded world's, each once,
+    and its feature table equals the world's for those days, row for row."""
     with environment(env), lake.connect_lake(env["MLPLATFORM_LAKE_CATALOG"]) as conn:
         conn.execute(f"ATTACH '{world / 'warehouse.duckdb'}' AS embedded (READ_ONLY)")
-        window = f"BETWEEN DATE '{MONTH[0]}' AND DATE '{MONTH[1]}'"
+        window = f"BETWEEN DATE '{first}' AND DATE '{last}'"
         for table, key in (("flights", "year, month, day, carrier, flight, origin, sched_dep_time"),
                            ("weather", "origin, time_hour")):
             on_lake = conn.execute(f"SELECT count(*), count(DISTINCT ({key})) FROM lake.raw.{table} "
@@ -269,11 +264,26 @@ def test_a_month_backfill_runs_on_both_workers_and_lands_every_row_once(cluster,
                 f"SELECT count(*) FROM embedded.quarantine.{table} WHERE _partition_date {window}").fetchone()[0]
         query = f"SELECT * FROM {{}}.features.flight_features WHERE flight_date {window} ORDER BY flight_id"
         on_lake, on_file = conn.sql(query.format("lake")).df(), conn.sql(query.format("embedded")).df()
-    assert len(on_lake) > 20_000
+    assert len(on_lake) > 700 * ((last - first).days + 1)
     pd.testing.assert_frame_equal(on_lake, on_file)
 
 
-def test_training_registers_on_the_mlflow_server_and_serving_answers_from_the_lake(cluster):
+def test_a_month_backfill_runs_on_both_workers_and_lands_every_row_once(cluster, month, world):
+    """A run per week, some at the same time, each week's features once the days they look back on
+    are built; every step on a worker, both workers busy; the month as the embedded profile has it."""
+    records, by_step = month
+    spans = sorted((r.start_time, r.end_time) for r in records)
+    windows = sorted({(r.dagster_run.tags.get(RANGE[0]), r.dagster_run.tags.get(RANGE[1])) for r in records})
+    assert {window[0] for window in windows} >= {str(week[0]) for week in WEEKS}, windows
+    assert all(dt.date.fromisoformat(end) - dt.date.fromisoformat(start) <= dt.timedelta(days=6)
+               for start, end in windows), windows
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), f"no two runs overlapped: {spans}"
+    assert len(by_step) >= len(records), by_step
+    assert {worker.split("@")[0] for worker in by_step.values()} == {"worker-1", "worker-2"}, by_step
+    assert_days_as_embedded(cluster[1], world, *MONTH)
+
+
+def test_training_registers_on_the_mlflow_server_and_serving_answers_from_the_lake(cluster, month):
     import httpx
     from dagster import DagsterInstance, DagsterRunStatus
     from mlflow import MlflowClient
@@ -308,3 +318,114 @@ def test_training_registers_on_the_mlflow_server_and_serving_answers_from_the_la
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def pool_processes(worker: str) -> list[int]:
+    """The processes below the Celery worker started as ``worker`` (``worker-1``): its pool's child,
+    which executes the step, and what that started (dbt)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+                table[int(entry.name)] = (int(stat[stat.rindex(")") + 2:].split()[1]), command)
+    mains = [pid for pid, (_, command) in table.items() if f"{worker}@%h".encode() in command]
+    below, todo = [], list(mains)
+    while todo:
+        parent = todo.pop()
+        children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
+        below += children
+        todo += children
+    return below
+
+
+def wait_for_step(instance, run_id: str, step: str, timeout: float = 300.0) -> str:
+    """The worker executing ``step`` of the run, as soon as it starts it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker = workers_of(instance, run_id).get(step)
+        if worker:
+            return worker
+        assert not instance.get_run_by_id(run_id).is_finished, f"run {run_id} ended before {step} started"
+        time.sleep(0.2)
+    raise AssertionError(f"{step} of {run_id} did not start in {timeout:.0f} s")
+
+
+def test_a_worker_killed_mid_step_fails_the_run_and_a_rerun_lands_every_row_once(cluster, month, world):
+    """SIGKILL to the worker's process executing a week's dbt step (and the dbt it started): the
+    run fails, the worker carries on with a new pool process, nothing half-written is visible, and
+    the week run again equals the embedded profile."""
+    import signal
+
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    from mlplatform.definitions import DAILY_JOB
+
+    found, env = cluster
+    week = WEEKS[1]
+    with environment(env), DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        run_id = submit(found, DAILY_JOB, dict(zip(RANGE, map(str, week))))
+        worker = wait_for_step(instance, run_id, "dbt_daily").split("@")[0]
+        killed = pool_processes(worker)
+        assert killed, f"no pool process under {worker}"
+        for pid in killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        runs = wait_for(instance, [run_id], timeout=300)
+        assert runs[run_id].status == DagsterRunStatus.FAILURE
+        assert not [e for e in instance.all_logs(run_id) if e.is_dagster_event and e.step_key == "dbt_daily"
+                    and e.dagster_event.is_step_success]
+        assert_days_as_embedded(env, world, *week)  # what the killed step had written: nothing, or whole models
+        rerun = submit(found, DAILY_JOB, dict(zip(RANGE, map(str, week))))
+        runs = wait_for(instance, [rerun], timeout=600)
+        assert runs[rerun].status == DagsterRunStatus.SUCCESS, step_failures(instance, rerun)
+    assert_days_as_embedded(env, world, *week)
+
+
+def test_a_postgres_restart_during_a_run_fails_it_cleanly_or_it_recovers(cluster, month, world):
+    """PostgreSQL (Dagster's storage and the DuckLake catalog) restarted while a week's dbt step
+    runs: the run ends (failed or succeeded, never stuck), nothing half-written is visible, and the
+    week run again equals the embedded profile."""
+    import signal
+
+    import psycopg2
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    from mlplatform.definitions import DAILY_JOB
+
+    found, env = cluster
+    week = WEEKS[2]
+    postmaster = int((found.pg_root / "data" / "postmaster.pid").read_text().split()[0])
+    with environment(env), DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        run_id = submit(found, DAILY_JOB, dict(zip(RANGE, map(str, week))))
+        wait_for_step(instance, run_id, "dbt_daily")
+        os.kill(postmaster, signal.SIGINT)  # a fast shutdown; the supervisor starts it again
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(psycopg2.OperationalError, FileNotFoundError, ValueError):
+                restarted = int((found.pg_root / "data" / "postmaster.pid").read_text().split()[0])
+                if restarted != postmaster:
+                    psycopg2.connect(host="127.0.0.1", port=found.pg_port, user=USER, dbname="lake").close()
+                    break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("PostgreSQL did not come back within 60 s")
+        runs = wait_for(instance, [run_id], timeout=600)
+        assert runs[run_id].status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE)
+        if runs[run_id].status == DagsterRunStatus.FAILURE:
+            rerun = submit(found, DAILY_JOB, dict(zip(RANGE, map(str, week))))
+            runs = wait_for(instance, [rerun], timeout=600)
+            assert runs[rerun].status == DagsterRunStatus.SUCCESS, step_failures(instance, rerun)
+    assert_days_as_embedded(env, world, *week)
+    # the webserver held a connection to the old server: its first query after the restart may fail
+    # (SQLAlchemy then drops the pool's connection), the next one is answered
+    answers = [webserver_query(found, "{ runsOrError(limit: 1) { __typename } }") for _ in range(2)]
+    assert answers[-1] == {"runsOrError": {"__typename": "Runs"}}, answers
+
+
+def webserver_query(found: Cluster, query: str):
+    import httpx
+
+    answer = httpx.post(f"http://127.0.0.1:{found.ui_port}/graphql", json={"query": query}, timeout=60).json()
+    return answer.get("data") or answer.get("errors")

@@ -48,7 +48,9 @@ REFERENCE_MODELS = AssetSelection.tag("reference", "")  # dbt's tag:reference mo
 
 
 def dbt_project(settings: Settings) -> DbtProject:
-    return DbtProject(project_dir=DBT_PROJECT_DIR, target_path=settings.home / "dbt" / "target",
+    # (a target path of its own per dbt target: a manifest names the target's database)
+    return DbtProject(project_dir=DBT_PROJECT_DIR,
+                      target_path=settings.home / "dbt" / ("target-lake" if settings.lake_catalog else "target"),
                       target=LAKE_TARGET if settings.lake_catalog else None)
 
 
