@@ -21,6 +21,8 @@ Figures (targets from issue 7):
 - code_location: importing ``mlplatform.definitions`` and building the repository. Target <= 3 s.
 - growth: ``synthetic.py``'s 10x year through the same run: time and peak RSS against 1x.
   Targets time <= 10x, peak RSS <= 2 GiB.
+- cluster: the distributed profile's four weeks backfilled with one Celery worker and with two, beside
+  the embedded profile's ``daily_job`` on the same days (``cluster.py``). No target: the gain on 2 cores.
 
 ``--smoke`` (what CI runs, through the test suite) does every figure on four weeks (what training needs), once, with
 2x growth and a few seconds of serving, writes to ``--out`` and asserts nothing about timings.
@@ -816,12 +818,27 @@ def markdown(results: dict) -> str:
             lines += ["", "Peak resident memory while each step ran (GiB; the run's process / its largest child, "
                       "dbt): " + ", ".join(f"`{k}` {v['process']} / {v['child']}"
                                           for k, v in g["step_peak_rss_gib"].items()) + "."]
+    cl = results.get("cluster")
+    if cl:
+        e, one, two = cl["embedded"], cl["workers_1"], cl["workers_2"]
+        lines += ["", f"## The distributed profile ({cl['window']})", "",
+                  "The days' daily assets backfilled on a fresh `mlplatform cluster` (PostgreSQL, Redis, MLflow server, "
+                  "Celery workers; the warehouse a DuckLake; a run per week, `benchmarks/cluster.py`), beside the "
+                  "embedded profile's `daily_job` over the same days in one in-process run:", "",
+                  "| profile | wall s | machine CPU s | runs | seconds each worker executed steps |",
+                  "|---|---|---|---|---|",
+                  f"| embedded (one DuckDB file, one run) | {e['daily_job_s']} | - | 1 | - |"]
+        for x in (one, two):
+            lines.append(f"| cluster, {x['workers']} worker(s) | {x['backfill_s']} | {x['machine_cpu_s']} | {x['runs']} | "
+                         + ", ".join(f"{k} {v}" for k, v in x["worker_busy_s"].items()) + " |")
+        lines += ["", f"Two workers over one: {cl['two_over_one']}x the wall time; one worker over the embedded "
+                  f"profile: {cl['one_worker_over_embedded']}x. A cluster starts in {two['cluster_start_s']} s."]
     return "\n".join(lines) + "\n"
 
 
 # every figure, in the order they run; those measured on the full year's home need it first
 FIGURES = ("full_year", "dagster_floor", "one_day", "landing_to_verdict", "whylogs", "code_location", "serving",
-           "stream", "growth", "profile")
+           "stream", "growth", "profile", "cluster")
 ON_THE_YEAR = {"one_day", "landing_to_verdict", "whylogs", "code_location", "serving", "stream", "growth"}
 
 
@@ -918,6 +935,12 @@ def main(argv: list[str] | None = None) -> int:
         # (the smoke profiles three days: it checks the code, not the figures)
         results["profile"] = profile(args.workdir, landing, start, start + dt.timedelta(days=2) if args.smoke else end,
                                      args.out / "profiles", args.smoke)
+        save()
+    if "cluster" not in skip:
+        print("the distributed profile's four weeks, 1 and 2 workers ...", flush=True)
+        from benchmarks.cluster import run as cluster_month
+
+        results["cluster"] = cluster_month(args.workdir, landing, start, start + dt.timedelta(days=27))
         save()
     print(markdown(results))
     return 0

@@ -16,6 +16,7 @@
     mlplatform ui [--host H] [--port P]      the Dagster UI and the MLflow UI, stopped together on Ctrl-C
     mlplatform cluster start|stop|status|env the distributed profile on this machine (PostgreSQL, Redis, an
                                              MLflow server, Celery workers, Dagster's daemon and UI; README)
+    mlplatform cluster backfill --start D --end D   the days' daily assets on it, a run per week
     mlplatform recover                       mark runs whose process died as failed
     mlplatform graph [--readme]              the asset graph as a Mermaid diagram
 """
@@ -306,6 +307,14 @@ def cmd_cluster(args) -> int:
         return c.stop(found)
     if args.action == "env":
         return c.print_env(found, os.environ)
+    if args.action == "backfill":
+        if not (args.start and args.end):
+            raise SystemExit("mlplatform cluster backfill --start YYYY-MM-DD --end YYYY-MM-DD")
+        backfill_id = c.launch_backfill(found, args.start, args.end)
+        print(f"backfill {backfill_id}: http://{found.host}:{found.ui_port}/runs/b/{backfill_id}")
+        status = c.wait_for_backfill(found, backfill_id)
+        print(f"backfill {backfill_id}: {status}")
+        return 0 if status == "COMPLETED_SUCCESS" else 1
     pid = c.running_pid(found)
     print(f"running (supervisor pid {pid}; logs in {found.home / 'logs'})" if pid else "not running")
     return 0 if pid else 3
@@ -397,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", action="store_true", help="write it into README.md between its markers")
     p.set_defaults(fn=cmd_graph)
     p = sub.add_parser("cluster", help="the distributed profile on this machine: start, stop, status, env")
-    p.add_argument("action", choices=["start", "stop", "status", "env"])
+    p.add_argument("action", choices=["start", "stop", "status", "env", "backfill"])
+    p.add_argument("--start", type=_date, help="backfill: the first day")
+    p.add_argument("--end", type=_date, help="backfill: the last day (its daily assets, a run per week)")
     p.set_defaults(fn=cmd_cluster)
     sub.add_parser("recover", help="mark runs whose process died as failed, freeing their pool slots").set_defaults(
         fn=cmd_recover

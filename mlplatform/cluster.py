@@ -348,6 +348,50 @@ def supervise() -> int:
     return Launcher(services(cluster, os.environ), cluster.home / "logs", label="mlplatform cluster").run()
 
 
+def graphql(cluster: Cluster, query: str, variables: dict | None = None) -> dict:
+    """A query to the cluster's webserver (Dagster's GraphQL API: what the UI itself sends)."""
+    import httpx
+
+    answer = httpx.post(f"http://{cluster.host}:{cluster.ui_port}/graphql", timeout=60,
+                        json={"query": query, "variables": variables or {}}).json()
+    if answer.get("errors"):
+        raise RuntimeError(f"the webserver refused the query: {answer['errors']}")
+    return answer["data"]
+
+
+def launch_backfill(cluster: Cluster, first, last) -> str:
+    """A backfill of daily_job's assets over the days first..last, as the UI's "Materialize" launches
+    it; returns its id. By asset, each over exactly these days (a selection with partition names
+    would also take in the later days the features' 28-day lookback maps them to). A run per week
+    in this profile (``partitions.week_runs``)."""
+    from mlplatform.definitions import DAILY_JOB, build_defs
+    from mlplatform.settings import Settings
+
+    keys = sorted(build_defs(Settings.from_env({**os.environ, **cluster.env(os.environ)}))
+                  .resolve_job_def(DAILY_JOB).asset_layer.selected_asset_keys)
+    params = {"partitionsByAssets": [{"assetKey": {"path": key.path},
+                                      "partitions": {"range": {"start": str(first), "end": str(last)}}} for key in keys]}
+    launched = graphql(cluster, """mutation($params: LaunchBackfillParams!) {
+        launchPartitionBackfill(backfillParams: $params) {
+            __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }""",
+                       {"params": params})["launchPartitionBackfill"]
+    if launched["__typename"] != "LaunchBackfillSuccess":
+        raise RuntimeError(f"the backfill was not launched: {launched}")
+    return launched["backfillId"]
+
+
+def wait_for_backfill(cluster: Cluster, backfill_id: str, timeout: float = 3600.0, poll: float = 2.0) -> str:
+    """The backfill's status once it is no longer REQUESTED (COMPLETED_SUCCESS, COMPLETED_FAILED, ...)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = graphql(cluster, """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+            __typename ... on PartitionBackfill { status } } }""", {"id": backfill_id})["partitionBackfillOrError"]
+        if status.get("status") not in (None, "REQUESTED"):
+            return status["status"]
+        time.sleep(poll)
+    raise TimeoutError(f"backfill {backfill_id} still running after {timeout:.0f} s")
+
+
 def print_env(cluster: Cluster, env: Mapping[str, str], out=sys.stdout) -> int:
     for name, value in cluster.env(env).items():
         print(f"export {name}={shlex.quote(value)}", file=out)

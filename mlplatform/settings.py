@@ -183,6 +183,11 @@ class Settings:
 
         return LAKE_PREFIX + self.lake_catalog if self.lake_catalog else str(self.warehouse)
 
+    @property
+    def has_warehouse(self) -> bool:
+        """Whether there is a warehouse to read (a DuckLake always is)."""
+        return bool(self.lake_catalog) or self.warehouse.exists()
+
     def database_config(self):
         """The warehouse resources' ``database``: ``EnvVar`` of MLPLATFORM_WAREHOUSE where it is
         set, or the DuckLake (its catalog string holds no password: it is shown as is)."""

@@ -47,7 +47,7 @@ def test_bench_smoke_writes_the_figures_of_the_year(tmp_path, monkeypatch):
     instance (`landed_state`) is asserted in test_daemon, on the daemon that test runs anyway."""
     out = tmp_path / "out"
     monkeypatch.delenv("MLPLATFORM_HOME", raising=False)
-    assert bench.main(["--smoke", "--skip", "serving,growth,dagster_floor,profile,landing_to_verdict",
+    assert bench.main(["--smoke", "--skip", "serving,growth,dagster_floor,profile,landing_to_verdict,cluster",
                        "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     year = results["full_year"]

@@ -199,47 +199,26 @@ def workers_of(instance, run_id: str) -> dict[str, str]:
     return found
 
 
-def launch_backfill(found: Cluster, assets: list, first: str, last: str) -> str:
-    """A backfill of ``assets`` over the days ``first``..``last``, launched through the
-    webserver's GraphQL API as the UI's "Materialize" does (by asset: a selection with partition
-    names would also take in the later days that the features' 28-day lookback maps them to)."""
-    import httpx
-
-    mutation = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
-        __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
-    params = {"partitionsByAssets": [{"assetKey": {"path": key.path}, "partitions": {"range": {"start": first, "end": last}}}
-                                     for key in assets]}
-    answer = httpx.post(f"http://127.0.0.1:{found.ui_port}/graphql", timeout=60,
-                        json={"query": mutation, "variables": {"params": params}}).json()
-    launched = answer["data"]["launchPartitionBackfill"]
-    assert launched["__typename"] == "LaunchBackfillSuccess", answer
-    return launched["backfillId"]
-
-
 @pytest.fixture(scope="module")
 def month(cluster):
     """The month as a backfill of daily_job's assets, after the reference job: a run per week
     (partitions.week_runs). Returns (runs, step -> worker)."""
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-    from mlplatform.definitions import DAILY_JOB, REFERENCE_JOB, build_defs
-    from mlplatform.settings import Settings
+    from mlplatform.cluster import launch_backfill, wait_for_backfill
+    from mlplatform.definitions import REFERENCE_JOB
 
     found, env = cluster
     with environment(env):
-        daily_assets = sorted(build_defs(Settings.from_env(env)).resolve_job_def(DAILY_JOB).asset_layer.selected_asset_keys)
         with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
             reference = submit(found, REFERENCE_JOB)
             runs = wait_for(instance, [reference])
             assert runs[reference].status == DagsterRunStatus.SUCCESS, step_failures(instance, reference)
-            backfill_id = launch_backfill(found, daily_assets, str(MONTH[0]), str(MONTH[1]))
-            deadline = time.monotonic() + 900
-            while instance.get_backfill(backfill_id).status.value == "REQUESTED":
-                assert time.monotonic() < deadline, "the backfill did not end in 15 minutes"
-                time.sleep(2)
+            backfill_id = launch_backfill(found, *MONTH)
+            status = wait_for_backfill(found, backfill_id, timeout=900)
             runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
             failed = {r.run_id[:8]: step_failures(instance, r.run_id) for r in runs if r.status != DagsterRunStatus.SUCCESS}
-            assert instance.get_backfill(backfill_id).status.value == "COMPLETED_SUCCESS", failed
+            assert status == "COMPLETED_SUCCESS", failed
             assert not failed, failed
             by_step = {(r.run_id, step): worker for r in runs for step, worker in workers_of(instance, r.run_id).items()}
             records = [instance.get_run_record_by_id(r.run_id) for r in runs]
@@ -298,26 +277,35 @@ def test_training_registers_on_the_mlflow_server_and_serving_answers_from_the_la
         client = MlflowClient(tracking_uri=env["MLPLATFORM_MLFLOW_URI"])
         versions = client.search_model_versions("name = 'flight_delay'")
         assert versions, "no model version registered on the MLflow server"
-    port = free_port()
-    server = subprocess.Popen([MLPLATFORM, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # two serving processes, as two hosts behind one load balancer would run them: the same answers
+    ports = [free_port(), free_port()]
+    servers = [subprocess.Popen([MLPLATFORM, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True) for port in ports]
     try:
-        deadline, ready = time.monotonic() + 180, None
-        while time.monotonic() < deadline and server.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                ready = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                if ready.status_code == 200:
-                    break
-            time.sleep(1)
-        assert ready is not None and ready.status_code == 200, (ready and ready.text, server.poll())
-        flight = {"flight_date": "2013-01-28", "carrier": "UA", "flight_number": 1545, "origin": "EWR",
-                  "dest": "IAH", "sched_dep_time": 515, "tailnum": "N14228"}
-        answer = httpx.post(f"http://127.0.0.1:{port}/predict", json=flight, timeout=30)
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["model_version"] in {v.version for v in versions}, answer.json()
+        flights = [{"flight_date": "2013-01-28", "carrier": "UA", "flight_number": 1545, "origin": "EWR",
+                    "dest": "IAH", "sched_dep_time": 515, "tailnum": "N14228"},
+                   {"flight_date": "2013-01-27", "carrier": "DL", "flight_number": 461, "origin": "LGA",
+                    "dest": "ATL", "sched_dep_time": 600}]
+        answers = []
+        for port, server in zip(ports, servers):
+            deadline, ready = time.monotonic() + 180, None
+            while time.monotonic() < deadline and server.poll() is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    ready = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                    if ready.status_code == 200:
+                        break
+                time.sleep(1)
+            assert ready is not None and ready.status_code == 200, (ready and ready.text, server.poll())
+            answer = httpx.post(f"http://127.0.0.1:{port}/predict/batch", json={"flights": flights}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            answers.append([(p["flight_id"], p["model_version"], p["delay_probability"])
+                            for p in answer.json()["predictions"]])
+        assert answers[0] == answers[1], answers
+        assert {version for _, version, _ in answers[0]} <= {v.version for v in versions}, answers
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        for server in servers:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
 
 
 def pool_processes(worker: str) -> list[int]:

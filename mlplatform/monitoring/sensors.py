@@ -197,7 +197,7 @@ def retraining_decision(instance, cursor: dict, now: float, settings: Settings) 
         return SkipReason(f"champion v{version} has no tag {TRAIN_START_TAG} (its training window): new days cannot be "
                           "told from its training data; register it through training_job"), cursor
     train_start, train_end = window
-    conn = open_warehouse(str(settings.warehouse)) if settings.warehouse.exists() else None
+    conn = open_warehouse(settings.database) if settings.has_warehouse else None
     if conn is None:
         return SkipReason("the warehouse is busy (a run is writing) or absent: looking again next tick"), cursor
     with conn:
@@ -346,7 +346,7 @@ def alert_on_run_failure(settings: Settings):
         if steps:
             message = f"{message} (failed steps: {', '.join(steps)})"
         context.log.error("run %s of %s failed: %s", context.dagster_run.run_id, context.dagster_run.job_name, message)
-        error = record_alert(str(settings.warehouse), context.dagster_run.job_name, context.dagster_run.run_id,
+        error = record_alert(settings.database, context.dagster_run.job_name, context.dagster_run.run_id,
                              message, settings.alert_webhook)
         if error:
             context.log.warning(error)

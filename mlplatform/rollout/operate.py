@@ -12,11 +12,11 @@ from mlplatform.warehouse import connect, has_table
 
 def status(settings: Settings) -> str:
     """The versions' stages, the moves and the latest verdicts, as text."""
-    if not settings.warehouse.exists():
+    if not settings.has_warehouse:
         return "no warehouse yet"
     lines = []
     mlflow = tracking_from(settings)
-    with connect(settings.warehouse, read_only=True) as conn:
+    with connect(settings.database, read_only=True) as conn:
         for move in stages.history(conn, mlflow.registered_model):
             lines.append(f"{move.moved_at:%Y-%m-%d %H:%M:%S}  v{move.version:<4} {move.previous or '-':>11} -> "
                          f"{move.stage:<12} by {move.decided_by}: {move.reason}")
@@ -55,7 +55,7 @@ def set_share(settings: Settings, share: float) -> str:
 def operator_move(settings: Settings, version: str, stage: str, by: str, reason: str) -> str:
     from mlplatform.rollout.assets import apply_move
 
-    with connect(settings.warehouse) as conn:
+    with connect(settings.database) as conn:
         try:
             moved = apply_move(conn, tracking_from(settings), str(version), stage, by, reason)
         except stages.InvalidMove as exc:
@@ -75,7 +75,7 @@ def approve_in_dagster(settings: Settings, approver: str, reason: str, version: 
 
     if not approver.strip() or not reason.strip():
         raise SystemExit("not approved: give the approver's name (--by) and a reason (--reason)")
-    with connect(settings.warehouse, read_only=True) as conn:  # refused here, before a run is launched
+    with connect(settings.database, read_only=True) as conn:  # refused here, before a run is launched
         try:
             awaiting(conn, tracking_from(settings).registered_model, version)
         except NotAwaiting as exc:
