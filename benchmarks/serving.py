@@ -371,7 +371,7 @@ def main() -> int:
     if args.build:
         import datetime as dt
 
-        from mlplatform.cli import init_home
+        from mlplatform.home import init_home
         from mlplatform.ingest.landing import replay
         from mlplatform.pipeline import run_range
 

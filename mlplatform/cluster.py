@@ -135,6 +135,26 @@ class Cluster:
         }
 
 
+DAGSTER_CLUSTER_YAML = """\
+# Written by `mlplatform cluster start` when absent (the distributed profile); edit freely.
+# Storage on PostgreSQL (the password from PGPASSWORD); runs queued, at most {max_runs} at once;
+# the steps run on Celery workers (the executor, definitions.executor_of). The warehouse is a
+# DuckLake: its writers need no pool (a conflicting commit is tried again), so none is limited.
+storage:
+  postgres:
+    postgres_url:
+      env: MLPLATFORM_DAGSTER_PG_URL
+concurrency:
+  runs:
+    max_concurrent_runs: {max_runs}
+telemetry:
+  enabled: false
+run_monitoring:
+  enabled: true
+  free_slots_after_run_end_seconds: 30
+"""
+
+
 def _as_postgres() -> list[str]:
     """PostgreSQL refuses to run as root: as root, its commands run as the user postgres."""
     return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -261,13 +281,17 @@ def services(cluster: Cluster, env: Mapping[str, str]) -> list[Service]:
 
 def prepare(cluster: Cluster, env: Mapping[str, str]) -> dict[str, str]:
     """Everything the components need before they start (idempotent); returns their environment."""
-    from mlplatform.cli import init_home
+    from mlplatform.home import init_home
     from mlplatform.settings import Settings
     from mlplatform.transform.assets import dbt_project, ensure_manifest
 
     full = {**env, **cluster.env(env)}
     init_postgres(cluster, full)
     settings = Settings.from_env(full)
+    dagster_yaml = settings.dagster_home / "dagster.yaml"
+    if not dagster_yaml.exists():
+        dagster_yaml.parent.mkdir(parents=True, exist_ok=True)
+        dagster_yaml.write_text(DAGSTER_CLUSTER_YAML.format(max_runs=MAX_RUNS))
     init_home(settings, pools=False)
     (cluster.home / "logs").mkdir(parents=True, exist_ok=True)
     ensure_manifest(dbt_project(settings), settings)

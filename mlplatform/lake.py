@@ -28,7 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mlplatform.warehouse import sql_literal
+from mlplatform.sql import sql_literal
 
 # A warehouse "database" starting with this is a DuckLake: ``ducklake:<catalog>`` (Settings.database)
 LAKE_PREFIX = "ducklake:"

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Iterable
 
 from dagster import MetadataValue, TableColumn, TableSchema
 
+from mlplatform import lake
+
 if TYPE_CHECKING:
     import duckdb
 
@@ -35,12 +37,6 @@ STAGING_SCHEMA = "_loading"
 # How long a connection waits for another process's lock on the warehouse (DuckDB has one writer
 # at a time; a backfill hands the lock from one run to the next).
 LOCK_WAIT_SECONDS = 600.0
-
-
-def sql_literal(text) -> str:
-    """``text`` (a path, usually) as a SQL string literal, for the statements that take no
-    parameters (ATTACH, a view's definition)."""
-    return "'" + str(text).replace("'", "''") + "'"
 
 
 def has_table(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
@@ -81,8 +77,6 @@ def connect(path, read_only: bool = False, max_wait: float = LOCK_WAIT_SECONDS, 
     by a newer DuckDB (mlplatform used duckdb 2.0 before it pinned 1.5.5 for DuckLake) is an
     error that names it and says how to rebuild it."""
     import duckdb
-
-    from mlplatform import lake
 
     if lake.is_lake(path):  # no file lock: DuckLake's commits are optimistic (see in_one_transaction)
         return lake.connect_lake(str(path)[len(lake.LAKE_PREFIX):], config=config)
@@ -142,14 +136,12 @@ def retry_on_conflict(fn, max_wait: float = CONFLICT_WAIT_SECONDS):
     it again is safe). On a DuckDB file there are no conflicts: ``fn()`` once."""
     import random
 
-    from mlplatform.lake import is_conflict
-
     delay, waited = 0.05, 0.0
     while True:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - anything but a conflict is raised at once
-            if not is_conflict(exc) or waited >= max_wait:
+            if not lake.is_conflict(exc) or waited >= max_wait:
                 raise
         pause = delay * random.uniform(0.5, 1.5)
         time.sleep(pause)

@@ -186,7 +186,7 @@ def copy_dbt_target(target: Path, home: Path) -> None:
 def build_home(path: Path, replayed: Path, target: Path, jobs) -> None:
     """A home at ``path``: the landing zone, `mlplatform init`, then ``jobs`` run in-process on its
     own Dagster instance, [(job, start, end, run_config), ...]."""
-    from mlplatform.cli import init_home
+    from mlplatform.home import init_home
 
     settings = settings_of(path)
     shutil.copytree(replayed, settings.landing)
@@ -330,7 +330,7 @@ def clone_world(world: Path, settings: Settings) -> Settings:
     """Copy a built world into the home of ``settings``: warehouse, MLflow store and artifacts
     (relocated), profiles and the Dagster instance (with a dagster.yaml of its own: the world's
     names the world's storage)."""
-    from mlplatform.cli import init_home
+    from mlplatform.home import init_home
 
     source = settings_of(world)
     settings.warehouse.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import duckdb
 from dagster import AssetRecordsFilter, DagsterInstance
 
 from mlplatform import keys
-from mlplatform.cli import init_home
+from mlplatform.home import init_home
 from mlplatform.training.tracking import CHAMPION, tracking_from
 from mlplatform_tests.conftest import CHAMPION_TRAINING
 

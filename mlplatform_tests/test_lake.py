@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 
 from mlplatform import lake
-from mlplatform.warehouse import sql_literal
+from mlplatform.sql import sql_literal
 from mlplatform_tests.conftest import WORLD_DAYS
 
 LANE = "integration"

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from mlplatform.cli import init_home
+from mlplatform.home import init_home
 from mlplatform.settings import Settings
 from mlplatform_tests.conftest import source_rows
 from mlplatform_tests.test_operations import start_job, wait

@@ -47,7 +47,7 @@ def graphql(port: int, query: str) -> dict:
 def ui(tmp_path_factory, replayed):
     """`dagster dev -w workspace.yaml` on a free loopback port, as `make ui` starts it, with a
     home of its own (SQLite storage, the replayed landing zone)."""
-    from mlplatform.cli import init_home
+    from mlplatform.home import init_home
     from mlplatform.settings import Settings
 
     root = tmp_path_factory.mktemp("ui")

@@ -58,7 +58,8 @@ from mlplatform.training.tracking import (
     TrainedModel,
     training_window,
 )
-from mlplatform.warehouse import create_tables, has_table, in_one_transaction, sql_literal
+from mlplatform.sql import sql_literal
+from mlplatform.warehouse import create_tables, has_table, in_one_transaction
 
 OWNERS = ["team:ml-platform"]
 # the MLflow alias of each stage (``challenger`` stays the latest trained version, whatever its stage)

@@ -24,7 +24,7 @@ import pandas as pd
 
 from mlplatform import keys, lake
 from mlplatform.settings import DBT_PROJECT_DIR, LAKE_TARGET, Settings, dbt_executable, dbt_variables
-from mlplatform.warehouse import sql_literal
+from mlplatform.sql import sql_literal
 
 ANALYSIS = "online_features"
 INTRADAY_ANALYSIS = "online_intraday_features"  # the rt_ features alone, as the stream moves them
