@@ -41,6 +41,8 @@ MLPLATFORM_RETRAINING_SENSOR_INTERVAL_SECONDS  how often the retraining sensor d
 MLPLATFORM_RETRAIN_COOLDOWN_SECONDS            after a promotion the retraining sensor asked   21600 (6 h)
                                                for, how long before it asks again
 MLPLATFORM_SERVE_HOST, _PORT                   where ``mlplatform serve`` listens              127.0.0.1, 8000
+MLPLATFORM_SERVE_TOKEN                         the bearer token the API asks for (required     unset: no token on loopback
+                                               when it listens beyond loopback)
 MLPLATFORM_SERVE_REFRESH_SECONDS               how often the server looks for a new champion   30
                                                (and the canary, the shadow and the share)
 MLPLATFORM_ROLLOUT_STAGED                      a version the gate passes goes through shadow   true
@@ -112,6 +114,7 @@ class Settings:
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000
     serve_refresh_seconds: float = 30.0
+    serve_token: str | None = field(default=None, repr=False)  # a secret: never printed, never in as_env
     # the rollout policy's settings given in the environment ((field, value), ...): the rest are
     # ``rollout.assets.RolloutPolicy``'s defaults
     rollout_overrides: tuple = ()
@@ -167,6 +170,7 @@ class Settings:
             retrain_cooldown_seconds=number("MLPLATFORM_RETRAIN_COOLDOWN_SECONDS", 6 * 3600),
             serve_host=env.get("MLPLATFORM_SERVE_HOST") or "127.0.0.1",
             serve_port=number("MLPLATFORM_SERVE_PORT", 8000),
+            serve_token=env.get("MLPLATFORM_SERVE_TOKEN") or None,
             serve_refresh_seconds=number("MLPLATFORM_SERVE_REFRESH_SECONDS", 30.0, float),
             rollout_overrides=_rollout(env, number),
             explicit=frozenset(name for name in VARIABLES.values() if env.get(name)),

@@ -106,3 +106,28 @@ def test_dg_loads_the_same_code_location(home):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "All definitions loaded successfully" in done.stdout + done.stderr
+
+
+def test_serve_beyond_loopback_needs_a_bearer_token(home, monkeypatch):
+    """`mlplatform serve --host 0.0.0.0` without MLPLATFORM_SERVE_TOKEN refuses to start (before it
+    binds anything); with a token set, the API asks every prediction and /metrics for it."""
+    from fastapi.testclient import TestClient
+
+    from mlplatform.serving.app import create_app
+    from mlplatform.serving.service import PredictionService
+
+    monkeypatch.delenv("MLPLATFORM_SERVE_TOKEN", raising=False)
+    with pytest.raises(SystemExit, match="MLPLATFORM_SERVE_TOKEN"):
+        cli.main(["serve", "--host", "0.0.0.0", "--port", "9"])
+    service = PredictionService.from_settings(home, stream=False)
+    with TestClient(create_app(service, start_service=False, token="s3cret")) as client:
+        flight = {"flight_date": "2013-01-28", "carrier": "UA", "flight_number": 1545, "origin": "EWR",
+                  "dest": "IAH", "sched_dep_time": 515}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"}):
+            assert client.post("/predict", json=flight, headers=headers).status_code == 401
+            assert client.post("/predict/batch", json={"flights": [flight]}, headers=headers).status_code == 401
+            assert client.get("/metrics", headers=headers).status_code == 401
+        token = {"Authorization": "Bearer s3cret"}
+        assert client.post("/predict", json=flight, headers=token).status_code == 503  # let in: nothing served yet
+        assert client.get("/metrics", headers=token).status_code == 200
+        assert client.get("/health").status_code in (200, 503)  # the probes' endpoint stays open

@@ -263,6 +263,9 @@ def test_a_month_backfill_runs_on_both_workers_and_lands_every_row_once(cluster,
 
 
 def test_training_registers_on_the_mlflow_server_and_serving_answers_from_the_lake(cluster, month):
+    """Training on the workers registers a version on the MLflow server (through its basic auth);
+    two serving processes load it from there, read the DuckLake, refuse a request without their
+    bearer token, and give the same answers."""
     import httpx
     from dagster import DagsterInstance, DagsterRunStatus
     from mlflow import MlflowClient
@@ -279,8 +282,11 @@ def test_training_registers_on_the_mlflow_server_and_serving_answers_from_the_la
         assert versions, "no model version registered on the MLflow server"
     # two serving processes, as two hosts behind one load balancer would run them: the same answers
     ports = [free_port(), free_port()]
-    servers = [subprocess.Popen([MLPLATFORM, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True) for port in ports]
+    token = secrets.token_hex(12)  # what a server beyond loopback requires (here, asked for anyway)
+    servers = [subprocess.Popen([MLPLATFORM, "serve", "--port", str(port)], env={**env, "MLPLATFORM_SERVE_TOKEN": token},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+               for port in ports]
+    bearer = {"Authorization": f"Bearer {token}"}
     try:
         flights = [{"flight_date": "2013-01-28", "carrier": "UA", "flight_number": 1545, "origin": "EWR",
                     "dest": "IAH", "sched_dep_time": 515, "tailnum": "N14228"},
@@ -296,7 +302,9 @@ def test_training_registers_on_the_mlflow_server_and_serving_answers_from_the_la
                         break
                 time.sleep(1)
             assert ready is not None and ready.status_code == 200, (ready and ready.text, server.poll())
-            answer = httpx.post(f"http://127.0.0.1:{port}/predict/batch", json={"flights": flights}, timeout=30)
+            url = f"http://127.0.0.1:{port}/predict/batch"
+            assert httpx.post(url, json={"flights": flights}, timeout=30).status_code == 401
+            answer = httpx.post(url, json={"flights": flights}, headers=bearer, timeout=30)
             assert answer.status_code == 200, answer.text
             answers.append([(p["flight_id"], p["model_version"], p["delay_probability"])
                             for p in answer.json()["predictions"]])

@@ -20,14 +20,16 @@ import datetime as dt
 import logging
 import math
 import re
+import secrets
 import sys
 import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Callable
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import (
@@ -282,8 +284,28 @@ AS_OF = ("The instant (ISO 8601; UTC when no offset is given) the intraday rt_ f
          "prediction time (60 minutes before its scheduled departure), which is exactly the training row.")
 
 
-def create_app(service: PredictionService, start_service: bool = True) -> FastAPI:
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(service: PredictionService, start_service: bool = True, token: str | None = None) -> FastAPI:
+    """The API; with ``token``, predictions and metrics need ``Authorization: Bearer <token>``
+    (401 otherwise); ``/health`` stays open for load balancers' probes."""
     metrics = Metrics()
+    bearer = HTTPBearer(auto_error=False, description="MLPLATFORM_SERVE_TOKEN, when the server has one")
+
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise HTTPException(status_code=401, detail="a bearer token is required (Authorization: Bearer ...)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
     started = threading.Event()
 
     def _start() -> None:
@@ -361,7 +383,7 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
             metrics.predictions.labels(out[0]["model_version"]).inc(len(out))
         return out
 
-    @app.post("/predict", response_model=Prediction, response_model_exclude_none=True,
+    @app.post("/predict", response_model=Prediction, response_model_exclude_none=True, dependencies=[Depends(authorized)],
               responses={400: {"model": Unreadable, "description": "The body is not text (not UTF-8)"},
                          422: {"model": ClientErrors, "description": "Invalid flight"},
                          503: {"model": Unavailable, "description": "No champion or warehouse yet"}})
@@ -370,6 +392,7 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
         return (await _predict([flight], explain, batch=False, as_of=as_of))[0]
 
     @app.post("/predict/batch", response_model=Predictions, response_model_exclude_none=True,
+              dependencies=[Depends(authorized)],
               responses={400: {"model": Unreadable, "description": "The body is not text (not UTF-8)"},
                          422: {"model": ClientErrors, "description": "Invalid flights"},
                          503: {"model": Unavailable, "description": "No champion or warehouse yet"}})
@@ -383,7 +406,8 @@ def create_app(service: PredictionService, start_service: bool = True) -> FastAP
             "ready": False, "reasons": ["starting"], "model": None, "features": None}
         return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}},
+             dependencies=[Depends(authorized)])
     def prometheus():
         model = service.models.model
         metrics.model_version.set(int(model.version) if model and model.version.isdigit() else 0)
@@ -413,6 +437,9 @@ def serve(settings: Settings, host: str, port: int, refresh_seconds: float, acce
     # the background threads (the stream's recomputes, the refresh) hold the GIL in stretches of
     # Python; at the default 5 ms switch interval a request waits that long for each hand-over
     sys.setswitchinterval(0.0005)
+    if not is_loopback(host) and not settings.serve_token:
+        raise SystemExit(f"mlplatform serve on {host}: beyond loopback the API needs a bearer token; set "
+                         "MLPLATFORM_SERVE_TOKEN (clients send `Authorization: Bearer <token>`)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = PredictionService.from_settings(settings, refresh_seconds=refresh_seconds)
-    uvicorn.run(create_app(service), host=host, port=port, workers=1, access_log=access_log, log_level="info")
+    uvicorn.run(create_app(service, token=settings.serve_token), host=host, port=port, workers=1, access_log=access_log, log_level="info")
