@@ -4,7 +4,8 @@ shared directory.
 
 DuckDB loads the ``ducklake`` and ``postgres`` extensions by downloading them from
 extensions.duckdb.org the first time. Nothing is downloaded here: they come from PyPI's
-``duckdb-extension-ducklake`` and ``duckdb-extension-postgres-scanner`` wheels in the lock, each
+``duckdb-extension-ducklake``, ``duckdb-extension-postgres-scanner`` and ``duckdb-extension-httpfs``
+(for data on an object store) wheels in the lock, each
 built for one DuckDB version (1.5.5, the pinned one). A wheel keeps its file under
 ``extensions/v<version>/``; DuckDB looks under ``<extension_directory>/v<version>/<platform>/``,
 so ``install_extensions`` copies the files there, and every connection that may load them (ours
@@ -40,6 +41,8 @@ EXTENSION_DIR = Path(sys.prefix) / "share" / "duckdb-extensions"
 EXTENSION_WHEELS = {
     "ducklake": "duckdb_extension_ducklake",
     "postgres_scanner": "duckdb_extension_postgres_scanner",
+    # the data on an object store (MLPLATFORM_LAKE_DATA_PATH=s3://...): installed, not tested here (no S3)
+    "httpfs": "duckdb_extension_httpfs",
 }
 
 

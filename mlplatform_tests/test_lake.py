@@ -24,15 +24,16 @@ def test_the_extensions_come_from_the_wheels_and_are_never_downloaded(tmp_path):
     directory = lake.install_extensions(tmp_path / "ext")
     files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.duckdb_extension"))
     version = f"v{duckdb.__version__}"
-    assert files == [f"{version}/{lake.platform()}/ducklake.duckdb_extension",
-                     f"{version}/{lake.platform()}/postgres_scanner.duckdb_extension"]
+    assert files == [f"{version}/{lake.platform()}/{name}.duckdb_extension"
+                     for name in ("ducklake", "httpfs", "postgres_scanner")]
     assert lake.install_extensions(tmp_path / "ext") == directory  # again: nothing to do
     with duckdb.connect(config=lake.extension_config(directory)) as conn:
         conn.execute("LOAD ducklake")
         conn.execute("LOAD postgres")
+        conn.execute("LOAD httpfs")
         loaded = dict(conn.execute("SELECT extension_name, install_path FROM duckdb_extensions() WHERE loaded "
-                                   "AND extension_name IN ('ducklake', 'postgres_scanner')").fetchall())
-    assert set(loaded) == {"ducklake", "postgres_scanner"}
+                                   "AND extension_name IN ('ducklake', 'postgres_scanner', 'httpfs')").fetchall())
+    assert set(loaded) == {"ducklake", "postgres_scanner", "httpfs"}
     assert all(path.startswith(str(directory)) for path in loaded.values()), loaded
     # where the files are not, autoinstall is off: an error that says so, never a download
     with duckdb.connect(config=lake.extension_config(tmp_path / "empty")) as conn:
