@@ -300,11 +300,12 @@ def create_app(service: PredictionService, start_service: bool = True, token: st
     bearer = HTTPBearer(auto_error=False, description="MLPLATFORM_SERVE_TOKEN, when the server has one")
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if token is None:
-            return
         if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
             raise HTTPException(status_code=401, detail="a bearer token is required (Authorization: Bearer ...)",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    # (only with a token does the schema declare the bearer scheme: the API does what it says)
+    protected = [Depends(authorized)] if token is not None else []
 
     started = threading.Event()
 
@@ -383,7 +384,7 @@ def create_app(service: PredictionService, start_service: bool = True, token: st
             metrics.predictions.labels(out[0]["model_version"]).inc(len(out))
         return out
 
-    @app.post("/predict", response_model=Prediction, response_model_exclude_none=True, dependencies=[Depends(authorized)],
+    @app.post("/predict", response_model=Prediction, response_model_exclude_none=True, dependencies=protected,
               responses={400: {"model": Unreadable, "description": "The body is not text (not UTF-8)"},
                          422: {"model": ClientErrors, "description": "Invalid flight"},
                          503: {"model": Unavailable, "description": "No champion or warehouse yet"}})
@@ -392,7 +393,7 @@ def create_app(service: PredictionService, start_service: bool = True, token: st
         return (await _predict([flight], explain, batch=False, as_of=as_of))[0]
 
     @app.post("/predict/batch", response_model=Predictions, response_model_exclude_none=True,
-              dependencies=[Depends(authorized)],
+              dependencies=protected,
               responses={400: {"model": Unreadable, "description": "The body is not text (not UTF-8)"},
                          422: {"model": ClientErrors, "description": "Invalid flights"},
                          503: {"model": Unavailable, "description": "No champion or warehouse yet"}})
@@ -407,7 +408,7 @@ def create_app(service: PredictionService, start_service: bool = True, token: st
         return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}},
-             dependencies=[Depends(authorized)])
+             dependencies=protected)
     def prometheus():
         model = service.models.model
         metrics.model_version.set(int(model.version) if model and model.version.isdigit() else 0)
