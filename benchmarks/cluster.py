@@ -86,15 +86,17 @@ def on_cluster(workdir: Path, landing: Path, start: dt.date, end: dt.date, worke
     started = subprocess.run([MLPLATFORM, "cluster", "start"], env=env, capture_output=True, text=True)
     assert started.returncode == 0, started.stdout + started.stderr
     start_s = time.perf_counter() - began
-    saved = dict(os.environ)
-    os.environ.update({**env, **found.env(env)})
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+    from dagster_graphql import DagsterGraphQLClient
+
+    from mlplatform.transform.assets import environment
+
     try:
         shutil.copytree(landing, found.home / "landing", dirs_exist_ok=True)
-        from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
-        from dagster_graphql import DagsterGraphQLClient
 
         client = DagsterGraphQLClient(found.host, port_number=found.ui_port)
-        with DagsterInstance.from_config(os.environ["DAGSTER_HOME"]) as instance:
+        cluster_env = {**env, **found.env(env)}  # (the instance's storage and launch_backfill read it)
+        with environment(cluster_env), DagsterInstance.from_config(cluster_env["DAGSTER_HOME"]) as instance:
             reference = client.submit_job_execution("reference_job")
             while not instance.get_run_by_id(reference).is_finished:
                 time.sleep(1)
@@ -119,8 +121,6 @@ def on_cluster(workdir: Path, landing: Path, start: dt.date, end: dt.date, worke
                         worker, at = started_at.pop(record.step_key)
                         busy[worker.split("@")[0]] = busy.get(worker.split("@")[0], 0.0) + record.timestamp - at
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
         subprocess.run([MLPLATFORM, "cluster", "stop"], env=env, capture_output=True, text=True)
         shutil.rmtree(root, ignore_errors=True)
     return {"workers": workers, "backfill_s": round(seconds, 1), "machine_cpu_s": round(cpu, 1), "runs": len(runs),

@@ -108,6 +108,14 @@ class Cluster:
     def pidfile(self) -> Path:
         return self.home / "cluster.pid"
 
+    @property
+    def redis_acl(self) -> Path:
+        return self.home / "redis-cluster" / "users.acl"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow-cluster"
+
     def redis_url(self, db: int, password: str) -> str:
         return f"redis://{USER}:{quote(password, safe='')}@{self.host}:{self.redis_port}/{db}"
 
@@ -213,39 +221,35 @@ def init_postgres(cluster: Cluster, env: Mapping[str, str]) -> bool:
     return True
 
 
-def write_redis_acl(cluster: Cluster, password: str) -> Path:
+def write_redis_acl(cluster: Cluster, password: str) -> None:
     """The ACL file: ``default`` off, ``mlplatform`` by its password's SHA-256 (not the password)."""
-    directory = cluster.home / "redis-cluster"
-    directory.mkdir(parents=True, exist_ok=True)
-    acl = directory / "users.acl"
+    cluster.redis_acl.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(password.encode()).hexdigest()
-    acl.write_text(f"user default off\nuser {USER} on #{digest} ~* &* +@all\n")
-    acl.chmod(0o600)
-    return acl
+    cluster.redis_acl.write_text(f"user default off\nuser {USER} on #{digest} ~* &* +@all\n")
+    cluster.redis_acl.chmod(0o600)
 
 
-def write_mlflow_auth(cluster: Cluster) -> Path:
+def write_mlflow_auth(cluster: Cluster) -> None:
     """The basic-auth app's configuration: its users in a SQLite file under the home; the admin
     (``mlplatform``) is created from MLFLOW_AUTH_ADMIN_* on the first start."""
-    directory = cluster.home / "mlflow-cluster"
+    directory = cluster.mlflow_dir
     (directory / "artifacts").mkdir(parents=True, exist_ok=True)
-    ini = directory / "basic_auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+    (directory / "basic_auth.ini").write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{directory / 'basic_auth.db'}\n"
                    f"admin_username = {USER}\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                    "grant_default_workspace_access = false\n")
-    return ini
 
 
 def services(cluster: Cluster, env: Mapping[str, str]) -> list[Service]:
+    """The components, as the supervisor starts them (the files they read: ``prepare``)."""
     from mlplatform.stream.server import server_argv
 
     scripts = Path(sys.executable).parent
     derived = cluster.env(env)
-    redis_argv = [*server_argv(cluster.home / "redis-cluster", cluster.redis_port, cluster.host),
-                  "--aclfile", str(write_redis_acl(cluster, env["MLPLATFORM_REDIS_PASSWORD"]))]
-    mlflow_dir = cluster.home / "mlflow-cluster"
+    redis_argv = [*server_argv(cluster.redis_acl.parent, cluster.redis_port, cluster.host),
+                  "--aclfile", str(cluster.redis_acl)]
+    mlflow_dir = cluster.mlflow_dir
     found = [
         Service("postgres", postgres_argv(cluster), f"postgresql://{cluster.host}:{cluster.pg_port}", ready_first=True,
                 restart=True),
@@ -256,7 +260,7 @@ def services(cluster: Cluster, env: Mapping[str, str]) -> list[Service]:
             "--artifacts-destination", (mlflow_dir / "artifacts").as_uri(),
             "--host", cluster.host, "--port", str(cluster.mlflow_port), "--workers", "1",
         ], f"http://{cluster.host}:{cluster.mlflow_port}/health", env=(
-            ("MLFLOW_AUTH_CONFIG_PATH", str(write_mlflow_auth(cluster))),
+            ("MLFLOW_AUTH_CONFIG_PATH", str(mlflow_dir / "basic_auth.ini")),
             ("MLFLOW_AUTH_ADMIN_USERNAME", USER),
             ("MLFLOW_AUTH_ADMIN_PASSWORD", env["MLFLOW_TRACKING_PASSWORD"]),
             # the session/CSRF key of the server's forms: new at each start (one server process)
@@ -287,6 +291,8 @@ def prepare(cluster: Cluster, env: Mapping[str, str]) -> dict[str, str]:
 
     full = {**env, **cluster.env(env)}
     init_postgres(cluster, full)
+    write_redis_acl(cluster, full["MLPLATFORM_REDIS_PASSWORD"])  # (the password may have changed)
+    write_mlflow_auth(cluster)
     settings = Settings.from_env(full)
     dagster_yaml = settings.dagster_home / "dagster.yaml"
     if not dagster_yaml.exists():
@@ -309,8 +315,8 @@ def running_pid(cluster: Cluster) -> int | None:
 
 
 def start(cluster: Cluster, env: Mapping[str, str], out=sys.stdout) -> int:
-    if running_pid(cluster) is not None:
-        print(f"the cluster is running already (pid {running_pid(cluster)}): `mlplatform cluster stop`", file=out)
+    if (pid := running_pid(cluster)) is not None:
+        print(f"the cluster is running already (pid {pid}): `mlplatform cluster stop`", file=out)
         return 1
     full = prepare(cluster, env)
     log = cluster.home / "logs" / "cluster.log"

@@ -25,6 +25,7 @@ import pytest
 
 from mlplatform import lake
 from mlplatform.cluster import USER, Cluster
+from mlplatform.transform.assets import environment
 from mlplatform_tests.conftest import CHAMPION_TRAINING, free_port
 
 LANE = "system"
@@ -34,20 +35,6 @@ MONTH = (dt.date(2013, 1, 1), dt.date(2013, 1, 28))
 WEEKS = [(MONTH[0] + dt.timedelta(days=7 * i), MONTH[0] + dt.timedelta(days=7 * i + 6)) for i in range(4)]
 MLPLATFORM = str(Path(sys.executable).parent / "mlplatform")
 RANGE = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
-
-
-@contextlib.contextmanager
-def environment(variables: dict[str, str]):
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +131,7 @@ def test_every_service_refuses_a_client_without_credentials(cluster):
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=found.redis_port, username=USER, password="wrong").ping()
     assert redis.Redis(port=found.redis_port, username=USER, password=env["MLPLATFORM_REDIS_PASSWORD"]).ping()
-    assert env["MLPLATFORM_REDIS_PASSWORD"] not in (found.home / "redis-cluster" / "users.acl").read_text()
+    assert env["MLPLATFORM_REDIS_PASSWORD"] not in found.redis_acl.read_text()
     # MLflow: the basic-auth app
     url = f"http://127.0.0.1:{found.mlflow_port}/api/2.0/mlflow/experiments/search?max_results=1"
     assert httpx.get(url).status_code == 401
