@@ -31,7 +31,13 @@ MLPLATFORM_DUCKDB_MEMORY_LIMIT                 DuckDB's memory limit in each pro
 DAGSTER_HOME                                   Dagster instance directory                      ``$HOME/dagster`` (``dagster-postgres``
                                                                                                with MLPLATFORM_DAGSTER_PG_URL)
 MLPLATFORM_DAGSTER_PG_URL                      run, event and schedule storage on PostgreSQL   unset: SQLite under DAGSTER_HOME
-MLPLATFORM_ALERT_WEBHOOK                       URL failed runs are POSTed to                   unset
+MLPLATFORM_ALERT_WEBHOOK                       URL failed runs and Prometheus' alerts are      unset
+                                               POSTed to
+MLPLATFORM_PROMETHEUS_PORT                     Prometheus (``make ui``), on 127.0.0.1          9090
+MLPLATFORM_ALERTMANAGER_PORT                   Alertmanager (``make ui``), on 127.0.0.1        9093
+MLPLATFORM_ALERTMANAGER_URL                    an Alertmanager of yours Prometheus sends its   unset: the platform's own
+                                               alerts to (then none is started)
+MLPLATFORM_EXPORTER_PORT                       the platform's exporter (/metrics, /alerts)     9108
 MLPLATFORM_REDIS_URL                           the broker of the event stream (Redis 7         ``redis://127.0.0.1:6380/0``: the
                                                Streams)                                        platform's own, started by ``make ui``
 MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS     how often the landing sensor looks              15
@@ -106,6 +112,10 @@ class Settings:
     duckdb_memory_limit: str = "512MB"
     redis_url: str = REDIS_URL
     alert_webhook: str | None = None
+    prometheus_port: int = 9090
+    alertmanager_port: int = 9093
+    alertmanager_url: str | None = None
+    exporter_port: int = 9108
     landing_sensor_interval_seconds: int = 15
     stream_sensor_interval_seconds: int = 10
     automation_interval_seconds: int = 30
@@ -163,6 +173,10 @@ class Settings:
             duckdb_memory_limit=env.get("MLPLATFORM_DUCKDB_MEMORY_LIMIT") or "512MB",
             redis_url=env.get("MLPLATFORM_REDIS_URL") or REDIS_URL,
             alert_webhook=env.get("MLPLATFORM_ALERT_WEBHOOK") or None,
+            prometheus_port=number("MLPLATFORM_PROMETHEUS_PORT", 9090),
+            alertmanager_port=number("MLPLATFORM_ALERTMANAGER_PORT", 9093),
+            alertmanager_url=env.get("MLPLATFORM_ALERTMANAGER_URL") or None,
+            exporter_port=number("MLPLATFORM_EXPORTER_PORT", 9108),
             landing_sensor_interval_seconds=number("MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS", 15),
             stream_sensor_interval_seconds=number("MLPLATFORM_STREAM_SENSOR_INTERVAL_SECONDS", 10),
             automation_interval_seconds=number("MLPLATFORM_AUTOMATION_INTERVAL_SECONDS", 30),
