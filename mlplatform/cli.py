@@ -193,6 +193,14 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_exporter(args) -> int:
+    from mlplatform.operating.exporter import serve_exporter
+
+    settings = init_home(Settings.from_env(), pools=False)
+    serve_exporter(settings, args.host, args.port or settings.exporter_port)
+    return 0
+
+
 def cmd_ui(args) -> int:
     from mlplatform.services import run_services
 
@@ -324,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="how often to look for a new champion and a changed warehouse (MLPLATFORM_SERVE_REFRESH_SECONDS, 30)")
     p.add_argument("--access-log", action="store_true", help="log every request (the inference log has them anyway)")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("exporter", help="the platform's Prometheus exporter (/metrics) and Alertmanager's webhook "
+                       "receiver (/alerts); `make ui` runs it")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, help="default: MLPLATFORM_EXPORTER_PORT, or 9108")
+    p.set_defaults(fn=cmd_exporter)
     p = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI (MLPLATFORM_MLFLOW_UI_URL); Ctrl-C stops both")
     p.add_argument("--host", default="127.0.0.1", help="the Dagster UI's interface")
     p.add_argument("--port", type=int, default=3000, help="the Dagster UI's port")

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,9 @@ class Service:
 
 def services(settings: Settings, host: str, port: int) -> list[Service]:
     """The Dagster UI, the MLflow UI on ``settings.mlflow_ui_url`` over the platform's own
-    MLflow store (none when MLPLATFORM_MLFLOW_URI is a tracking server: that is the UI), and the
-    platform's own broker (none when MLPLATFORM_REDIS_URL points elsewhere, or one answers)."""
+    MLflow store (none when MLPLATFORM_MLFLOW_URI is a tracking server: that is the UI), the
+    platform's own broker (none when MLPLATFORM_REDIS_URL points elsewhere, or one answers), the
+    serving API, and Prometheus with its Alertmanager and the platform's exporter."""
     from mlplatform.stream.server import broker_answers
 
     scripts = Path(sys.executable).parent
@@ -80,6 +82,13 @@ def services(settings: Settings, host: str, port: int) -> list[Service]:
         ], settings.mlflow_ui_url,
             # the server's job runner (7 huey consumers, ~1 GB) serves GenAI features the platform has none of
             env=(("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),)))
+    # the serving API (not ready until there is a champion: it looks every refresh), and what
+    # watches the platform: the exporter, Alertmanager, Prometheus (mlplatform/operating/prometheus.py)
+    from mlplatform.operating.prometheus import monitoring_services
+
+    found.append(Service("serving", [str(scripts / "mlplatform"), "serve"],
+                         f"http://{settings.serve_host}:{settings.serve_port}/health"))
+    found += monitoring_services(settings)
     return found
 
 
@@ -104,10 +113,14 @@ def artifact_root_uri(location: Path) -> str:
 
 
 def prepare(settings: Settings) -> None:
-    """What the services need on disk before they start: the MLflow store's folder, the logs."""
+    """What the services need on disk before they start: the MLflow store's folder, the logs,
+    Prometheus' and Alertmanager's configuration."""
+    from mlplatform.operating.prometheus import write_configs
+
     if settings.mlflow_uri.startswith("sqlite:///"):
         Path(settings.mlflow_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     (settings.home / "logs").mkdir(parents=True, exist_ok=True)
+    write_configs(settings)
 
 
 # --- processes, read from /proc (Linux); elsewhere only the process groups are known ---
@@ -210,6 +223,8 @@ def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=POLL_SECONDS):
             return True
+    except urllib.error.HTTPError:  # it answered: not ready, or not without a password, but up
+        return True
     except OSError:
         return False
 

@@ -76,7 +76,11 @@ def test_the_mlflow_ui_is_where_links_point_by_default():
     remote = Settings.from_env({"MLPLATFORM_HOME": "/tmp/x", "MLPLATFORM_MLFLOW_URI": "http://mlflow.internal:80/"})
     assert remote.mlflow_ui_url == "http://mlflow.internal:80"
     # (and the broker, unless one answers already: test_stream.py)
-    assert [s.name for s in services(remote, "127.0.0.1", 3000) if s.name != "redis"] == ["dagster"]
+    assert [s.name for s in services(remote, "127.0.0.1", 3000) if s.name != "redis"] == [
+        "dagster", "serving", "exporter", "alertmanager", "prometheus"]
+    # an Alertmanager of one's own: Prometheus sends there, none is started
+    own = Settings.from_env({"MLPLATFORM_HOME": "/tmp/x", "MLPLATFORM_ALERTMANAGER_URL": "http://127.0.0.1:9999"})
+    assert "alertmanager" not in [s.name for s in services(own, "127.0.0.1", 3000)]
     with pytest.raises(SystemExit, match="MLPLATFORM_MLFLOW_UI_URL"):
         services(Settings.from_env({"MLPLATFORM_HOME": "/tmp/x", "MLPLATFORM_MLFLOW_UI_URL": "http://127.0.0.1"}),
                  "127.0.0.1", 3000)
@@ -96,8 +100,10 @@ def test_ui_links_models_to_mlflow_and_stops_on_sigint(champion_home, champion_i
     assert link.startswith(MLFLOW_UI_URL + "/#/")
     link = mlflow_url + link.removeprefix(MLFLOW_UI_URL)  # (the UI on this test's port)
 
+    ports = {name: free_port() for name in ("SERVE", "EXPORTER", "ALERTMANAGER", "PROMETHEUS")}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLPLATFORM_")},
-           **home.as_env(), "MLPLATFORM_MLFLOW_UI_URL": mlflow_url}
+           **home.as_env(), "MLPLATFORM_MLFLOW_UI_URL": mlflow_url,
+           **{f"MLPLATFORM_{name}_PORT": str(port) for name, port in ports.items()}}
     log = (tmp_path / "ui.log").open("w")
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlplatform"), "ui", "--port", str(dagster_port)],
@@ -116,10 +122,23 @@ def test_ui_links_models_to_mlflow_and_stops_on_sigint(champion_home, champion_i
         assert champion["mlflow_run_id"].value == run_id
         dagster_ready = wait_for(f"http://127.0.0.1:{dagster_port}/server_info", process)
         open_run_page(link, run_id, tmp_path)
+        # Prometheus with the platform's rules, scraping the exporter and the serving API (both up)
+        prometheus = f"http://127.0.0.1:{ports['PROMETHEUS']}"
+        deadline, targets = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            targets = {t["labels"]["job"]: t["health"]
+                       for t in get_json(f"{prometheus}/api/v1/targets")["data"]["activeTargets"]}
+            if set(targets.values()) == {"up"}:
+                break
+            time.sleep(1)
+        assert targets == {"mlplatform-exporter": "up", "mlplatform-serving": "up", "prometheus": "up"}, targets
+        assert sum(len(g["rules"]) for g in get_json(f"{prometheus}/api/v1/rules")["data"]["groups"]) == 19
+        assert get_json(f"http://127.0.0.1:{ports['ALERTMANAGER']}/api/v2/status")["cluster"]["status"] == "disabled"
         recorded = descendants(process.pid, set())
         recorded[process.pid] = int(Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
         names = " ".join(Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace") for p in running(recorded))
         assert "dagster_webserver" in names and "dagster._daemon" in names and "uvicorn" in names, names
+        assert "prometheus" in names and "alertmanager" in names and "exporter" in names, names
         assert "huey" not in names  # the MLflow server's job runner is off
         print(f"MLflow UI answered after {mlflow_ready:.1f} s, the Dagster UI after {dagster_ready:.1f} s; "
               f"{len(recorded)} processes")

@@ -302,14 +302,21 @@ CREATE SCHEMA IF NOT EXISTS monitoring;
 CREATE TABLE IF NOT EXISTS monitoring.alerts (
     raised_at TIMESTAMP, kind VARCHAR, job_name VARCHAR, run_id VARCHAR, message VARCHAR, delivered_to VARCHAR
 );
+-- (alerts from Prometheus, through Alertmanager: their labels and state; homes made before get the column)
+ALTER TABLE monitoring.alerts ADD COLUMN IF NOT EXISTS details JSON;
 """
+RUN_FAILURE = "run_failure"
 
 
-def record_alert(warehouse_path: str, job_name: str, run_id: str, message: str, webhook: str | None) -> str | None:
-    """Store the alert, and POST it to the webhook when there is one. Returns a delivery error."""
+def record_alert(warehouse_path: str, job_name: str, run_id: str, message: str, webhook: str | None,
+                 kind: str = RUN_FAILURE, details: dict | None = None) -> str | None:
+    """Store the alert, and POST it to the webhook when there is one. Returns a delivery error.
+    ``kind``: a failed run, or ``prometheus:<alertname>`` for an alert rule's (``job_name`` is
+    then what it is about, ``run_id`` Alertmanager's fingerprint, ``details`` its labels)."""
     error = None
     if webhook:
-        body = json.dumps({"kind": "run_failure", "job": job_name, "run_id": run_id, "message": message}).encode()
+        body = json.dumps({"kind": kind, "job": job_name, "run_id": run_id, "message": message,
+                           **({"details": details} if details else {})}, default=str).encode()
         request = urllib.request.Request(webhook, data=body, headers={"Content-Type": "application/json"})
         try:
             urllib.request.urlopen(request, timeout=5).close()
@@ -320,9 +327,10 @@ def record_alert(warehouse_path: str, job_name: str, run_id: str, message: str, 
         with connect(warehouse_path, max_wait=60) as conn:  # one writer at a time: wait for it
             create_tables(conn, ALERTS_DDL)
             conn.execute(
-                "INSERT INTO monitoring.alerts VALUES (?, 'run_failure', ?, ?, ?, ?)",
-                [dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), job_name, run_id, message[:4000],
-                 webhook if webhook and not error else None],
+                "INSERT INTO monitoring.alerts (raised_at, kind, job_name, run_id, message, delivered_to, details) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), kind, job_name, run_id, message[:4000],
+                 webhook if webhook and not error else None, json.dumps(details, default=str) if details else None],
             )
 
     try:

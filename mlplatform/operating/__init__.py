@@ -1,0 +1,1 @@
+"""Operating the platform: its Prometheus exporter, alert rules, Prometheus and Alertmanager."""
