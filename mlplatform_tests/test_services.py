@@ -18,6 +18,7 @@ import pytest
 from mlplatform.services import descendants, services
 from mlplatform.settings import MLFLOW_UI_URL, REPO_ROOT, Settings
 from mlplatform_tests.conftest import free_port
+from mlplatform_tests.test_prometheus import rule_count
 
 LANE = "system"
 
@@ -132,7 +133,7 @@ def test_ui_links_models_to_mlflow_and_stops_on_sigint(champion_home, champion_i
                 break
             time.sleep(1)
         assert targets == {"mlplatform-exporter": "up", "mlplatform-serving": "up", "prometheus": "up"}, targets
-        assert sum(len(g["rules"]) for g in get_json(f"{prometheus}/api/v1/rules")["data"]["groups"]) == 19
+        assert sum(len(g["rules"]) for g in get_json(f"{prometheus}/api/v1/rules")["data"]["groups"]) == rule_count()
         assert get_json(f"http://127.0.0.1:{ports['ALERTMANAGER']}/api/v2/status")["cluster"]["status"] == "disabled"
         recorded = descendants(process.pid, set())
         recorded[process.pid] = int(Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])

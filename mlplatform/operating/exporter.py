@@ -128,6 +128,7 @@ class PlatformCollector:
             yield from self._warehouse_metrics()
             yield from self._models()
             yield from self._stream()
+            yield from self._landing()
             took = GaugeMetricFamily("mlplatform_exporter_scrape_seconds", "How long the exporter took to read.")
             took.add_metric([], time.perf_counter() - began)
             yield took
@@ -284,6 +285,20 @@ class PlatformCollector:
         if millis:
             yield _gauge("mlplatform_stream_last_message_timestamp_seconds", "When the latest message reached the "
                          "broker.", [], [], millis / 1000)
+
+
+    # -- the landing zone: the latest day delivered (the replay's clock) -----------------------------
+    def _landing(self):
+        from mlplatform.ingest.contracts import DAILY
+        from mlplatform.ingest.landing import landed_days
+
+        latest = GaugeMetricFamily("mlplatform_landing_latest_day_timestamp_seconds",
+                                   "The latest day delivered to the landing zone.", labels=["source"])
+        for contract in DAILY:
+            days = landed_days(self.settings.landing, contract)
+            if days:
+                latest.add_metric([contract.name], _epoch(dt.date.fromisoformat(max(days))))
+        yield latest
 
 
 def _gauge(name: str, documentation: str, labels: list[str], values: list[str], value) -> GaugeMetricFamily:
