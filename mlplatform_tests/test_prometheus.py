@@ -9,8 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
+import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -113,9 +115,30 @@ def test_the_exporter_says_what_dagster_the_warehouse_and_mlflow_say(champion_ho
     server = start_exporter(settings, port)
     try:
         metrics = scrape(f"http://127.0.0.1:{port}/metrics")
+        # a run holding the warehouse (DuckDB's one writer): the scrape does not wait for it, it
+        # serves the last reading and says so
+        holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+                                   "print('held', flush=True); time.sleep(60)", str(settings.warehouse)],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            began = time.monotonic()
+            locked = scrape(f"http://127.0.0.1:{port}/metrics")
+            took = time.monotonic() - began
+        finally:
+            holder.kill()
+            holder.wait()
+        # a webhook payload that is not JSON is refused, and says why
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/alerts", data=b"{not json",
+                                                          method="POST"), timeout=10)
     finally:
         server.shutdown()
         server.server_close()
+    assert one(locked, "mlplatform_exporter_warehouse_up") == 0 and took < 15, took
+    assert one(locked, "mlplatform_drift_share") == one(metrics, "mlplatform_drift_share")
+    assert one(locked, "mlplatform_exporter_warehouse_read_timestamp_seconds") == one(
+        metrics, "mlplatform_exporter_warehouse_read_timestamp_seconds")
     assert one(metrics, "mlplatform_exporter_warehouse_up") == 1
     # Dagster: each asset's last materialization and latest partition
     event = instance.get_latest_materialization_event(keys.FEATURES)

@@ -38,6 +38,13 @@ ROLES = ("champion", "canary", "shadow")  # the MLflow aliases of the versions s
 FRESHNESS_STATES = ("PASS", "WARN", "FAIL", "UNKNOWN")
 
 
+def _run_statuses():
+    from dagster import DagsterRunStatus
+
+    return (DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS, DagsterRunStatus.STARTED, DagsterRunStatus.QUEUED,
+            DagsterRunStatus.CANCELED)
+
+
 def _epoch(value) -> float | None:
     """Seconds since the epoch of a date or a naive-UTC / aware datetime."""
     if value is None:
@@ -102,6 +109,7 @@ class PlatformCollector:
         self._warehouse_up = False
         self._lock = threading.Lock()  # one scrape at a time (a scrape is a few queries)
         self._graph = None
+        self._jobs: list[str] = []
 
     # -- what is read -------------------------------------------------------------------------------
     def graph(self):
@@ -109,7 +117,9 @@ class PlatformCollector:
         if self._graph is None:
             from mlplatform.definitions import load_defs
 
-            self._graph = load_defs(self.settings).resolve_asset_graph()
+            defs = load_defs(self.settings)
+            self._jobs = sorted(job.name for job in defs.resolve_all_job_defs() if not job.name.startswith("__"))
+            self._graph = defs.resolve_asset_graph()
         return self._graph
 
     def warehouse(self) -> tuple[WarehouseReading, bool]:
@@ -135,7 +145,7 @@ class PlatformCollector:
 
     # -- Dagster: assets, freshness, checks, runs ---------------------------------------------------
     def _dagster(self):
-        from dagster import DagsterRunStatus, RunsFilter
+        from dagster import RunsFilter
 
         from mlplatform.home import instance_of
 
@@ -188,13 +198,10 @@ class PlatformCollector:
                 check.add_metric([check_key.asset_key.to_user_string(), check_key.name,
                                   str(bool(spec.blocking)).lower(), evaluation.severity.value],
                                  1.0 if evaluation.passed else 0.0)
-            for status in (DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS, DagsterRunStatus.STARTED,
-                           DagsterRunStatus.QUEUED):
-                counts: dict[str, int] = {}
-                for record in instance.get_run_records(RunsFilter(statuses=[status])):
-                    counts[record.dagster_run.job_name] = counts.get(record.dagster_run.job_name, 0) + 1
-                for job, count in counts.items():
-                    runs.add_metric([job, status.value], count)
+            for job in self._jobs:
+                for status in _run_statuses():
+                    runs.add_metric([job, status.value],
+                                    instance.get_runs_count(RunsFilter(job_name=job, statuses=[status])))
         yield from (last, age, latest, fresh, check, runs)
 
     # -- the warehouse: drift, performance, quarantine, alerts ----------------------------------------
