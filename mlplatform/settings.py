@@ -59,6 +59,19 @@ MLPLATFORM_ROLLOUT_MIN_FLIGHTS, _MIN_DAYS      labels before a canary is promote
 MLPLATFORM_ROLLOUT_MAX_DAYS                    a canary not better by then is rejected         14
 MLPLATFORM_ROLLOUT_LEVEL                       significance over the canary's window           0.05
 MLPLATFORM_ROLLOUT_APPROVAL                    a passing canary waits for a named approval     false
+MLPLATFORM_RETENTION_CRON                      when ``retention_job`` applies the retention    ``30 4 * * *`` (UTC)
+                                               policies (``mlplatform.retention``)
+MLPLATFORM_RETENTION_MODEL_DAYS                a rejected, rolled back or retired version's    30
+                                               artifacts are deleted this long after it left
+MLPLATFORM_RETENTION_KEEP_CHAMPIONS            the latest champions (the current one too)      3
+                                               whose artifacts stay whatever their age
+MLPLATFORM_RETENTION_PROFILE_DAYS              daily whylogs profiles older than this (before  90
+                                               the newest day profiled) are deleted
+MLPLATFORM_RETENTION_INFERENCE_LOG_DAYS        inference log days older than this are deleted  30
+                                               (finished days are compacted into Parquet)
+MLPLATFORM_RETENTION_RUN_DAYS                  finished Dagster runs older than this lose      30
+                                               their compute logs (and, with no asset events,
+                                               the run itself)
 =============================================  ==============================================  =========================
 """
 
@@ -128,6 +141,12 @@ class Settings:
     # the rollout policy's settings given in the environment ((field, value), ...): the rest are
     # ``rollout.assets.RolloutPolicy``'s defaults
     rollout_overrides: tuple = ()
+    retention_cron: str = "30 4 * * *"
+    retention_model_days: int = 30
+    retention_keep_champions: int = 3
+    retention_profile_days: int = 90
+    retention_inference_log_days: int = 30
+    retention_run_days: int = 30
     # which of VARIABLES were set in the environment these settings were read from
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
@@ -187,6 +206,13 @@ class Settings:
             serve_token=env.get("MLPLATFORM_SERVE_TOKEN") or None,
             serve_refresh_seconds=number("MLPLATFORM_SERVE_REFRESH_SECONDS", 30.0, float),
             rollout_overrides=_rollout(env, number),
+            retention_cron=env.get("MLPLATFORM_RETENTION_CRON") or cls.retention_cron,
+            retention_model_days=number("MLPLATFORM_RETENTION_MODEL_DAYS", cls.retention_model_days),
+            retention_keep_champions=number("MLPLATFORM_RETENTION_KEEP_CHAMPIONS", cls.retention_keep_champions),
+            retention_profile_days=number("MLPLATFORM_RETENTION_PROFILE_DAYS", cls.retention_profile_days),
+            retention_inference_log_days=number("MLPLATFORM_RETENTION_INFERENCE_LOG_DAYS",
+                                                cls.retention_inference_log_days),
+            retention_run_days=number("MLPLATFORM_RETENTION_RUN_DAYS", cls.retention_run_days),
             explicit=frozenset(name for name in VARIABLES.values() if env.get(name)),
         )
 
