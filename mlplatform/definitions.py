@@ -34,6 +34,7 @@ PREDICTIONS_JOB = "predictions_job"
 MONITORING_JOB = "monitoring_job"
 SERVING_CHECK_JOB = "serving_check_job"
 APPROVE_CANARY_JOB = "approve_canary_job"
+COST_REPORT_JOB = "cost_report_job"
 
 
 def build_defs(settings: Settings) -> Definitions:
@@ -41,6 +42,7 @@ def build_defs(settings: Settings) -> Definitions:
     from mlplatform.ingest.sensors import landing_sensor
     from mlplatform.ingest.streamed import broker_resource, raw_flight_events, stream_ingest_job, stream_sensor
     from mlplatform.monitoring.assets import monitoring_assets, reference_profile
+    from mlplatform.monitoring.costs import cost_report
     from mlplatform.monitoring.sensors import sensors
     from mlplatform.operations import dead_run_sensor
     from mlplatform.partitions import daily_partitions
@@ -66,8 +68,13 @@ def build_defs(settings: Settings) -> Definitions:
     training_selection = AssetSelection.assets(*training_assets, reference_profile)
     predictions_selection = AssetSelection.assets(flight_delay_predictions)
     monitoring_selection = AssetSelection.assets(*[a for a in monitoring_assets if a.partitions_def], online_evaluation)
+    assets = [*raw_assets, raw_flight_events, *dbt_asset_defs, *training_assets, flight_delay_predictions,
+              *monitoring_assets, online_evaluation]
+    # the compute cost of every asset above, read from the event log (its own job, once a day)
+    asset_costs = cost_report({key: group for a in assets for key, group in a.group_names_by_key.items()})
+    costs_selection = AssetSelection.assets(asset_costs)
     reference_selection = (AssetSelection.all() - daily_selection - training_selection - predictions_selection
-                           - monitoring_selection)
+                           - monitoring_selection - costs_selection)
     # the skew check reads the whole feature table and holds no writer: its own job, not every day's
     not_the_skew_check = AssetSelection.checks(skew_check)
 
@@ -87,6 +94,9 @@ def build_defs(settings: Settings) -> Definitions:
         define_asset_job(SERVING_CHECK_JOB, selection=not_the_skew_check,
                          description="Serving readiness: the server's own feature code, asked about real flights, "
                          "against features.flight_features (online_features_match)."),
+        define_asset_job(COST_REPORT_JOB, selection=costs_selection,
+                         description="Record every asset step's compute cost (monitoring.asset_costs) and report the "
+                         "most expensive assets, per group and per day."),
     ]
     # Declarative automation: every asset with an automation condition follows its inputs. It runs
     # in the Dagster daemon (`dagster dev` starts one).
@@ -99,8 +109,12 @@ def build_defs(settings: Settings) -> Definitions:
         default_status=DefaultScheduleStatus.RUNNING,
         description="Every morning, after the night's deliveries: is the online path still the offline one?",
     )
-    assets = [*raw_assets, raw_flight_events, *dbt_asset_defs, *training_assets, flight_delay_predictions,
-              *monitoring_assets, online_evaluation]
+    cost_report_schedule = ScheduleDefinition(
+        name="cost_report_schedule", job_name=COST_REPORT_JOB, cron_schedule="15 0 * * *",
+        default_status=DefaultScheduleStatus.RUNNING,
+        description="After midnight (UTC): the costs of the day that ended, and of the report's window.",
+    )
+    assets = [*assets, asset_costs]
     if settings.celery:  # the distributed profile: a backfill is a run per week (partitions.week_runs)
         from mlplatform.partitions import week_runs
 
@@ -109,7 +123,7 @@ def build_defs(settings: Settings) -> Definitions:
         assets=assets,
         asset_checks=[skew_check],
         jobs=[*jobs, stream_ingest_job, approve_canary_job],
-        schedules=[serving_check_schedule],
+        schedules=[serving_check_schedule, cost_report_schedule],
         sensors=[landing_sensor(settings), stream_sensor(settings), *sensors(settings), serving_check_sensor(jobs[1], jobs[5]),
                  automation_sensor, dead_run_sensor],
         resources={

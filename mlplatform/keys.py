@@ -27,6 +27,7 @@ REFERENCE_PROFILE = AssetKey(["monitoring", "reference_profile"])
 DRIFT_REPORT = AssetKey(["monitoring", "drift_report"])
 MODEL_PERFORMANCE = AssetKey(["monitoring", "model_performance"])
 ONLINE_EVALUATION = AssetKey(["monitoring", "online_evaluation"])
+ASSET_COSTS = AssetKey(["monitoring", "asset_costs"])  # the compute cost of every asset step (monitoring.costs)
 
 # --- run tags of ours (Dagster's own, such as the partition range, are in partitions.py)
 TRIGGER_TAG = "mlplatform/trigger"            # what started a run: "landing", or the retraining signals

@@ -25,6 +25,7 @@ from pydantic import Field
 from mlplatform.ingest import checks
 from mlplatform.ingest.contracts import DAILY, REFERENCE, Contract
 from mlplatform.ingest.load import PartitionLoad, load
+from mlplatform.monitoring.costs import measured
 from mlplatform.partitions import daily_partitions, days_between, single_run, window_of
 from mlplatform.resources import LandingZone
 from mlplatform.warehouse import table_metadata
@@ -124,6 +125,7 @@ def build_raw_asset(contract: Contract) -> AssetsDefinition:
         ],
         pool="warehouse_writer",
     )
+    @measured
     def _raw(
         context: AssetExecutionContext, config: IngestConfig, warehouse: DuckDBResource, landing: LandingZone
     ) -> MaterializeResult:

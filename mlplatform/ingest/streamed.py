@@ -42,6 +42,7 @@ from dagster import (
 from pydantic import Field
 
 from mlplatform import keys
+from mlplatform.monitoring.costs import measured
 from mlplatform.partitions import chunks, daily_partitions, days_between, single_run, window_of
 from mlplatform.resources import Warehouse
 from mlplatform.settings import Settings
@@ -218,6 +219,7 @@ def _reconcile(conn, start: dt.date, end: dt.date) -> dict:
     )],
     pool=keys.WAREHOUSE_POOL,
 )
+@measured
 def raw_flight_events(context: AssetExecutionContext, broker: StreamBroker, warehouse: Warehouse) -> MaterializeResult:
     from mlplatform.stream.ingest import consume, events_ddl
 

@@ -38,6 +38,7 @@ from mlplatform import keys
 from mlplatform.automation import on_new_data
 from mlplatform.lineage import upstream_metadata
 from mlplatform.monitoring import drift, profiles
+from mlplatform.monitoring.costs import measured
 from mlplatform.partitions import Window, chunks, daily_partitions, days_between, single_run, window_of
 from mlplatform.resources import ProfileStore, WarehouseReader
 from mlplatform.training import model as m
@@ -172,6 +173,7 @@ def profile_days(frame: "pd.DataFrame", store: ProfileStore) -> "pd.DataFrame":
     "and summarised in monitoring.feature_profiles.",
     automation_condition=on_new_data(),
 )
+@measured
 def feature_profiles(context: AssetExecutionContext, warehouse: DuckDBResource, profile_store: ProfileStore):
     start, end = window_of(context)
     rows, summaries = 0, []
@@ -199,6 +201,7 @@ def feature_profiles(context: AssetExecutionContext, warehouse: DuckDBResource, 
     "scores, day by day): what 'normal' looks like.",
     automation_condition=on_new_data(ignore=AssetSelection.assets(keys.FEATURES)),
 )
+@measured
 def reference_profile(
     context: AssetExecutionContext, warehouse_reader: WarehouseReader, mlflow: MlflowTracking,
     profile_store: ProfileStore,
@@ -285,6 +288,7 @@ def psi_chart(report: "pd.DataFrame", limit: int = 5) -> str:
     )],
     automation_condition=on_new_data(ignore=AssetSelection.assets(reference_profile)),
 )
+@measured
 def drift_report(
     context: AssetExecutionContext, config: DriftConfig, warehouse: DuckDBResource, mlflow: MlflowTracking,
     profile_store: ProfileStore,
@@ -459,6 +463,7 @@ def daily_performance(scores: "pd.DataFrame", start: dt.date, end: dt.date, trai
     )],
     automation_condition=on_new_data(),
 )
+@measured
 def model_performance(
     context: AssetExecutionContext, config: PerformanceConfig, warehouse: DuckDBResource, mlflow: MlflowTracking
 ):

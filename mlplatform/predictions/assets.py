@@ -20,6 +20,7 @@ from dagster_duckdb import DuckDBResource
 from mlplatform import keys
 from mlplatform.automation import on_new_data
 from mlplatform.lineage import upstream_metadata
+from mlplatform.monitoring.costs import measured
 from mlplatform.partitions import chunks, daily_partitions, single_run, window_of
 from mlplatform.rollout import stages
 from mlplatform.rollout.stages import CHAMPION
@@ -88,6 +89,7 @@ def score(conn, estimators: dict, start: dt.date, end: dt.date):
     "and by the versions in the shadow and the canary (stage per row).",
     pool=keys.WAREHOUSE_POOL,
 )
+@measured
 def flight_delay_predictions(
     context: AssetExecutionContext, warehouse: DuckDBResource, mlflow: MlflowTracking
 ) -> MaterializeResult:

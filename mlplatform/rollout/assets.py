@@ -43,6 +43,7 @@ from pydantic import Field
 
 from mlplatform import keys
 from mlplatform.automation import on_new_data
+from mlplatform.monitoring.costs import measured
 from mlplatform.partitions import Window, daily_partitions, single_run, window_of
 from mlplatform.rollout import judge as j
 from mlplatform.rollout import stages
@@ -326,6 +327,7 @@ def _daily_table(conn, model_name: str, version: str) -> str:
     "decision: into the canary, promoted, rolled back, rejected, waiting (or for an approval). Rows in "
     "monitoring.online_evaluation; moves in monitoring.rollout_history.",
 )
+@measured
 def online_evaluation(context: AssetExecutionContext, warehouse: DuckDBResource, mlflow: MlflowTracking,
                       rollout: RolloutPolicy) -> MaterializeResult:
     from mlplatform.lineage import upstream_metadata

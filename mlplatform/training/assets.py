@@ -36,6 +36,7 @@ from pydantic import Field
 
 from mlplatform import keys
 from mlplatform.lineage import upstream_metadata
+from mlplatform.monitoring.costs import measured
 from mlplatform.partitions import Window
 from mlplatform.resources import WarehouseReader
 from mlplatform.rollout.assets import RolloutPolicy, apply_move
@@ -132,6 +133,7 @@ def _markdown(series: "pd.Series", label: str) -> str:
     description="A HistGradientBoosting classifier of is_delayed, trained on every labelled day before the "
     "evaluation window; logged to MLflow and registered as a new version of `flight_delay` (alias challenger).",
 )
+@measured
 def flight_delay_model(
     context: AssetExecutionContext, config: TrainingConfig, warehouse_reader: WarehouseReader, mlflow: MlflowTracking
 ) -> MaterializeResult:
@@ -247,6 +249,7 @@ def evaluation(version: str, scored: "pd.DataFrame", min_rows: int, threshold: f
     )],
     pool=keys.WAREHOUSE_POOL,
 )
+@measured
 def model_evaluation(context: AssetExecutionContext, config: PromotionConfig, warehouse: DuckDBResource,
                      mlflow: MlflowTracking, rollout: RolloutPolicy):
     challenger = TrainedModel.from_metadata(upstream_metadata(
@@ -336,6 +339,7 @@ def model_evaluation(context: AssetExecutionContext, config: PromotionConfig, wa
     "(or most recently). Skipped when the gate rejects the challenger.",
     pool=keys.WAREHOUSE_POOL,
 )
+@measured
 def champion_model(context: AssetExecutionContext, warehouse: DuckDBResource, mlflow: MlflowTracking) -> MaterializeResult:
     approved = TrainedModel.from_metadata(upstream_metadata(
         context, keys.APPROVED_CHALLENGER, "no challenger was approved yet: materialize the training group"))

@@ -5,7 +5,8 @@ Two groups of dbt nodes: ``tag:reference`` (unpartitioned dimension tables) and 
 ``MLPLATFORM_MAX_DATE``, see ``macros/partition_window.sql``) so that any range of days is one dbt
 invocation (``BackfillPolicy.single_run()``). dbt tests arrive as asset checks.
 Row counts and column schemas are read from the warehouse after dbt exits (dbt holds DuckDB's
-single-writer lock while it runs).
+single-writer lock while it runs). A step's compute cost (``monitoring.costs.measured``, dbt's
+process included) is split between its models by dbt's execution time of each.
 """
 
 
@@ -32,6 +33,7 @@ from pydantic import Field
 
 from mlplatform import keys
 from mlplatform.automation import on_new_data
+from mlplatform.monitoring.costs import measured
 from mlplatform.partitions import (
     FIRST_DAY,
     LAST_DAY,
@@ -222,6 +224,7 @@ def build_dbt_assets(project: DbtProject, settings: Settings):
         pool=keys.WAREHOUSE_POOL,
         retry_policy=retry,
     )
+    @measured
     def dbt_reference(context: AssetExecutionContext, config: DbtConfig, dbt: DbtCli, warehouse: DuckDBResource):
         invocation = dbt.cli(build_args(config), context=context)
         yield from _with_table_metadata(invocation.stream(), manifest, warehouse)
@@ -237,6 +240,7 @@ def build_dbt_assets(project: DbtProject, settings: Settings):
         pool=keys.WAREHOUSE_POOL,
         retry_policy=retry,
     )
+    @measured
     def dbt_daily(context: AssetExecutionContext, config: DbtConfig, dbt: DbtCli, warehouse: DuckDBResource):
         start, end = window_of(context)
         if config.full_refresh and (start, end) != (FIRST_DAY, LAST_DAY):
