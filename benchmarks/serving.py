@@ -19,6 +19,9 @@ being hidden by a client that waits (no coordinated omission). Scenarios:
   (every request scored again off the request path, written to the inference log): a second
   version of the champion's model, registered for the benchmark, under the aliases ``canary`` and
   ``shadow``, picked up by the running server without a restart;
+- scheduled_traced: the scheduled flights again, against a server started with
+  ``OTEL_EXPORTER_OTLP_ENDPOINT`` pointing at ``OtlpReceiver`` (an OTLP/HTTP endpoint of ours on
+  loopback): every request traced (FastAPI's span and the service's) and exported in batches;
 - baseline: the same model in-process, no HTTP, no feature lookup (the floor the server adds to).
 """
 
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -190,10 +194,53 @@ def _percentiles(values: np.ndarray) -> dict:
         "max": round(float(values.max()), 3)}
 
 
-def start_server(settings: Settings, port: int, log_path: Path) -> subprocess.Popen:
+class OtlpReceiver(ThreadingHTTPServer):
+    """An OTLP/HTTP endpoint on a free loopback port that keeps what is POSTed to it (path,
+    content type, body) and answers 200: where a traced server's exporter sends its spans."""
+
+    def __init__(self):
+        self.posts: list[tuple[str, str, bytes]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(handler):  # noqa: N802 - http.server's name
+                body = handler.rfile.read(int(handler.headers["Content-Length"]))
+                self.posts.append((handler.path, handler.headers["Content-Type"], body))
+                handler.send_response(200)
+                handler.send_header("Content-Type", "application/x-protobuf")
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+
+            def log_message(handler, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self.serve_forever, name="otlp-receiver", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> "OtlpReceiver":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def spans(self) -> int:
+        """How many spans were received."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        return sum(len(scope.spans) for _, _, body in list(self.posts)
+                   for resource in ExportTraceServiceRequest.FromString(body).resource_spans
+                   for scope in resource.scope_spans)
+
+
+def start_server(settings: Settings, port: int, log_path: Path, env: dict | None = None) -> subprocess.Popen:
     import httpx
 
-    env = {**os.environ, **settings.as_env()}
+    env = {**os.environ, **settings.as_env(), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "mlplatform.cli", "serve", "--port", str(port)], env=env,
                             stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
@@ -352,11 +399,31 @@ def run(settings: Settings, rate: float = 200, seconds: float = 30, smoke: bool 
         proc.wait(timeout=30)
         broker.terminate()
         broker.wait(timeout=30)
+    out["scheduled_traced"] = traced(settings, scheduled, rate=rate, seconds=seconds, warm=warm)
     out["baseline_in_process"] = baseline(settings, flights, repeats=50 if smoke else 500)
     out["target"] = {"rate": 200, "p99_ms": 10.0,
                      "met": all(out[k]["latency_ms"]["p99"] <= 10.0 and out[k]["errors"] == 0
-                                for k in ("scheduled", "streaming", "rollout")) and rate >= 200}
+                                for k in ("scheduled", "streaming", "rollout", "scheduled_traced")) and rate >= 200}
     out["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    return out
+
+
+def traced(settings: Settings, flights: list[dict], rate: float, seconds: float, warm: float = 5,
+           port: int | None = None) -> dict:
+    """The scheduled flights' open loop against a server that traces every request and exports
+    the spans over OTLP/HTTP to an ``OtlpReceiver`` (no broker: the stream is not what this measures)."""
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = settings.home / "logs" / "bench-serve-traced.log"
+    with OtlpReceiver() as receiver:
+        proc = start_server(settings, port, log_path, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+        try:
+            open_loop(url, "/predict", flights, rate=50, seconds=warm)  # warm-up, not reported
+            out = open_loop(url, "/predict", flights, rate=rate, seconds=seconds)
+        finally:
+            proc.terminate()  # the server flushes what is pending as it stops
+            proc.wait(timeout=30)
+        out.update(spans_exported=receiver.spans(), export_posts=len(receiver.posts))
     return out
 
 

@@ -11,6 +11,10 @@ of a request's at once: malformed fields as well as dates, carriers and airports
 does not serve. The OpenAPI schema states the same: once a warehouse snapshot is loaded, the
 served dates, carriers, origins and destinations are enums and origin != dest is a ``not``; the
 schema is restated whenever the snapshot changes. 503 says why the service cannot predict yet.
+
+Traces (``tracing``): with ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, or a tracer provider given to
+``create_app``, every request but the probes and scrapes is a span (FastAPI's instrumentation)
+with the service's spans under it; otherwise nothing is instrumented.
 """
 
 # no `from __future__ import annotations`: the routes' models are made in create_app, and FastAPI
@@ -53,6 +57,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
+from mlplatform.serving import tracing
 from mlplatform.serving.features import Snapshot
 from mlplatform.settings import Settings
 from mlplatform.serving.service import CHECKED_FIELDS, InvalidFlight, NotReady, PredictionService, unserved
@@ -293,9 +298,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(service: PredictionService, start_service: bool = True, token: str | None = None) -> FastAPI:
+def create_app(service: PredictionService, start_service: bool = True, token: str | None = None,
+               tracer_provider=None) -> FastAPI:
     """The API; with ``token``, predictions and metrics need ``Authorization: Bearer <token>``
-    (401 otherwise); ``/health`` stays open for load balancers' probes."""
+    (401 otherwise); ``/health`` stays open for load balancers' probes. Traced with
+    ``tracer_provider`` when given (the caller shuts it down), else as the environment says
+    (``tracing.from_environment``: shut down, its spans flushed, with the app)."""
+    provider = tracer_provider if tracer_provider is not None else tracing.from_environment()
     metrics = Metrics()
     bearer = HTTPBearer(auto_error=False, description="MLPLATFORM_SERVE_TOKEN, when the server has one")
 
@@ -321,6 +330,8 @@ def create_app(service: PredictionService, start_service: bool = True, token: st
             threading.Thread(target=_start, name="startup", daemon=True).start()
         yield
         service.stop()
+        if tracer_provider is None:  # ours: what is pending goes out
+            tracing.shutdown(provider)
 
     app = FastAPI(
         title="mlplatform flight delay API",
@@ -329,6 +340,9 @@ def create_app(service: PredictionService, start_service: bool = True, token: st
         lifespan=lifespan,
     )
     app.state.service, app.state.metrics = service, metrics
+    if provider is not None:
+        service.trace_with(provider)
+        tracing.instrument(app, provider)
     ServedFlight, ServedBatch = served_models(lambda: service.features.snapshot)
     stated: list = [None, None]  # the snapshot the schema was last stated for, and that schema
 

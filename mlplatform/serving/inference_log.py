@@ -6,6 +6,11 @@ and appending once per request, it took the GIL from the requests 200 times a se
 req/s). When the queue is full (the disk cannot keep up) a record is dropped and counted rather
 than slowing requests down; ``dropped`` says how many. A write that fails (disk full, directory
 gone) is logged and its records counted as dropped; the writer carries on with the next batch.
+
+A record (``PredictionService.predict`` and the shadow write them): ts, request_id, flight_id,
+model_name, model_version, stage (champion, canary or shadow), feature_hash, delay_probability,
+latency_ms, batch_size; and, when the request was traced (``tracing``), trace_id (the W3C trace
+id, 32 hex digits) and span_id (16 hex digits: the scoring span that gave this probability).
 """
 
 from __future__ import annotations

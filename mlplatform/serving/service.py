@@ -24,6 +24,10 @@
   also scored by the shadow off the request path (``ShadowScorer``): its scores go to the log with
   the stage ``shadow`` and never slow or fail the answer. The schedule's flights are scored ahead
   by every loaded version, so each of them stays a lookup.
+- Tracing (``tracing``): with a tracer provider (``PredictionService.trace_with``) a prediction
+  has spans for its feature lookup, the real-time features, the features computed on request,
+  the scoring by each answering version and the shadow's scoring; its inference log records
+  carry the trace id and the scoring span's id. Without one the tracer is a no-op.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from opentelemetry import context as otel_context
 
 from mlplatform.serving.features import (
     CompiledFeatures,
@@ -54,6 +59,7 @@ from mlplatform.serving.features import (
     flight_id,
     requests_frame,
 )
+from mlplatform.serving import tracing
 from mlplatform.serving.inference_log import InferenceLog
 from mlplatform.rollout.traffic import DEFAULT_CANARY_SHARE, to_canary
 from mlplatform.serving.live import StreamTail, in_background
@@ -179,6 +185,7 @@ class OnlineFeatures:
         self._pending: Streamed | None = None  # streamed, not in ``loaded.live`` yet
         self._live_at = 0.0  # monotonic time of the last ``catch_up`` that recomputed
         self.live_updates, self.live_seconds = 0, 0.0  # how often, and how long in all
+        self.tracer = tracing.NO_TRACER  # spans of the lookups (PredictionService.trace_with)
 
     @property
     def clock(self) -> dt.datetime | None:
@@ -340,14 +347,28 @@ class OnlineFeatures:
         the stream's clock)."""
         found = [r for r in rows if r is not None]
         looked_up = scheduled.vectors.take(found)  # (a copy: fancy indexing)
-        for i, j in live.hits(found) if live is not None else ():
-            looked_up.categorical[i], looked_up.numeric[i] = live.vectors.categorical[j], live.vectors.numeric[j]
-            looked_up.has_weather[i] = live.vectors.has_weather[j]
+        if found:
+            with self.tracer.start_as_current_span(tracing.REALTIME_FEATURES) as span:  # the rt_ the stream moved
+                hits = live.hits(found) if live is not None else []
+                for i, j in hits:
+                    looked_up.categorical[i], looked_up.numeric[i] = live.vectors.categorical[j], live.vectors.numeric[j]
+                    looked_up.has_weather[i] = live.vectors.has_weather[j]
+                if span.is_recording():
+                    span.set_attributes({tracing.LOOKED_UP: len(found), tracing.MOVED: len(hits)})
+                    if self.clock is not None:
+                        span.set_attribute(tracing.STREAM_CLOCK, self.clock.isoformat())
         if len(found) == len(rows):
             return looked_up
         missing = [f for f, r in zip(flights, rows) if r is None]
-        requests = requests_frame(missing, as_of=as_of, stream_clock=self.clock)
-        computed = Vectors.from_features(snapshot.features(self.compiled.sql, requests))
+        with self.tracer.start_as_current_span(tracing.COMPUTED_FEATURES) as span:
+            clock = self.clock
+            if span.is_recording():
+                span.set_attribute(tracing.COMPUTED, len(missing))
+                if as_of is not None or clock is not None:  # the instant the rt_ features are as of
+                    span.set_attribute(tracing.AS_OF if as_of is not None else tracing.STREAM_CLOCK,
+                                       (as_of or clock).isoformat())
+            requests = requests_frame(missing, as_of=as_of, stream_clock=clock)
+            computed = Vectors.from_features(snapshot.features(self.compiled.sql, requests))
         if not found:
             return computed
         # back in the flights' order: the looked-up ones, then the computed ones, taken by position
@@ -514,6 +535,11 @@ class PredictionService:
         self._scored: tuple[ScheduledFeatures, dict[str, np.ndarray]] | None = None
         self.shadow = ShadowScorer(self)
         self.error: str | None = None  # of the last preparation of the models for the schedule
+        self.tracer = tracing.NO_TRACER
+
+    def trace_with(self, provider) -> None:
+        """Spans of the predictions from ``provider``'s tracer (None: no spans)."""
+        self.tracer = self.features.tracer = tracing.tracer_of(provider)
 
     @classmethod
     def from_settings(cls, settings: Settings, refresh_seconds: float = 30.0, stream: bool = True) -> "PredictionService":
@@ -632,6 +658,13 @@ class PredictionService:
 
     def predict(self, flights: list[dict], explain: bool = False, batch: bool = False,
                 as_of: dt.datetime | None = None) -> list[dict]:
+        with self.tracer.start_as_current_span(tracing.PREDICT) as span:
+            if span.is_recording():
+                span.set_attribute(tracing.FLIGHTS, len(flights))
+            return self._predict(flights, explain, batch, as_of, span)
+
+    def _predict(self, flights: list[dict], explain: bool, batch: bool, as_of: dt.datetime | None,
+                 predict_span) -> list[dict]:
         started = time.perf_counter()
         models = self.models
         model, shadow = models.model, models.shadow
@@ -642,22 +675,32 @@ class PredictionService:
             raise NotReady(self.features.error or "no warehouse snapshot loaded yet")
         snapshot, scheduled, live = loaded.snapshot, loaded.scheduled, loaded.live
         self.features.validate(flights, snapshot, batch=batch)
-        rows = self.features.rows(flights, scheduled, as_of)
-        vectors = self.features.lookup(flights, rows, scheduled, snapshot, as_of, live)
+        with self.tracer.start_as_current_span(tracing.FEATURE_LOOKUP) as span:
+            rows = self.features.rows(flights, scheduled, as_of)
+            if span.is_recording():
+                looked_up = sum(r is not None for r in rows)
+                span.set_attributes({tracing.FLIGHTS: len(flights), tracing.LOOKED_UP: looked_up,
+                                     tracing.COMPUTED: len(rows) - looked_up})
+            vectors = self.features.lookup(flights, rows, scheduled, snapshot, as_of, live)
         ids = [flight_id(f) for f in flights]
+        if len(ids) == 1 and predict_span.is_recording():
+            predict_span.set_attribute(tracing.FLIGHT_ID, ids[0])
         answering = models.answering(ids)
         probability, errors = np.empty(len(flights)), {}
+        traced: list[dict] = [{}] * len(flights)  # each flight's trace and scoring span ids (tracing on)
         for version, positions in _by_version(answering).items():
-            answer = answering[positions[0]][0]
+            answer, stage = answering[positions[0]]
             try:
-                probability[positions] = self._probabilities(answer, scheduled, live, rows, vectors, positions)
+                probability[positions] = self._traced_probabilities(answer, stage, scheduled, live, rows, vectors,
+                                                                    positions, traced)
             except Exception as exc:
                 if answer is model:  # the model does not fit the features: the server's problem, not the client's
                     raise NotReady(f"the champion cannot score these features: {type(exc).__name__}: {exc}") from exc
                 # the canary failed: the champion answers, the failure counts against the canary
                 errors[version] = f"{type(exc).__name__}: {exc}"
                 log.warning("canary version %s failed, the champion answered: %s", version, errors[version])
-                probability[positions] = self._probabilities(model, scheduled, live, rows, vectors, positions)
+                probability[positions] = self._traced_probabilities(model, "champion", scheduled, live, rows, vectors,
+                                                                    positions, traced)
                 for i in positions:
                     answering[i] = (model, "champion")
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -690,6 +733,7 @@ class PredictionService:
                 "delay_probability": result["delay_probability"],
                 "latency_ms": round(elapsed_ms, 3),
                 "batch_size": len(flights),
+                **traced[i],
             }
             self.log.append(record)
             records.append(record)
@@ -700,11 +744,27 @@ class PredictionService:
             self.shadow.submit(shadow, records, loaded, rows, vectors)
         return out
 
+    def _traced_probabilities(self, model: LoadedModel, stage: str, scheduled: ScheduledFeatures, live: Live | None,
+                              rows: list[int | None], vectors: Vectors, positions: list[int],
+                              traced: list[dict]) -> np.ndarray:
+        """``_probabilities`` in a scoring span, whose ids go to ``traced`` at ``positions``."""
+        with self.tracer.start_as_current_span(tracing.SCORING) as span:
+            if span.is_recording():
+                span.set_attributes({tracing.MODEL_NAME: model.name, tracing.MODEL_VERSION: model.version,
+                                     tracing.MODEL_ROLE: stage, tracing.FLIGHTS: len(positions)})
+            probability = self._probabilities(model, scheduled, live, rows, vectors, positions, span)
+            ids = tracing.ids_of(span)
+            for i in positions:
+                traced[i] = ids
+            return probability
+
     def _probabilities(self, model: LoadedModel, scheduled: ScheduledFeatures, live: Live | None,
-                       rows: list[int | None], vectors: Vectors, positions: list[int]) -> np.ndarray:
+                       rows: list[int | None], vectors: Vectors, positions: list[int], span=None) -> np.ndarray:
         """``model``'s probabilities for the flights at ``positions``: looked up when scored ahead,
-        else computed."""
+        else computed (which ``span``, when it records, says)."""
         probability = self._looked_up(model, scheduled, live, [rows[i] for i in positions])
+        if span is not None and span.is_recording():
+            span.set_attribute(tracing.SCORED_AHEAD, probability is not None)
         if probability is None:
             probability = model.estimator.predict_proba(vectors.take(positions).frame())[:, 1]
         return probability
@@ -760,8 +820,8 @@ class ShadowScorer:
             self._thread = None
 
     def submit(self, shadow: LoadedModel, records: list[dict], loaded: Loaded, rows, vectors: Vectors) -> None:
-        try:
-            self._queue.put_nowait((shadow, records, loaded, rows, vectors))
+        try:  # (with the request's trace context: the shadow's span is a child of the request's)
+            self._queue.put_nowait((shadow, records, loaded, rows, vectors, otel_context.get_current()))
         except queue.Full:
             self.dropped += len(records)
 
@@ -779,14 +839,20 @@ class ShadowScorer:
             finally:
                 self._queue.task_done()
 
-    def _score(self, shadow: LoadedModel, records: list[dict], loaded: Loaded, rows, vectors: Vectors) -> None:
+    def _score(self, shadow: LoadedModel, records: list[dict], loaded: Loaded, rows, vectors: Vectors,
+               context=None) -> None:
         started = time.perf_counter()
-        probability = self.service._probabilities(shadow, loaded.scheduled, loaded.live, rows, vectors,
-                                                  list(range(len(records))))
+        with self.service.tracer.start_as_current_span(tracing.SHADOW_SCORING, context=context) as span:
+            if span.is_recording():
+                span.set_attributes({tracing.MODEL_NAME: shadow.name, tracing.MODEL_VERSION: shadow.version,
+                                     tracing.MODEL_ROLE: "shadow", tracing.FLIGHTS: len(records)})
+            probability = self.service._probabilities(shadow, loaded.scheduled, loaded.live, rows, vectors,
+                                                      list(range(len(records))), span)
+            traced = tracing.ids_of(span)
         elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
         for record, p in zip(records, probability):
             self.service.log.append({**record, "model_version": shadow.version, "stage": "shadow",
-                                     "delay_probability": float(p), "latency_ms": elapsed_ms})
+                                     "delay_probability": float(p), "latency_ms": elapsed_ms, **traced})
         self.scored += len(records)
 
 
