@@ -38,6 +38,7 @@ COST_REPORT_JOB = "cost_report_job"
 
 
 def build_defs(settings: Settings) -> Definitions:
+    from mlplatform.automation import with_freshness
     from mlplatform.ingest.assets import raw_assets
     from mlplatform.ingest.sensors import landing_sensor
     from mlplatform.ingest.streamed import broker_resource, raw_flight_events, stream_ingest_job, stream_sensor
@@ -47,6 +48,7 @@ def build_defs(settings: Settings) -> Definitions:
     from mlplatform.operations import dead_run_sensor
     from mlplatform.partitions import daily_partitions
     from mlplatform.predictions.assets import flight_delay_predictions
+    from mlplatform.retention import retention_defs
     from mlplatform.rollout.assets import approve_canary_job, online_evaluation, rollout_policy_resource
     from mlplatform.resources import (
         landing_resource,
@@ -119,7 +121,7 @@ def build_defs(settings: Settings) -> Definitions:
         from mlplatform.partitions import week_runs
 
         assets = [a.with_attributes(backfill_policy=week_runs) if a.partitions_def else a for a in assets]
-    return Definitions(
+    defs = Definitions(
         assets=assets,
         asset_checks=[skew_check],
         jobs=[*jobs, stream_ingest_job, approve_canary_job],
@@ -138,6 +140,8 @@ def build_defs(settings: Settings) -> Definitions:
         },
         executor=executor_of(settings),
     )
+    # retention's job and schedule (mlplatform/retention.py), and the daily assets' freshness policies
+    return with_freshness(Definitions.merge(defs, retention_defs(settings)))
 
 
 def executor_of(settings: Settings):

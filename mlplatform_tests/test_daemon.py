@@ -35,6 +35,7 @@ INTERVALS = {
     "MLPLATFORM_LANDING_SENSOR_INTERVAL_SECONDS": INTERVAL,
     "MLPLATFORM_AUTOMATION_INTERVAL_SECONDS": INTERVAL,
     "MLPLATFORM_RETRAINING_SENSOR_INTERVAL_SECONDS": INTERVAL,
+    "FRESHNESS_DAEMON_INTERVAL_SECONDS": INTERVAL,  # Dagster's: how often its daemon evaluates freshness policies
 }
 DRIFTED = [D(2013, 2, 7), D(2013, 2, 8), D(2013, 2, 9)]
 # inside the champion's training window (2013-01-01..01-30): a backfill of their monitoring (the
@@ -152,6 +153,14 @@ def test_the_daemon_retrains_once_on_drift_and_never_on_old_history(champion_hom
                     "window of champion v1 (trained on 2013-01-01..2013-01-30)") in skips, skips
             assert (f"training run {run.run_id} is in progress; waiting: 3 signal day(s) 2013-02-07..2013-02-09"
                     in skips), skips
+            # the daily assets' freshness policies, evaluated by the daemon: fresh after today's runs
+            from mlplatform.automation import MUST_BE_FRESH
+
+            fresh = wait_for("the daemon's freshness evaluations", lambda: len(
+                states := instance.get_freshness_state_records(list(MUST_BE_FRESH))) == len(MUST_BE_FRESH) and states,
+                60, log)
+            assert {key: record.freshness_state.value for key, record in fresh.items()} == {
+                key: "PASS" for key in MUST_BE_FRESH}
             took, daemon_seconds = time.time() - began, time.time() - daemon_began
     # every process the daemon started (its code server, the run workers) is gone
     wait_for("the daemon's process group to end", lambda: not group_alive(daemon.pid), 15, log)

@@ -77,13 +77,10 @@ def parquet_records(path) -> list[dict]:
 
 
 def location(settings):
-    """The code location with the retention job merged in, as ``definitions.build_defs`` wires it."""
-    from dagster import Definitions
-
+    """The code location, with the retention job and its schedule."""
     from mlplatform.definitions import build_defs
-    from mlplatform.retention import retention_defs
 
-    return Definitions.merge(build_defs(settings), retention_defs(settings))
+    return build_defs(settings)
 
 
 def run_retention(defs, instance, dry_run: bool = False) -> dict:

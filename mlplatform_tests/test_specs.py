@@ -33,6 +33,7 @@ def describe(defs) -> dict:
             "automation": (condition.get_label() or type(condition).__name__) if condition else None,
             "skippable": spec.skippable,
             "pool": graph.get(spec.key).pools and sorted(graph.get(spec.key).pools) or None,
+            "freshness": repr(spec.freshness_policy) if spec.freshness_policy else None,
         }
     checks = {
         f"{key.asset_key.to_user_string()}:{key.name}": graph.get_check_spec(key).blocking

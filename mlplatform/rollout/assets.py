@@ -45,6 +45,7 @@ from mlplatform import keys
 from mlplatform.automation import on_new_data
 from mlplatform.monitoring.costs import measured
 from mlplatform.partitions import Window, daily_partitions, single_run, window_of
+from mlplatform.retention import inference_log_sql
 from mlplatform.rollout import judge as j
 from mlplatform.rollout import stages
 from mlplatform.rollout.stages import CANARY, CHAMPION, REJECTED, ROLLED_BACK, SHADOW
@@ -59,7 +60,6 @@ from mlplatform.training.tracking import (
     TrainedModel,
     training_window,
 )
-from mlplatform.sql import sql_literal
 from mlplatform.warehouse import create_tables, has_table, in_one_transaction
 
 OWNERS = ["team:ml-platform"]
@@ -202,21 +202,21 @@ def paired_scores(conn, champion: str, version: str, stage: str, end: dt.date):
         [version, stage, champion, end]).df()
 
 
-# the inference log's records as DuckDB reads them (mlplatform.serving.service writes them)
-LOG_COLUMNS = ("{ts: 'TIMESTAMPTZ', request_id: 'VARCHAR', flight_id: 'VARCHAR', model_name: 'VARCHAR', "
-               "model_version: 'VARCHAR', stage: 'VARCHAR', delay_probability: 'DOUBLE', latency_ms: 'DOUBLE', "
-               "batch_size: 'INTEGER', error: 'VARCHAR'}")
+# the inference log's records as DuckDB reads them (mlplatform.serving.service writes them; a
+# finished day is Parquet: mlplatform.retention)
+LOG_COLUMNS = {"ts": "TIMESTAMPTZ", "request_id": "VARCHAR", "flight_id": "VARCHAR", "model_name": "VARCHAR",
+               "model_version": "VARCHAR", "stage": "VARCHAR", "delay_probability": "DOUBLE", "latency_ms": "DOUBLE",
+               "batch_size": "INTEGER", "error": "VARCHAR"}
 
 
 def served_view(conn, log_dir: Path) -> bool:
     """``monitoring.served``: the server's inference log as a view of the warehouse (which version
     answered flight F, at what stage, and the shadow's score), when there is a log."""
-    if not Path(log_dir).exists() or not any(Path(log_dir).glob("*.jsonl")):
+    query = inference_log_sql(log_dir, LOG_COLUMNS)
+    if query is None:
         return False
-    pattern = sql_literal(Path(log_dir).resolve() / "*.jsonl")  # (a view takes no parameters)
     conn.execute("CREATE SCHEMA IF NOT EXISTS monitoring")
-    conn.execute(f"CREATE OR REPLACE VIEW monitoring.served AS SELECT * FROM read_json({pattern}, "
-                 f"format = 'newline_delimited', columns = {LOG_COLUMNS})")
+    conn.execute(f"CREATE OR REPLACE VIEW monitoring.served AS {query}")
     return True
 
 
@@ -225,17 +225,16 @@ def serving_stats(log_dir: Path, versions: list[str], since: dt.datetime) -> dic
     ``since`` (None without a log)."""
     import duckdb
 
-    files = sorted(Path(log_dir).glob("*.jsonl")) if Path(log_dir).exists() else []
-    if not files:
+    query = inference_log_sql(log_dir, LOG_COLUMNS)
+    if query is None:
         return None
     con = duckdb.connect()
     try:
         rows = con.execute(
             "SELECT model_version, count(*), count(*) FILTER (WHERE error IS NOT NULL), "
-            "coalesce(quantile_cont(latency_ms, 0.99), 0) FROM read_json(?, format = 'newline_delimited', "
-            f"columns = {LOG_COLUMNS}) WHERE ts >= ? AND coalesce(stage, 'champion') <> 'shadow' "
-            "GROUP BY model_version",
-            [[str(f) for f in files], since.replace(tzinfo=dt.timezone.utc)]).fetchall()
+            f"coalesce(quantile_cont(latency_ms, 0.99), 0) FROM ({query}) WHERE ts >= ? "
+            "AND coalesce(stage, 'champion') <> 'shadow' GROUP BY model_version",
+            [since.replace(tzinfo=dt.timezone.utc)]).fetchall()
     finally:
         con.close()
     found = {str(v): j.ServingStats(int(n), int(e), float(p)) for v, n, e, p in rows}
