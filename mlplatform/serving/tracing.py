@@ -53,6 +53,10 @@ AS_OF = "mlplatform.features.as_of"
 # the URLs not traced: probes and scrapes (regular expressions, as the instrumentation takes them)
 NOT_TRACED = "/health,/metrics"
 
+# spans per export (the SDK's default is 512): encoding 512 spans holds the GIL for ~13 ms, which a
+# request waiting for it sees (p99 at 200 req/s: 15-28 ms with 512, 8.6 ms with 128, 4-5 ms untraced)
+EXPORT_BATCH = 128
+
 NO_TRACER: Tracer = trace.NoOpTracer()
 
 
@@ -72,7 +76,8 @@ def from_environment(environ: Mapping[str, str] | None = None) -> TracerProvider
     log.info("tracing: spans of %s go over OTLP/HTTP to %s", service_name,
              next(environ[name] for name in reversed(ENDPOINT_VARIABLES) if environ.get(name, "").strip()))
     # (the exporter reads the OTEL_EXPORTER_OTLP_* variables, the processor the OTEL_BSP_* ones)
-    provider.add_span_processor(BatchSpanProcessor(InBackground(OTLPSpanExporter())))
+    batch = None if environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "").strip() else EXPORT_BATCH
+    provider.add_span_processor(BatchSpanProcessor(InBackground(OTLPSpanExporter()), max_export_batch_size=batch))
     return provider
 
 
