@@ -679,6 +679,13 @@ def verdicts(results: dict) -> list[tuple[str, str, str, bool | None]]:
                          f"p50 {lat['p50']:.1f} ms, **p99 {lat['p99']:.1f} ms**, {r['errors']} errors "
                          f"({r['shadow_scored']:,} shadow scores, {r['shadow_dropped']} dropped)", "p99 <= 10 ms",
                          lat["p99"] <= 10 and r["errors"] == 0))
+        if "scheduled_traced" in s:
+            t = s["scheduled_traced"]
+            lat = t["latency_ms"]
+            rows.append(("Serving p99 at 200 req/s, every request traced (OTLP/HTTP to a local receiver)",
+                         f"p50 {lat['p50']:.1f} ms, **p99 {lat['p99']:.1f} ms**, {t['errors']} errors "
+                         f"({t['spans_exported']:,} spans exported)", "p99 <= 10 ms",
+                         lat["p99"] <= 10 and t["errors"] == 0))
     lv = results.get("landing_to_verdict")
     if lv:
         rows.append(("A landed day -> its drift verdict, through the daemon", f"**{lv['seconds']:.0f} s** (runs "
