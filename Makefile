@@ -64,13 +64,15 @@ home: install
 
 setup: home
 
-# The Dagster UI and the MLflow UI (MLPLATFORM_MLFLOW_UI_URL, default http://127.0.0.1:5000), logs in
-# $(MLPLATFORM_HOME)/logs; Ctrl-C stops both (mlplatform/services.py). exec: no shell stays between.
-ui: setup
+# The Dagster UI, the MLflow UI (MLPLATFORM_MLFLOW_UI_URL, default http://127.0.0.1:5000), the broker, the
+# serving API, Prometheus, Alertmanager and the exporter, logs in $(MLPLATFORM_HOME)/logs; Ctrl-C stops
+# all of them (mlplatform/services.py). exec: no shell stays between.
+ui: system-deps setup
 	$(BIN)/mlplatform replay --if-empty --end $(HISTORY_END)
 	exec $(BIN)/mlplatform ui --host $(HOST) --port $(PORT)
 
-# Debian's chromium and postgresql-15 for the browser and PostgreSQL tests (installed when missing)
+# Debian's packages the platform and its tests start (installed when missing): chromium, postgresql-15,
+# redis-server, prometheus and prometheus-alertmanager (.ci/system-deps)
 system-deps:
 	bash .ci/system-deps
 
