@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 
-from dagster import AssetSelection, AutomationCondition, Definitions, FreshnessPolicy, apply_freshness_policy
+from dagster import (
+    AssetSelection,
+    AutomationCondition,
+    Definitions,
+    FreshnessPolicy,
+    PreviewWarning,
+    apply_freshness_policy,
+)
 
 from mlplatform import keys
 
@@ -16,6 +24,11 @@ DAILY_FRESHNESS = FreshnessPolicy.time_window(fail_window=dt.timedelta(hours=26)
 # the daily assets that must be fresh: what serving, the model's monitoring and retraining read
 MUST_BE_FRESH = (keys.RAW_FLIGHTS, keys.RAW_WEATHER, keys.FEATURES, keys.PREDICTIONS, keys.DRIFT_REPORT,
                  keys.MODEL_PERFORMANCE)
+
+
+# Dagster labels the one way to set a policy on dbt's and the other assets' specs after they are
+# built "preview": silence that label, not Dagster's warnings in general
+warnings.filterwarnings("ignore", message=r"Function `Definitions.map_resolved_asset_specs`", category=PreviewWarning)
 
 
 def with_freshness(defs: Definitions) -> Definitions:

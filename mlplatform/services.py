@@ -88,7 +88,7 @@ def services(settings: Settings, host: str, port: int) -> list[Service]:
 
     found.append(Service("serving", [str(scripts / "mlplatform"), "serve"],
                          f"http://{settings.serve_host}:{settings.serve_port}/health"))
-    found += monitoring_services(settings)
+    found += [Service(name, argv, url) for name, argv, url in monitoring_services(settings)]
     return found
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from mlplatform.settings import Settings
@@ -122,26 +123,31 @@ def config_paths(settings: Settings) -> tuple[Path, Path]:
     return directory(settings) / "prometheus.yml", directory(settings) / "alertmanager.yml"
 
 
-def monitoring_services(settings: Settings) -> list:
-    """The exporter, Alertmanager (unless MLPLATFORM_ALERTMANAGER_URL points at one) and
-    Prometheus, as ``services.Service`` entries, all on 127.0.0.1 (their configuration is
-    written by ``write_configs``, before they start: ``services.prepare``)."""
-    import sys
+class Command(NamedTuple):
+    """A process to start: its name, command line and the URL that answers once it is up."""
+    name: str
+    argv: list[str]
+    url: str
 
-    from mlplatform.services import Service
+
+def monitoring_services(settings: Settings) -> list[Command]:
+    """The exporter, Alertmanager (unless MLPLATFORM_ALERTMANAGER_URL points at one) and
+    Prometheus, all on 127.0.0.1 (``services.services`` starts them; their configuration is
+    written by ``write_configs`` before they start: ``services.prepare``)."""
+    import sys
 
     prometheus_yml, alertmanager_yml = config_paths(settings)
     folder = directory(settings)
-    found = [Service("exporter", [str(Path(sys.executable).parent / "mlplatform"), "exporter",
+    found = [Command("exporter", [str(Path(sys.executable).parent / "mlplatform"), "exporter",
                                   "--port", str(settings.exporter_port)],
                      f"http://127.0.0.1:{settings.exporter_port}/health")]
     if not settings.alertmanager_url:
-        found.append(Service("alertmanager", [
+        found.append(Command("alertmanager", [
             binary("alertmanager"), f"--config.file={alertmanager_yml}", f"--storage.path={folder / 'alertmanager'}",
             f"--web.listen-address=127.0.0.1:{settings.alertmanager_port}",
             "--cluster.listen-address=",  # no gossip port (it would listen on every interface)
         ], f"http://127.0.0.1:{settings.alertmanager_port}/-/ready"))
-    found.append(Service("prometheus", [
+    found.append(Command("prometheus", [
         binary("prometheus"), f"--config.file={prometheus_yml}", f"--storage.tsdb.path={folder / 'data'}",
         f"--web.listen-address=127.0.0.1:{settings.prometheus_port}", "--storage.tsdb.retention.time=15d",
     ], f"http://127.0.0.1:{settings.prometheus_port}/-/ready"))
