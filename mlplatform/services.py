@@ -118,7 +118,16 @@ def prepare(settings: Settings) -> None:
     from mlplatform.operating.prometheus import write_configs
 
     if settings.mlflow_uri.startswith("sqlite:///"):
-        Path(settings.mlflow_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        store = Path(settings.mlflow_uri.removeprefix("sqlite:///"))
+        store.parent.mkdir(parents=True, exist_ok=True)
+        if not store.exists():
+            # made here, once: the MLflow UI, the serving API and the exporter each open the store at
+            # start, and on a new home each would create its tables at the same moment (one then
+            # fails, "table ... already exists", and the launcher stops everything)
+            from mlflow import MlflowClient
+
+            MlflowClient(tracking_uri=settings.mlflow_uri, registry_uri=settings.mlflow_uri).search_experiments(
+                max_results=1)
     (settings.home / "logs").mkdir(parents=True, exist_ok=True)
     write_configs(settings)
 

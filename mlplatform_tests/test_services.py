@@ -87,6 +87,24 @@ def test_the_mlflow_ui_is_where_links_point_by_default():
                  "127.0.0.1", 3000)
 
 
+@pytest.mark.unit
+def test_a_new_home_gets_its_mlflow_store_before_the_services_start(tmp_path):
+    """On a new home the MLflow UI, the serving API and the exporter start together and each
+    would create the store's tables (one failed with "table ... already exists" and `make ui`
+    stopped): ``prepare`` makes the store first."""
+    import sqlite3
+
+    from mlplatform.services import prepare
+
+    settings = Settings.from_env({"MLPLATFORM_HOME": str(tmp_path / "home")})
+    prepare(settings)
+    store = Path(settings.mlflow_uri.removeprefix("sqlite:///"))
+    with sqlite3.connect(store) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"experiments", "runs", "registered_models", "model_versions", "alembic_version"} <= tables, tables
+    assert (tmp_path / "home" / "prometheus" / "prometheus.yml").exists()
+
+
 def test_ui_links_models_to_mlflow_and_stops_on_sigint(champion_home, champion_instance, tmp_path):
     """The trained world's model assets link their MLflow runs at the default MLflow UI URL;
     `mlplatform ui` (here with the MLflow UI on a free port) serves the Dagster UI and that MLflow
