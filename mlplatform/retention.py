@@ -261,12 +261,16 @@ def expire_daily_profiles(profile_store, days: int, dry_run: bool = False) -> li
             continue  # not a day's profile
     if not found:
         return []
-    cutoff = max(found) - dt.timedelta(days=days)
+    return _delete_days_before(DAILY_PROFILES, found, max(found) - dt.timedelta(days=days),
+                               f"more than {days} days before the newest profile ({max(found)})", dry_run)
+
+
+def _delete_days_before(policy: str, files: dict, cutoff: dt.date, reason: str, dry_run: bool) -> list[Action]:
+    """Delete the files of ``{day: path}`` whose day is before ``cutoff`` (unless a dry run)."""
     actions = []
-    for day, path in sorted(found.items()):
+    for day, path in sorted(files.items()):
         if day < cutoff:
-            actions.append(Action(DAILY_PROFILES, str(day), DELETED, size_of(path),
-                                  f"more than {days} days before the newest profile ({max(found)})"))
+            actions.append(Action(policy, str(day), DELETED, size_of(path), f"{reason} ({path.name})"))
             if not dry_run:
                 path.unlink()
     return actions
@@ -376,15 +380,9 @@ def _sha256(path: Path, size: int) -> str:
 def expire_inference_log(directory: Path, today: dt.date, days: int, dry_run: bool = False) -> list[Action]:
     """Delete the inference log's days (JSON lines and Parquet) older than ``days`` before ``today``."""
     cutoff = today - dt.timedelta(days=days)
-    actions = []
-    for suffix in (JSONL, PARQUET):
-        for day, path in sorted(_days(directory, suffix).items()):
-            if day < cutoff:
-                actions.append(Action(INFERENCE_LOG, str(day), DELETED, size_of(path),
-                                      f"older than {days} days ({path.name})"))
-                if not dry_run:
-                    path.unlink()
-    return actions
+    return [action for suffix in (JSONL, PARQUET)
+            for action in _delete_days_before(INFERENCE_LOG, _days(directory, suffix), cutoff,
+                                              f"older than {days} days", dry_run)]
 
 
 def inference_log_sql(directory: Path, columns: dict[str, str]) -> str | None:

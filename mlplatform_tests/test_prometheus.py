@@ -96,12 +96,9 @@ def one(metrics: dict, name: str, **labels) -> float:
 
 
 def start_exporter(settings, port: int):
-    from wsgiref.simple_server import make_server
+    from mlplatform.operating.exporter import exporter_server
 
-    from mlplatform.operating.exporter import _QuietHandler, _Server, exporter_app
-
-    server = make_server("127.0.0.1", port, exporter_app(settings), server_class=_Server,
-                         handler_class=_QuietHandler)
+    server = exporter_server(settings, "127.0.0.1", port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 

@@ -379,9 +379,14 @@ def exporter_app(settings: Settings, collector: PlatformCollector | None = None)
     return app
 
 
+def exporter_server(settings: Settings, host: str, port: int) -> WSGIServer:
+    """The exporter's HTTP server (threaded), bound and not yet serving."""
+    return make_server(host, port, exporter_app(settings), server_class=_Server, handler_class=_QuietHandler)
+
+
 def serve_exporter(settings: Settings, host: str, port: int) -> None:
     """Serve the exporter until interrupted."""
-    server = make_server(host, port, exporter_app(settings), server_class=_Server, handler_class=_QuietHandler)
+    server = exporter_server(settings, host, port)
     log.info("exporter on http://%s:%d/metrics", host, port)
     try:
         server.serve_forever()
