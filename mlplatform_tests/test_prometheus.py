@@ -20,6 +20,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from mlplatform.operating.exporter import WAREHOUSE_LOCK
 from mlplatform.operating.prometheus import RULES, binary, monitoring_services, write_configs
 from mlplatform_tests.conftest import free_port
 
@@ -232,7 +233,8 @@ def test_a_drifted_day_reaches_monitoring_alerts_through_prometheus_and_alertman
         while time.monotonic() < deadline and not (stored and hook.received):
             time.sleep(1)
             assert all(p.poll() is None for p in processes), [(p.args[0], p.returncode) for p in processes]
-            with duckdb.connect(str(settings.warehouse), read_only=True) as conn:
+            # (the exporter runs in this process: its lock keeps our read from meeting its write)
+            with WAREHOUSE_LOCK, duckdb.connect(str(settings.warehouse), read_only=True) as conn:
                 if conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'alerts'"
                                 ).fetchone()[0]:
                     stored = conn.execute("SELECT kind, message, details FROM monitoring.alerts "
