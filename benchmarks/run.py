@@ -663,30 +663,23 @@ def verdicts(results: dict) -> list[tuple[str, str, str, bool | None]]:
                      ">= 300k rows/s", w["daily_profiles_rows_per_s"] >= 300_000))
     s = results.get("serving")
     if s:
-        lat = s["scheduled"]["latency_ms"]
-        rows.append(("Serving p99 at 200 req/s, one worker", f"p50 {lat['p50']:.1f} ms, **p99 {lat['p99']:.1f} ms**, "
-                     f"{s['scheduled']['errors']} errors", "p99 <= 10 ms",
-                     lat["p99"] <= 10 and s["scheduled"]["errors"] == 0))
+        def serving_row(title: str, figure: dict, extra: str = "") -> tuple:
+            lat = figure["latency_ms"]
+            return (title, f"p50 {lat['p50']:.1f} ms, **p99 {lat['p99']:.1f} ms**, {figure['errors']} errors{extra}",
+                    "p99 <= 10 ms", lat["p99"] <= 10 and figure["errors"] == 0)
+
+        rows.append(serving_row("Serving p99 at 200 req/s, one worker", s["scheduled"]))
         if "streaming" in s:
-            lat = s["streaming"]["latency_ms"]
-            rows.append(("Serving p99 at 200 req/s while the stream moves the day's rt_ features",
-                         f"p50 {lat['p50']:.1f} ms, **p99 {lat['p99']:.1f} ms**, {s['streaming']['errors']} errors "
-                         f"({s['streaming']['events_read']} events read, {s['streaming']['recomputed']['updates']} "
-                         f"recomputes)", "p99 <= 10 ms", lat["p99"] <= 10 and s["streaming"]["errors"] == 0))
+            rows.append(serving_row("Serving p99 at 200 req/s while the stream moves the day's rt_ features",
+                                    s["streaming"], f" ({s['streaming']['events_read']} events read, "
+                                    f"{s['streaming']['recomputed']['updates']} recomputes)"))
         if "rollout" in s:
             r = s["rollout"]
-            lat = r["latency_ms"]
-            rows.append(("Serving p99 at 200 req/s with a canary (10%) and a shadow on",
-                         f"p50 {lat['p50']:.1f} ms, **p99 {lat['p99']:.1f} ms**, {r['errors']} errors "
-                         f"({r['shadow_scored']:,} shadow scores, {r['shadow_dropped']} dropped)", "p99 <= 10 ms",
-                         lat["p99"] <= 10 and r["errors"] == 0))
+            rows.append(serving_row("Serving p99 at 200 req/s with a canary (10%) and a shadow on", r,
+                                    f" ({r['shadow_scored']:,} shadow scores, {r['shadow_dropped']} dropped)"))
         if "scheduled_traced" in s:
-            t = s["scheduled_traced"]
-            lat = t["latency_ms"]
-            rows.append(("Serving p99 at 200 req/s, every request traced (OTLP/HTTP to a local receiver)",
-                         f"p50 {lat['p50']:.1f} ms, **p99 {lat['p99']:.1f} ms**, {t['errors']} errors "
-                         f"({t['spans_exported']:,} spans exported)", "p99 <= 10 ms",
-                         lat["p99"] <= 10 and t["errors"] == 0))
+            rows.append(serving_row("Serving p99 at 200 req/s, every request traced (OTLP/HTTP to a local receiver)",
+                                    s["scheduled_traced"], f" ({s['scheduled_traced']['spans_exported']:,} spans exported)"))
     lv = results.get("landing_to_verdict")
     if lv:
         rows.append(("A landed day -> its drift verdict, through the daemon", f"**{lv['seconds']:.0f} s** (runs "
