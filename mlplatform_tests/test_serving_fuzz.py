@@ -49,7 +49,9 @@ def test_the_api_does_what_its_schema_says(served, mode):
             continue  # nothing to break in a request without parameters
 
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=list(HealthCheck), derandomize=True,
+        # No deadline: a request's time depends on the machine's load (a loaded CI runner once took
+        # 2.7 s where 0.6 s was usual); latency is measured by benchmarks/, never by a test.
+        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
                   database=None)
         def check(case):
             case.call_and_validate(checks=CHECKS)
