@@ -203,6 +203,16 @@ def get_json(url: str) -> dict:
         return json.loads(response.read())
 
 
+def scrape_health(prometheus: str) -> tuple:
+    """What Prometheus says of its targets and alerts (a failed end-to-end test's context)."""
+    try:
+        targets = [(t["labels"]["job"], t["health"], t["lastError"], t["lastScrapeDuration"])
+                   for t in get_json(f"{prometheus}/api/v1/targets")["data"]["activeTargets"]]
+        return targets, get_json(f"{prometheus}/api/v1/alerts")["data"]["alerts"]
+    except OSError as exc:
+        return (f"Prometheus did not answer: {exc}",)
+
+
 def test_a_drifted_day_reaches_monitoring_alerts_through_prometheus_and_alertmanager(champion_home, tmp_path):
     """A day whose drifted share is above its threshold (written to monitoring.drift_days as the
     drift report writes it) fires FeatureDrift in a real Prometheus scraping the exporter; a real
@@ -218,8 +228,11 @@ def test_a_drifted_day_reaches_monitoring_alerts_through_prometheus_and_alertman
         conn.execute("INSERT INTO monitoring.drift_days (drift_date, reference_version, judged_features, "
                      "drifted_features, drifted_share, threshold, judged, drift_detected, note) "
                      "VALUES (DATE '2013-02-07', '1', 10, 6, 0.6, 0.3, true, true, 'a test day')")
-    write_configs(settings, interval="1s", group_wait="1s")
+    # Prometheus's scrape timeout is its interval: 5 s leaves a scrape room on a loaded runner (at
+    # 1 s, CI's scrapes timed out and no alert came)
+    write_configs(settings, interval="5s", group_wait="1s")
     exporter = start_exporter(settings, settings.exporter_port)
+    scrape(f"http://127.0.0.1:{settings.exporter_port}/metrics")  # the first one also loads the asset graph
     processes = []
     try:
         for service in monitoring_services(settings):
@@ -239,8 +252,8 @@ def test_a_drifted_day_reaches_monitoring_alerts_through_prometheus_and_alertman
                                 ).fetchone()[0]:
                     stored = conn.execute("SELECT kind, message, details FROM monitoring.alerts "
                                           "WHERE kind = 'prometheus:FeatureDrift'").fetchall()
-        assert stored, "no FeatureDrift alert reached monitoring.alerts in 90 s: " + (
-            tmp_path / "prometheus.log").read_text()[-2000:]
+        assert stored, ("no FeatureDrift alert reached monitoring.alerts in 90 s", scrape_health(prometheus),
+                        hook.received, (tmp_path / "alertmanager.log").read_text()[-2000:])
         kind, message, details = stored[0]
         assert "[firing] Drift on 2013-02-07: 60% of the judged features drifted" in message
         assert json.loads(details)["labels"]["reference_version"] == "1"
