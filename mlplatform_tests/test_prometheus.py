@@ -228,8 +228,8 @@ def test_a_drifted_day_reaches_monitoring_alerts_through_prometheus_and_alertman
         conn.execute("INSERT INTO monitoring.drift_days (drift_date, reference_version, judged_features, "
                      "drifted_features, drifted_share, threshold, judged, drift_detected, note) "
                      "VALUES (DATE '2013-02-07', '1', 10, 6, 0.6, 0.3, true, true, 'a test day')")
-    # Prometheus's scrape timeout is its interval: 5 s leaves a scrape room on a loaded runner (at
-    # 1 s, CI's scrapes timed out and no alert came)
+    # Prometheus's scrape timeout is its interval: 5 s leaves a scrape room on a loaded machine (at
+    # 1 s, one full-suite run saw no alert in 90 s; a scrape takes ~0.6 s under load here)
     write_configs(settings, interval="5s", group_wait="1s")
     exporter = start_exporter(settings, settings.exporter_port)
     scrape(f"http://127.0.0.1:{settings.exporter_port}/metrics")  # the first one also loads the asset graph
