@@ -14,6 +14,9 @@ redis               Redis 7: the Celery broker and results (db 1, 2) and the    
 mlflow              ``mlflow server`` behind its basic-auth app, PostgreSQL        5001
                     backend, artifacts proxied (``mlflow-artifacts:/``)
 worker-1..N         Celery workers (``dagster-celery``): they execute the steps    -
+code-server         ``dagster code-server start``: the code location, loaded once  4001
+                    for the daemon and the webserver (``workspace.yaml`` of the
+                    cluster's home); it starts the runs (the default run launcher)
 dagster-daemon      schedules, sensors, the run queue (at most ``MAX_RUNS`` runs)  -
 dagster-webserver   the UI, on loopback only (Dagster OSS has no login: put an     3001
                     authenticating proxy in front of it to open it further)
@@ -76,6 +79,7 @@ class Cluster:
     redis_port: int = 6381
     mlflow_port: int = 5001
     ui_port: int = 3001
+    code_port: int = 4001
     workers: int = 2
 
     @classmethod
@@ -98,6 +102,7 @@ class Cluster:
                    redis_port=number("MLPLATFORM_CLUSTER_REDIS_PORT", 6381),
                    mlflow_port=number("MLPLATFORM_CLUSTER_MLFLOW_PORT", 5001),
                    ui_port=number("MLPLATFORM_CLUSTER_UI_PORT", 3001),
+                   code_port=number("MLPLATFORM_CLUSTER_CODE_PORT", 4001),
                    workers=number("MLPLATFORM_CLUSTER_WORKERS", 2))
 
     @property
@@ -107,6 +112,11 @@ class Cluster:
     @property
     def pidfile(self) -> Path:
         return self.home / "cluster.pid"
+
+    @property
+    def workspace(self) -> Path:
+        """The daemon's and the webserver's workspace: the code server (written by ``prepare``)."""
+        return self.home / "workspace.yaml"
 
     @property
     def redis_acl(self) -> Path:
@@ -142,6 +152,15 @@ class Cluster:
             "MLPLATFORM_CELERY_BACKEND": self.redis_url(2, redis_password),
         }
 
+
+WORKSPACE_YAML = """\
+# Written by `mlplatform cluster start` at every start: the code server of the cluster.
+load_from:
+  - grpc_server:
+      host: {host}
+      port: {port}
+      location_name: {location}
+"""
 
 DAGSTER_CLUSTER_YAML = """\
 # Written by `mlplatform cluster start` when absent (the distributed profile); edit freely.
@@ -241,6 +260,14 @@ def write_mlflow_auth(cluster: Cluster) -> None:
                    "grant_default_workspace_access = false\n")
 
 
+def code_location() -> tuple[str, str]:
+    """(module, location name) of the code location, as the repository's ``workspace.yaml`` names them."""
+    import yaml
+
+    entry = yaml.safe_load((REPO_ROOT / "workspace.yaml").read_text())["load_from"][0]["python_module"]
+    return entry["module_name"], entry["location_name"]
+
+
 def services(cluster: Cluster, env: Mapping[str, str]) -> list[Service]:
     """The components, as the supervisor starts them (the files they read: ``prepare``)."""
     from mlplatform.stream.server import server_argv
@@ -274,9 +301,16 @@ def services(cluster: Cluster, env: Mapping[str, str]) -> list[Service]:
             "--hostname", f"worker-{i}@%h", "--concurrency", "1", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle",
         ], None, restart=True))
+    module, location = code_location()
     found += [
-        Service("dagster-daemon", [str(scripts / "dagster-daemon"), "run", "-w", "workspace.yaml"], None),
-        Service("dagster-webserver", [str(scripts / "dagster-webserver"), "-w", "workspace.yaml",
+        # one code server for the daemon and the webserver (Dagster's deployment): each would
+        # otherwise start its own, and the daemon a new one every minute
+        Service("code-server", [
+            str(scripts / "dagster"), "code-server", "start", "--module-name", module,
+            "--location-name", location, "--host", cluster.host, "--port", str(cluster.code_port),
+        ], f"grpc://{cluster.host}:{cluster.code_port}", ready_first=True, restart=True),
+        Service("dagster-daemon", [str(scripts / "dagster-daemon"), "run", "-w", str(cluster.workspace)], None),
+        Service("dagster-webserver", [str(scripts / "dagster-webserver"), "-w", str(cluster.workspace),
                                       "--host", cluster.host, "--port", str(cluster.ui_port)],
                 f"http://{cluster.host}:{cluster.ui_port}/server_info"),
     ]
@@ -299,6 +333,8 @@ def prepare(cluster: Cluster, env: Mapping[str, str]) -> dict[str, str]:
         dagster_yaml.parent.mkdir(parents=True, exist_ok=True)
         dagster_yaml.write_text(DAGSTER_CLUSTER_YAML.format(max_runs=MAX_RUNS))
     init_home(settings, pools=False)
+    cluster.workspace.write_text(WORKSPACE_YAML.format(host=cluster.host, port=cluster.code_port,
+                                                       location=code_location()[1]))
     (cluster.home / "logs").mkdir(parents=True, exist_ok=True)
     ensure_manifest(dbt_project(settings), settings)
     return full
@@ -344,6 +380,7 @@ def start(cluster: Cluster, env: Mapping[str, str], out=sys.stdout) -> int:
           f"  PostgreSQL     {cluster.host}:{cluster.pg_port} (role {USER})\n"
           f"  Redis          {cluster.host}:{cluster.redis_port} (user {USER})\n"
           f"  Celery workers {cluster.workers}\n"
+          f"  code server    {cluster.host}:{cluster.code_port} (the daemon's and the UI's code location)\n"
           "use it from a shell: eval \"$(mlplatform cluster env)\"", file=out)
     return 0
 

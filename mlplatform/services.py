@@ -213,8 +213,8 @@ def _tee(source, log: TextIO, out: TextIO) -> None:
 
 
 def answers(url: str) -> bool:
-    """Whether the service at ``url`` answers (http(s), redis, or postgresql: the server asks for a
-    password, or lets the connection in)."""
+    """Whether the service at ``url`` answers (http(s), redis, grpc, or postgresql: the server asks
+    for a password, or lets the connection in)."""
     if url.startswith("postgresql://"):
         import psycopg2
 
@@ -225,6 +225,17 @@ def answers(url: str) -> bool:
             return True
         except psycopg2.OperationalError as exc:
             return "authentication" in str(exc) or "does not exist" in str(exc)
+    if url.startswith("grpc://"):  # a Dagster code server: the standard gRPC health service says SERVING
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(url.removeprefix("grpc://")) as channel:
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                                   timeout=POLL_SECONDS)
+            except grpc.RpcError:
+                return False
+            return answer.status == health_pb2.HealthCheckResponse.SERVING
     if url.startswith("redis://"):
         from mlplatform.stream.server import broker_answers
 

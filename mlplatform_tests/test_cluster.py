@@ -1,6 +1,6 @@
 """The distributed profile (`mlplatform cluster`), started for real on loopback: PostgreSQL with
 scram-sha-256, Redis with an ACL user, the MLflow server behind basic auth, two Celery workers,
-Dagster's daemon and webserver; the warehouse a DuckLake with its catalog in that PostgreSQL.
+Dagster's code server, daemon and webserver; the warehouse a DuckLake with its catalog in that PostgreSQL.
 
 One cluster for the module (it takes ~30 s to start): a month's daily backfill launched through
 the webserver, a run per week, executed by both workers, every source row once, the features
@@ -52,6 +52,7 @@ def cluster(replayed):
         "MLFLOW_TRACKING_PASSWORD": secrets.token_hex(12),
         "MLPLATFORM_CLUSTER_PG_PORT": str(free_port()), "MLPLATFORM_CLUSTER_REDIS_PORT": str(free_port()),
         "MLPLATFORM_CLUSTER_MLFLOW_PORT": str(free_port()), "MLPLATFORM_CLUSTER_UI_PORT": str(free_port()),
+        "MLPLATFORM_CLUSTER_CODE_PORT": str(free_port()),
         **{f"MLPLATFORM_{name}_INTERVAL_SECONDS": "86400"
            for name in ("LANDING_SENSOR", "STREAM_SENSOR", "AUTOMATION", "RETRAINING_SENSOR")},
     })
@@ -65,15 +66,15 @@ def cluster(replayed):
     finally:
         supervisor = found.pidfile.read_text().split()[0] if found.pidfile.exists() else None
         stopped = subprocess.run([MLPLATFORM, "cluster", "stop"], env=env, capture_output=True, text=True, timeout=120)
-        left = running_in(int(supervisor), home) if supervisor else []
+        left = running_in(int(supervisor), (str(home), f"--port {found.code_port}")) if supervisor else []
         shutil.rmtree(root, ignore_errors=True)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert not left, f"processes of the cluster still running after `cluster stop`: {left}"
 
 
-def running_in(session: int, home: Path, wait: float = 10.0) -> list[str]:
-    """Living processes (not zombies) of the supervisor's session, or with the cluster's home on
-    their command line, after at most ``wait`` seconds."""
+def running_in(session: int, marks: tuple[str, ...], wait: float = 10.0) -> list[str]:
+    """Living processes (not zombies) of the supervisor's session, or with one of ``marks`` (the
+    cluster's home, the code server's port) on their command line, after at most ``wait`` seconds."""
     deadline = time.monotonic() + wait
     while True:
         found = []
@@ -86,7 +87,7 @@ def running_in(session: int, home: Path, wait: float = 10.0) -> list[str]:
             except OSError:
                 continue
             fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] != "Z" and (int(fields[3]) == session or str(home) in command):
+            if fields[0] != "Z" and (int(fields[3]) == session or any(mark in command for mark in marks)):
                 found.append(f"{entry.name} {command[:100]}")
         if not found or time.monotonic() > deadline:
             return found
@@ -101,7 +102,8 @@ def listening_addresses(port: int) -> set[str]:
             local, state = line.split()[1], line.split()[3]
             address, hex_port = local.rsplit(":", 1)
             if state == "0A" and int(hex_port, 16) == port:  # LISTEN
-                found.add(address)
+                # an IPv4-mapped IPv6 address (gRPC's socket for 127.0.0.1) as its IPv4 address
+                found.add(address.removeprefix("0000000000000000FFFF0000"))
     return found
 
 
@@ -138,7 +140,7 @@ def test_every_service_refuses_a_client_without_credentials(cluster):
     assert httpx.get(url, auth=(USER, "wrong")).status_code == 401
     assert httpx.get(url, auth=(USER, env["MLFLOW_TRACKING_PASSWORD"])).status_code == 200
     # every port listens on loopback only (the Dagster UI has no login: loopback, or a proxy)
-    for port in (found.pg_port, found.redis_port, found.mlflow_port, found.ui_port):
+    for port in (found.pg_port, found.redis_port, found.mlflow_port, found.ui_port, found.code_port):
         assert listening_addresses(port) == {"0100007F"}, port
     # nothing under the home holds a password
     for path in found.home.rglob("*"):
@@ -247,6 +249,44 @@ def test_a_month_backfill_runs_on_both_workers_and_lands_every_row_once(cluster,
     assert len(by_step) >= len(records), by_step
     assert {worker.split("@")[0] for worker in by_step.values()} == {"worker-1", "worker-2"}, by_step
     assert_days_as_embedded(cluster[1], world, *MONTH)
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of the living processes."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and stat[stat.rindex(")") + 2] != "Z":
+            found[int(entry.name)] = (int(stat[stat.rindex(")") + 2:].split()[1]), command)
+    return found
+
+
+def test_the_daemon_and_the_webserver_share_one_code_server(cluster, month):
+    """After the month's runs: the webserver's code location is the cluster's code server, and
+    neither the daemon nor the webserver has started a code server of its own."""
+    from mlplatform.cluster import graphql
+
+    found, _ = cluster
+    entries = graphql(found, """{ workspaceOrError { ... on Workspace { locationEntries {
+        name loadStatus displayMetadata { key value } } } } }""")["workspaceOrError"]["locationEntries"]
+    assert [(e["name"], e["loadStatus"]) for e in entries] == [("mlplatform", "LOADED")], entries
+    shown = {m["key"]: m["value"] for m in entries[0]["displayMetadata"]}
+    assert (shown.get("host"), shown.get("port")) == (found.host, str(found.code_port)), shown
+    living = processes()
+    servers = {pid for pid, (_, command) in living.items()
+               if ("dagster-daemon run" in command or "dagster-webserver" in command)
+               and str(found.workspace) in command}
+    assert len(servers) == 2, servers
+    own = [command for pid, (parent, command) in living.items() if parent in servers and "api grpc" in command]
+    assert not own, own
+    code_server = [pid for pid, (_, command) in living.items()
+                   if "code-server start" in command and f"--port {found.code_port}" in command]
+    assert len(code_server) == 1 and any(parent == code_server[0] and "api grpc" in command
+                                         for parent, command in living.values()), code_server
 
 
 def test_training_registers_on_the_mlflow_server_and_serving_answers_from_the_lake(cluster, month):
