@@ -57,7 +57,7 @@ def test_drift_triggers_retraining_through_the_gate(champion_home, champion_inst
     (request,) = landing(build_sensor_context(instance=instance, cursor=baseline, definitions=defs)).run_requests
     start, end = request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]
     assert (start, end) == ("2013-02-07", "2013-02-09")
-    result = defs.get_implicit_global_asset_job_def().execute_in_process(
+    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
         instance=instance, asset_selection=request.asset_selection, tags=request.tags, raise_on_error=False)
     assert result.success, failures(result)
     drift = check(result, "drifted_share_ok")
