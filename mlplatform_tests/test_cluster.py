@@ -77,21 +77,29 @@ def running_in(session: int, marks: tuple[str, ...], wait: float = 10.0) -> list
     cluster's home, the code server's port) on their command line, after at most ``wait`` seconds."""
     deadline = time.monotonic() + wait
     while True:
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] != "Z" and (int(fields[3]) == session or any(mark in command for mark in marks)):
-                found.append(f"{entry.name} {command[:100]}")
+        found = [f"{pid} {command[:100]}" for pid, (fields, command) in processes().items()
+                 if pid != os.getpid() and (int(fields[3]) == session or any(mark in command for mark in marks))]
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
+
+
+def processes() -> dict[int, tuple[list[str], str]]:
+    """pid -> (the fields of /proc/<pid>/stat after the command's name: state, parent, group,
+    session, ...; the command line) of the living processes (not zombies)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z":
+            found[int(entry.name)] = (fields, command)
+    return found
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -251,20 +259,6 @@ def test_a_month_backfill_runs_on_both_workers_and_lands_every_row_once(cluster,
     assert_days_as_embedded(cluster[1], world, *MONTH)
 
 
-def processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of the living processes."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError):
-            continue
-        if entry.name.isdigit() and stat[stat.rindex(")") + 2] != "Z":
-            found[int(entry.name)] = (int(stat[stat.rindex(")") + 2:].split()[1]), command)
-    return found
-
-
 def test_the_daemon_and_the_webserver_share_one_code_server(cluster, month):
     """After the month's runs: the webserver's code location is the cluster's code server, and
     neither the daemon nor the webserver has started a code server of its own."""
@@ -276,7 +270,7 @@ def test_the_daemon_and_the_webserver_share_one_code_server(cluster, month):
     assert [(e["name"], e["loadStatus"]) for e in entries] == [("mlplatform", "LOADED")], entries
     shown = {m["key"]: m["value"] for m in entries[0]["displayMetadata"]}
     assert (shown.get("host"), shown.get("port")) == (found.host, str(found.code_port)), shown
-    living = processes()
+    living = {pid: (int(fields[1]), command) for pid, (fields, command) in processes().items()}  # (parent, command)
     servers = {pid for pid, (_, command) in living.items()
                if ("dagster-daemon run" in command or "dagster-webserver" in command)
                and str(found.workspace) in command}
